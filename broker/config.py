@@ -1,0 +1,126 @@
+"""Broker configuration: a TOML file, validated at load with errors naming the bad field.
+
+Unknown sections and keys are refused (a typo must not silently fall back to a default).
+Relative paths are resolved against the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerSection:
+    name: str
+    data_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenSection:
+    host: str = "127.0.0.1"
+    port: int = 8470
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySection:
+    dir: Path
+    trust_root_sha256: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsSection:
+    max_frame_bytes: int = 1 << 20
+    clock_skew_seconds: int = 300
+    delivery_window: int = 64
+    handshake_timeout_seconds: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    broker: BrokerSection
+    listen: ListenSection
+    policy: PolicySection
+    limits: LimitsSection
+
+
+_SECTIONS: dict[str, type] = {
+    "broker": BrokerSection, "listen": ListenSection, "policy": PolicySection,
+    "limits": LimitsSection,
+}
+_RANGES: dict[str, tuple[int, int]] = {
+    "listen.port": (0, 65535),
+    "limits.max_frame_bytes": (1024, 64 << 20),
+    "limits.clock_skew_seconds": (1, 24 * 3600),
+    "limits.delivery_window": (1, 100_000),
+    "limits.handshake_timeout_seconds": (1, 600),
+}
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a configuration file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(table, base=path.parent)
+
+
+def parse_config(table: dict[str, Any], *, base: Path) -> Config:
+    """Validate a parsed TOML table; ``base`` resolves relative paths."""
+    unknown = set(table) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    sections = {name: _section(name, cls, table.get(name, {}), base)
+                for name, cls in _SECTIONS.items()}
+    return Config(**sections)
+
+
+def _section(name: str, cls: type, raw: Any, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown key(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for key, spec in fields.items():
+        where = f"{name}.{key}"
+        has_default = spec.default is not dataclasses.MISSING
+        if key not in raw:
+            if not has_default:
+                raise ConfigError(f"{where} is required")
+            continue
+        values[key] = _value(where, spec.type, raw[key], base)
+    return cls(**values)
+
+
+def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
+    if kind in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer")
+        low, high = _RANGES.get(where, (0, 1 << 62))
+        if not low <= value <= high:
+            raise ConfigError(f"{where} must be between {low} and {high}, got {value}")
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string")
+    if kind in ("Path", Path):
+        return (base / value).resolve()
+    if kind in ("bytes", bytes):
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where} must be hex") from exc
+        if len(raw) != 32:
+            raise ConfigError(f"{where} must be a SHA-256 (64 hex digits)")
+        return raw
+    return value

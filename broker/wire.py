@@ -1,0 +1,249 @@
+"""Frame codec of the node protocol (DESIGN §7): bytes in, typed frames out, and back.
+
+Every WebSocket message is one binary frame holding a canonical msgpack map with a ``t`` field.
+Each frame type is a frozen dataclass below; :func:`decode_frame` checks the canonical form, the
+size limit, the type tag, that every required field is present with the right type and that no
+unknown field is present. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from broker import canonical
+from broker.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+_MAX_INT = (1 << 63) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """Base of all frames; ``T`` is the wire type tag."""
+
+    T: ClassVar[str] = ""
+
+    def to_map(self) -> dict[str, Any]:
+        """The frame as a plain map, optional fields omitted when ``None``."""
+        out: dict[str, Any] = {"t": self.T}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                out[field.name] = value
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Challenge(Frame):
+    T: ClassVar[str] = "challenge"
+    v: int
+    broker: str
+    nonce: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello(Frame):
+    T: ClassVar[str] = "hello"
+    v: int
+    node: str
+    nonce: bytes
+    ts: int
+    sig: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome(Frame):
+    T: ClassVar[str] = "welcome"
+    node: str
+    checkpoint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sub(Frame):
+    T: ClassVar[str] = "sub"
+    topic: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsub(Frame):
+    T: ClassVar[str] = "unsub"
+    topic: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pub(Frame):
+    T: ClassVar[str] = "pub"
+    env: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt(Frame):
+    T: ClassVar[str] = "receipt"
+    id: bytes
+    audit: int
+    recipients: Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Deliver(Frame):
+    T: ClassVar[str] = "deliver"
+    env: bytes
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ack(Frame):
+    T: ClassVar[str] = "ack"
+    seqs: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Route(Frame):
+    T: ClassVar[str] = "route"
+    topic: str
+    label: Mapping[str, Any]
+    to: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Routes(Frame):
+    T: ClassVar[str] = "routes"
+    recipients: Mapping[str, str]
+    keys: Mapping[str, bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Directory(Frame):
+    """Request (no ``certs``) and answer (``certs``: signed node certificates) share one tag."""
+
+    T: ClassVar[str] = "directory"
+    certs: tuple[bytes, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint(Frame):
+    T: ClassVar[str] = "checkpoint"
+    note: str
+    proof: tuple[bytes, ...]
+    old: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cosign(Frame):
+    T: ClassVar[str] = "cosign"
+    line: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Expired(Frame):
+    T: ClassVar[str] = "expired"
+    id: bytes
+    recipient: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping(Frame):
+    T: ClassVar[str] = "ping"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pong(Frame):
+    T: ClassVar[str] = "pong"
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(Frame):
+    T: ClassVar[str] = "error"
+    code: str
+    reason: str
+    ref: bytes | None = None
+
+
+FRAME_TYPES: dict[str, type[Frame]] = {
+    cls.T: cls
+    for cls in (
+        Challenge, Hello, Welcome, Sub, Unsub, Pub, Receipt, Deliver, Ack, Route, Routes,
+        Directory, Checkpoint, Cosign, Expired, Ping, Pong, Error,
+    )
+}
+
+#: Frames a node may send (anything else from a node is ``unexpected_frame``).
+NODE_FRAMES = frozenset({"hello", "sub", "unsub", "pub", "ack", "route", "directory", "cosign",
+                         "ping", "pong"})
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Serialise a frame as canonical msgpack."""
+    return canonical.encode(frame.to_map())
+
+
+def decode_frame(data: bytes, *, max_bytes: int = canonical.DEFAULT_MAX_BYTES) -> Frame:
+    """Parse one frame; raise :class:`ProtocolError` (``too_large``/``bad_frame``/``non_canonical``)."""
+    obj = canonical.decode(data, max_bytes=max_bytes)
+    if not isinstance(obj, dict):
+        raise ProtocolError("a frame must be a map", code="bad_frame")
+    tag = obj.get("t")
+    if not isinstance(tag, str):
+        raise ProtocolError("a frame needs a str field 't'", code="bad_frame")
+    cls = FRAME_TYPES.get(tag)
+    if cls is None:
+        raise ProtocolError(f"unknown frame type {tag!r}", code="bad_frame")
+    return _frame_from_map(cls, obj)
+
+
+def _frame_from_map(cls: type[Frame], obj: dict[str, Any]) -> Frame:
+    hints = _field_types(cls)
+    unknown = set(obj) - set(hints) - {"t"}
+    if unknown:
+        raise ProtocolError(f"{cls.T}: unknown field(s) {sorted(unknown)}", code="bad_frame")
+    kwargs: dict[str, Any] = {}
+    for name, hint in hints.items():
+        if name not in obj:
+            if _is_optional(hint):
+                continue
+            raise ProtocolError(f"{cls.T}: missing field {name!r}", code="bad_frame")
+        kwargs[name] = _check_value(obj[name], hint, f"{cls.T}.{name}")
+    return cls(**kwargs)
+
+
+@functools.cache
+def _field_types(cls: type[Frame]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_optional(hint: Any) -> bool:
+    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation; return it in its frozen form."""
+    if _is_optional(hint):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if hint is int:
+        if type(value) is not int or not 0 <= value <= _MAX_INT:
+            raise ProtocolError(f"{where} must be a non-negative int", code="bad_frame")
+        return value
+    if hint in (str, bytes):
+        if type(value) is not hint:
+            raise ProtocolError(f"{where} must be {hint.__name__}", code="bad_frame")
+        return value
+    if origin is tuple:
+        item_type = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where} must be an array", code="bad_frame")
+        return tuple(_check_value(item, item_type, where) for item in value)
+    if origin is Mapping:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where} must be a map", code="bad_frame")
+        if value_type is Any:
+            return value
+        return {k: _check_value(v, value_type, f"{where}[{k!r}]") for k, v in value.items()}
+    raise AssertionError(f"unsupported annotation {hint!r} at {where}")  # pragma: no cover

@@ -1,0 +1,429 @@
+"""The gateway client library: how a national gateway node talks to a broker.
+
+``GatewayClient`` is an async context manager: it connects and authenticates (challenge and
+signed hello), then offers :meth:`~GatewayClient.subscribe`, :meth:`~GatewayClient.publish` and
+async iteration over :meth:`~GatewayClient.messages`. It trusts the broker for nothing it can
+check itself: recipients' encryption keys come from node certificates verified against the
+pinned trust root (never from the broker's ``routes`` answer), and every delivery is checked
+(certificate, signature, label binding, decryption) before the application sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import structlog
+
+from broker import canonical, wire
+from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
+from broker.errors import BrokerError, PolicyDocumentError, ProtocolError
+from broker.session import make_hello
+from clients.identity import KeyFile
+from policies.documents import SignedDocument, verify_node_cert
+from policies.model import Label, NodeCert, TrustRoot
+
+log = structlog.get_logger("clients.gateway")
+
+
+class GatewayError(BrokerError):
+    """Base of the client library's errors."""
+
+    code = "gateway"
+
+
+class AuthenticationError(GatewayError):
+    """The broker refused the handshake (``code`` says why), or the broker is not the expected one."""
+
+
+class RequestRejected(GatewayError):
+    """The broker answered a request with an ``error`` frame."""
+
+
+class ConnectionClosed(GatewayError):
+    """The connection ended while a request was waiting."""
+
+    code = "closed"
+
+
+class RequestTimeout(GatewayError):
+    code = "timeout"
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    """The broker's answer to a publish: status per candidate recipient, and the audit index."""
+
+    id: bytes
+    audit: int
+    recipients: Mapping[str, str]
+
+    @property
+    def delivered(self) -> list[str]:
+        return sorted(n for n, s in self.recipients.items() if s == "delivered")
+
+    @property
+    def queued(self) -> list[str]:
+        return sorted(n for n, s in self.recipients.items() if s == "queued")
+
+    @property
+    def denied(self) -> dict[str, list[str]]:
+        """Denied recipients and their reason codes."""
+        return {n: s.removeprefix("denied:").split(",")
+                for n, s in self.recipients.items() if s.startswith("denied:")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """A verified, decrypted delivery."""
+
+    id: bytes
+    sender: str
+    nation: str
+    topic: str
+    label: Label
+    precedence: int
+    ts: int
+    payload: bytes
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    """The dry-run answer: status per candidate (``permit``/``deny:…``) and keys to seal to."""
+
+    recipients: Mapping[str, str]
+    keys: Mapping[str, bytes]
+
+    @property
+    def permitted(self) -> list[str]:
+        return sorted(n for n, s in self.recipients.items() if s == "permit")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class GatewayClient:
+    """A gateway node's connection to a broker."""
+
+    def __init__(
+        self,
+        url: str,
+        identity: KeyFile,
+        trust_root: TrustRoot,
+        *,
+        broker_name: str | None = None,
+        timeout: float = 30.0,
+        max_frame: int = 1 << 20,
+        dedup_capacity: int = 100_000,
+    ) -> None:
+        if identity.kind != "node" or identity.enc_key is None:
+            raise ValueError("a gateway needs a node key file")
+        self.url = url
+        self.identity = identity
+        self.node = identity.name
+        self.trust_root = trust_root
+        self.broker_name = broker_name
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self.certs: dict[str, NodeCert] = {}
+        self.welcome: wire.Welcome | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._control = asyncio.Lock()
+        self._control_waiter: asyncio.Future[wire.Frame] | None = None
+        self._receipts: dict[bytes, asyncio.Future[wire.Frame]] = {}
+        self._deliveries: asyncio.Queue[wire.Deliver | None] = asyncio.Queue()
+        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._dedup_capacity = dedup_capacity
+        self._closed_reason: str | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> GatewayClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the WebSocket and authenticate; raise :class:`AuthenticationError` if refused."""
+        self._http = aiohttp.ClientSession()
+        try:
+            self._ws = await self._http.ws_connect(self.url, max_msg_size=2 * self.max_frame,
+                                                   autoping=True)
+            challenge = await self._receive_handshake_frame()
+            if not isinstance(challenge, wire.Challenge):
+                raise AuthenticationError(f"expected challenge, got '{challenge.T}'",
+                                          code="handshake_failed")
+            if self.broker_name is not None and challenge.broker != self.broker_name:
+                raise AuthenticationError(f"broker is {challenge.broker!r}, expected "
+                                          f"{self.broker_name!r}", code="wrong_broker")
+            hello = make_hello(challenge, self.node, self.identity.signing_key, _now_ms())
+            await self._ws.send_bytes(wire.encode_frame(hello))
+            answer = await self._receive_handshake_frame()
+            if isinstance(answer, wire.Error):
+                raise AuthenticationError(answer.reason, code=answer.code)
+            if not isinstance(answer, wire.Welcome) or answer.node != self.node:
+                raise AuthenticationError("broker did not welcome this node",
+                                          code="handshake_failed")
+            self.welcome = answer
+        except BaseException:
+            await self.close()
+            raise
+        self._reader = asyncio.create_task(self._read_loop(), name=f"gateway-{self.node}")
+        log.info("gateway_connected", node=self.node, broker=challenge.broker)
+
+    async def close(self) -> None:
+        """Close the connection and release everything (idempotent)."""
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        self._fail_pending("client closed")
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # --- requests -----------------------------------------------------------------------
+
+    async def subscribe(self, pattern: str) -> None:
+        """Add a durable subscription; returns once the broker has processed it."""
+        await self._confirmed(wire.Sub(topic=pattern))
+
+    async def unsubscribe(self, pattern: str) -> None:
+        await self._confirmed(wire.Unsub(topic=pattern))
+
+    async def directory(self) -> dict[str, NodeCert]:
+        """Fetch node certificates and keep those that verify against the trust root."""
+        answer = await self._control_request(wire.Directory())
+        if not isinstance(answer, wire.Directory) or answer.certs is None:
+            raise RequestRejected("unexpected answer to directory", code="bad_frame")
+        certs: dict[str, NodeCert] = {}
+        for raw in answer.certs:
+            try:
+                cert = verify_node_cert(SignedDocument.from_bytes(raw), self.trust_root)
+            except PolicyDocumentError as exc:
+                log.error("directory_cert_rejected", reason=exc.reason)
+                continue
+            certs[cert.node] = cert
+        self.certs = certs
+        return certs
+
+    async def route(self, topic: str, label: Label, to: tuple[str, ...] = ()) -> RoutePlan:
+        """Ask the broker whom a message with this label and topic would be released to."""
+        frame = wire.Route(topic=topic, label=label.to_map(),
+                           to=tuple(canonical.canonical_set(list(to))) or None)
+        answer = await self._control_request(frame)
+        if not isinstance(answer, wire.Routes):
+            raise RequestRejected(f"unexpected answer '{answer.T}' to route", code="bad_frame")
+        return RoutePlan(recipients=dict(answer.recipients), keys=dict(answer.keys))
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        label: Label,
+        *,
+        precedence: int | str = 0,
+        ttl: int = 3600,
+        to: tuple[str, ...] = (),
+    ) -> Receipt:
+        """Encrypt for the recipients the policy permits, sign, publish, await the receipt."""
+        prec = PRECEDENCE_BY_NAME[precedence] if isinstance(precedence, str) else precedence
+        plan = await self.route(topic, label, to)
+        keys = await self._verified_keys(plan)
+        now = _now_ms()
+        env = build_envelope(
+            signing_key=self.identity.signing_key, sender=self.node, topic=topic,
+            payload=payload, label=label, prec=prec, ttl=ttl, recipient_keys=keys,
+            now_ms=now, to=to,
+        )
+        return await self.publish_envelope(env)
+
+    async def publish_envelope(self, env: bytes) -> Receipt:
+        """Publish pre-built envelope bytes; await the receipt."""
+        message_id = Envelope.from_bytes(env, max_bytes=self.max_frame).id
+        future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
+        self._receipts[message_id] = future
+        try:
+            await self._send(wire.Pub(env=env))
+            answer = await self._wait(future)
+        finally:
+            self._receipts.pop(message_id, None)
+        assert isinstance(answer, wire.Receipt)
+        return Receipt(id=answer.id, audit=answer.audit, recipients=dict(answer.recipients))
+
+    async def ack(self, seqs: list[int]) -> None:
+        """Acknowledge deliveries by sequence number."""
+        await self._send(wire.Ack(seqs=tuple(seqs)))
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Verified, decrypted, de-duplicated messages. A message is acknowledged once the
+        consumer asks for the next one (so a crash mid-processing means redelivery)."""
+        while True:
+            frame = await self._deliveries.get()
+            if frame is None:
+                raise ConnectionClosed(self._closed_reason or "connection closed")
+            message = await self._accept(frame)
+            if message is not None:
+                yield message
+            await self.ack([frame.seq])
+
+    # --- internals ----------------------------------------------------------------------
+
+    async def _accept(self, frame: wire.Deliver) -> Message | None:
+        """Verify and open a delivery; ``None`` for a duplicate or a delivery that fails."""
+        try:
+            env = Envelope.from_bytes(frame.env, max_bytes=self.max_frame)
+        except ProtocolError as exc:
+            log.error("delivery_rejected", seq=frame.seq, code=exc.code, reason=exc.reason)
+            return None
+        if env.id in self._seen:
+            return None
+        cert = self.certs.get(env.sender) or (await self.directory()).get(env.sender)
+        try:
+            if cert is None:
+                raise ProtocolError(f"unknown sender {env.sender}", code="unknown_node")
+            if env.label.orig != cert.nation:
+                raise ProtocolError("label.orig is not the sender's nation",
+                                    code="sender_mismatch")
+            env.verify(cert.sign_key)
+            assert self.identity.enc_key is not None
+            payload = env.open(self.node, self.identity.enc_key)
+        except BrokerError as exc:
+            log.error("delivery_rejected", id=env.id.hex(), sender=env.sender, code=exc.code,
+                      reason=exc.reason)
+            return None
+        self._remember(env.id)
+        return Message(id=env.id, sender=env.sender, nation=cert.nation, topic=env.topic,
+                       label=env.label, precedence=env.prec, ts=env.ts, payload=payload,
+                       seq=frame.seq)
+
+    def _remember(self, message_id: bytes) -> None:
+        self._seen[message_id] = None
+        while len(self._seen) > self._dedup_capacity:
+            self._seen.popitem(last=False)
+
+    async def _verified_keys(self, plan: RoutePlan) -> dict[str, bytes]:
+        """Encryption keys for the permitted recipients, from verified certificates only."""
+        if any(node not in self.certs for node in plan.permitted):
+            await self.directory()
+        keys = {}
+        for node in plan.permitted:
+            cert = self.certs.get(node)
+            if cert is None:
+                log.warning("recipient_without_certificate", node=node)
+                continue
+            if plan.keys.get(node) != cert.enc_key:
+                log.error("broker_key_mismatch", node=node)
+            keys[node] = cert.enc_key
+        return keys
+
+    async def _confirmed(self, frame: wire.Frame) -> None:
+        """Send a frame that has no answer, then a ping: the pong confirms it was processed."""
+        async with self._control:
+            await self._send(frame)
+            answer = await self._control_roundtrip(wire.Ping())
+        if not isinstance(answer, wire.Pong):
+            raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
+
+    async def _control_request(self, frame: wire.Frame) -> wire.Frame:
+        async with self._control:
+            return await self._control_roundtrip(frame)
+
+    async def _control_roundtrip(self, frame: wire.Frame) -> wire.Frame:
+        future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
+        self._control_waiter = future
+        try:
+            await self._send(frame)
+            return await self._wait(future)
+        finally:
+            self._control_waiter = None
+
+    async def _wait(self, future: asyncio.Future[wire.Frame]) -> wire.Frame:
+        try:
+            answer = await asyncio.wait_for(future, timeout=self.timeout)
+        except asyncio.TimeoutError as exc:
+            raise RequestTimeout(f"no answer within {self.timeout} s") from exc
+        if isinstance(answer, wire.Error):
+            raise RequestRejected(answer.reason, code=answer.code, ref=answer.ref)
+        return answer
+
+    async def _send(self, frame: wire.Frame) -> None:
+        if self._ws is None or self._ws.closed:
+            raise ConnectionClosed(self._closed_reason or "not connected")
+        await self._ws.send_bytes(wire.encode_frame(frame))
+
+    async def _receive_handshake_frame(self) -> wire.Frame:
+        assert self._ws is not None
+        msg = await self._ws.receive(timeout=self.timeout)
+        if msg.type is not aiohttp.WSMsgType.BINARY:
+            raise AuthenticationError(f"connection ended during handshake ({msg.type.name})",
+                                      code="handshake_failed")
+        return wire.decode_frame(msg.data, max_bytes=self.max_frame)
+
+    async def _read_loop(self) -> None:
+        assert self._ws is not None
+        try:
+            async for msg in self._ws:
+                if msg.type is not aiohttp.WSMsgType.BINARY:
+                    continue
+                try:
+                    frame = wire.decode_frame(msg.data, max_bytes=2 * self.max_frame)
+                except ProtocolError as exc:
+                    log.error("bad_frame_from_broker", code=exc.code, reason=exc.reason)
+                    continue
+                self._dispatch(frame)
+        finally:
+            code = self._ws.close_code
+            self._closed_reason = f"connection closed by broker (code {code})"
+            self._fail_pending(self._closed_reason)
+
+    def _dispatch(self, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.Deliver):
+            self._deliveries.put_nowait(frame)
+        elif isinstance(frame, wire.Receipt):
+            self._resolve(self._receipts.get(frame.id), frame)
+        elif isinstance(frame, wire.Error) and frame.ref in self._receipts:
+            assert frame.ref is not None
+            self._resolve(self._receipts.get(frame.ref), frame)
+        elif isinstance(frame, (wire.Routes, wire.Directory, wire.Pong, wire.Error)):
+            if isinstance(frame, wire.Error) and self._control_waiter is None:
+                log.error("broker_error", code=frame.code, reason=frame.reason)
+            self._resolve(self._control_waiter, frame)
+        else:
+            log.debug("frame_ignored", frame=frame.T)
+
+    @staticmethod
+    def _resolve(future: asyncio.Future[wire.Frame] | None, frame: wire.Frame) -> None:
+        if future is not None and not future.done():
+            future.set_result(frame)
+
+    def _fail_pending(self, reason: str) -> None:
+        for future in [*self._receipts.values(), self._control_waiter]:
+            if future is not None and not future.done():
+                future.set_exception(ConnectionClosed(reason))
+        self._deliveries.put_nowait(None)
+
+
+def label(policy: str, cls: str, orig: str, rel: list[str] | tuple[str, ...] = (),
+          cats: Mapping[str, list[str]] | None = None) -> Label:
+    """Convenience: build a :class:`Label` with canonical sets from plain lists."""
+    cat_map: dict[str, Any] = {t: canonical.canonical_set(list(v)) for t, v in (cats or {}).items()}
+    return Label.from_map({"policy": policy, "class": cls, "orig": orig,
+                           "rel": canonical.canonical_set(list(rel)), "cats": cat_map})

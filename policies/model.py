@@ -1,0 +1,157 @@
+"""Frozen model of the policy world: labels, accreditations, node certificates, the trust root.
+
+Objects validate their own structure when built from maps or documents; *semantic* checks that
+need other documents (is this level known in that scheme?) belong to :mod:`policies.decide`.
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from broker.canonical import is_sorted_unique
+from broker.errors import ProtocolError
+
+_LABEL_KEYS = frozenset({"policy", "class", "cats", "rel", "orig"})
+
+
+def _frozen_cats(value: Any, where: str, code: str) -> Mapping[str, tuple[str, ...]]:
+    """Check a ``{tag: [values]}`` map whose value lists are canonical sets."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be a map of tag to values", code=code)
+    out: dict[str, tuple[str, ...]] = {}
+    for tag, values in value.items():
+        if not isinstance(tag, str) or not tag:
+            raise ProtocolError(f"{where}: tag names must be non-empty str", code=code)
+        out[tag] = _frozen_set(values, f"{where}.{tag}", code)
+    return out
+
+
+def _frozen_set(value: Any, where: str, code: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ProtocolError(f"{where} must be an array of non-empty str", code=code)
+    if not is_sorted_unique(value):
+        raise ProtocolError(f"{where} must be sorted and unique", code=code)
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """The security label carried (signed, and bound to the ciphertext) by every envelope.
+
+    ``policy`` names the scheme (the sender's national scheme or the common one), ``cls`` the
+    classification level in it, ``cats`` the category tags and their values, ``rel`` the audience
+    (nations and communities of interest), ``orig`` the originating nation.
+    """
+
+    policy: str
+    cls: str
+    cats: Mapping[str, tuple[str, ...]]
+    rel: tuple[str, ...]
+    orig: str
+
+    @classmethod
+    def from_map(cls, value: Any) -> Label:
+        """Build from the wire map; raise :class:`ProtocolError` ``invalid_label`` when malformed."""
+        code = "invalid_label"
+        if not isinstance(value, dict):
+            raise ProtocolError("label must be a map", code=code)
+        unknown = set(value) - _LABEL_KEYS
+        if unknown:
+            raise ProtocolError(f"label has unknown field(s) {sorted(unknown)}", code=code)
+        for key in ("policy", "class", "orig"):
+            if not isinstance(value.get(key), str) or not value[key]:
+                raise ProtocolError(f"label.{key} must be a non-empty str", code=code)
+        if "rel" not in value:
+            raise ProtocolError("label.rel is missing", code=code)
+        return cls(
+            policy=value["policy"],
+            cls=value["class"],
+            cats=_frozen_cats(value.get("cats", {}), "label.cats", code),
+            rel=_frozen_set(value["rel"], "label.rel", code),
+            orig=value["orig"],
+        )
+
+    def to_map(self) -> dict[str, Any]:
+        """The wire map (all five fields; sets as sorted arrays)."""
+        return {
+            "policy": self.policy,
+            "class": self.cls,
+            "cats": {tag: list(values) for tag, values in self.cats.items()},
+            "rel": list(self.rel),
+            "orig": self.orig,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Accreditation:
+    """What a node may hold: a maximum level (in its nation's scheme) and category values."""
+
+    max: str
+    cats: Mapping[str, tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCert:
+    """A gateway node's certificate, signed by its nation's policy authority.
+
+    Times are Unix milliseconds; the window is ``not_before`` inclusive, ``not_after`` exclusive.
+    ``signed`` is the certificate as served in the ``directory`` frame (document + signatures).
+    """
+
+    node: str
+    nation: str
+    sign_key: bytes
+    enc_key: bytes
+    not_before: int
+    not_after: int
+    accreditation: Accreditation
+    signed: bytes = dataclasses.field(default=b"", compare=False, repr=False)
+
+    def is_valid_at(self, now_ms: int) -> bool:
+        """True inside the validity window."""
+        return self.not_before <= now_ms < self.not_after
+
+
+@dataclasses.dataclass(frozen=True)
+class Nation:
+    """A coalition member: its code and the Ed25519 keys of its policy authority."""
+
+    code: str
+    authority_keys: tuple[bytes, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerIdentity:
+    """A broker the nations recognise: its name and Ed25519 checkpoint-signing key."""
+
+    name: str
+    key: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustRoot:
+    """The root of trust, signed by ``threshold`` of the nations it lists (like a TUF root)."""
+
+    version: int
+    common_scheme: str
+    threshold: int
+    witness_quorum: int
+    nations: Mapping[str, Nation]
+    communities: Mapping[str, tuple[str, ...]]
+    brokers: tuple[BrokerIdentity, ...]
+
+    def expand_audience(self, rel: tuple[str, ...]) -> frozenset[str]:
+        """Nations named in ``rel``, with communities of interest expanded.
+
+        Names that are neither a nation nor a community contribute nothing (fail closed).
+        """
+        out: set[str] = set()
+        for name in rel:
+            if name in self.communities:
+                out.update(self.communities[name])
+            elif name in self.nations:
+                out.add(name)
+        return frozenset(out)
