@@ -10,6 +10,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,7 +71,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
 def is_sorted_unique(values: Sequence[str]) -> bool:
     """True when ``values`` is strictly increasing by UTF-8 bytes (a canonical set)."""
     encoded = [v.encode() for v in values]
-    return all(a < b for a, b in zip(encoded, encoded[1:], strict=False))
+    return all(a < b for a, b in itertools.pairwise(encoded))
 
 
 def canonical_set(values: Sequence[str]) -> list[str]:
@@ -86,7 +87,7 @@ def _normalise(obj: Any, depth: int) -> Any:
     """Return a structure msgpack encodes canonically; reject what the contract forbids."""
     if depth > _MAX_DEPTH:
         raise ProtocolError("nesting too deep", code="bad_frame")
-    if isinstance(obj, bool) or isinstance(obj, (int, str, bytes)):
+    if isinstance(obj, (bool, int, str, bytes)):
         return obj
     if isinstance(obj, (bytearray, memoryview)):
         return bytes(obj)

@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     cert.add_argument("--out", type=Path, required=True)
     cert.set_defaults(run=_keys_cert)
     root = keys_cmd.add_parser("root", help="write an (unsigned) trust root")
-    root.add_argument("--nation", action="append", required=True, metavar="CODE=KEYFILE|ed25519:B64")
+    root.add_argument("--nation", action="append", required=True,
+                      metavar="CODE=KEYFILE|ed25519:B64")
     root.add_argument("--community", action="append", default=[], metavar="NAME=A,B,C")
     root.add_argument("--broker", action="append", default=[], metavar="NAME=KEYFILE|ed25519:B64")
     root.add_argument("--threshold", type=int, required=True)

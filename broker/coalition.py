@@ -93,7 +93,8 @@ def build_coalition(
         cert = authoring.node_cert_toml(
             node=spec.node, nation=spec.nation, sign_key=key.sign_public, enc_key=key.enc_public,
             not_before_ms=spec.not_before_ms if spec.not_before_ms is not None else now_ms - DAY_MS,
-            not_after_ms=spec.not_after_ms if spec.not_after_ms is not None else now_ms + 365 * DAY_MS,
+            not_after_ms=(spec.not_after_ms if spec.not_after_ms is not None
+                          else now_ms + 365 * DAY_MS),
             max_level=spec.max_level, cats=spec.cats,
         )
         _write_signed(policy_dir / "nodes" / f"{spec.node}.toml", cert,

@@ -75,7 +75,8 @@ def sign(signing_key: nacl.signing.SigningKey, domain: bytes, message: bytes) ->
 
 
 def check_signature(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
-    """True when ``signature`` is a valid Ed25519 signature by ``public_key`` over domain+message."""
+    """True when ``signature`` is a valid Ed25519 signature by ``public_key`` over the
+    domain-separated message."""
     if len(signature) != SIG_BYTES or len(public_key) != KEY_BYTES:
         return False
     try:

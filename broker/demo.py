@@ -83,9 +83,11 @@ class Demo:
     async def collect(self, gw: GatewayClient, expected: int) -> None:
         got = self.received.setdefault(gw.node, [])
         stream = gw.messages()
-        while len(got) < expected:
-            got.append(await asyncio.wait_for(stream.__anext__(), timeout=10))
-        await stream.aclose()
+        try:
+            while len(got) < expected:
+                got.append(await asyncio.wait_for(anext(stream), timeout=10))
+        finally:
+            await stream.aclose()
 
     async def run(self) -> None:
         """Run every step of the scenario."""

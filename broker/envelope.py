@@ -209,6 +209,6 @@ def _parse_enc(enc: Any) -> tuple[bytes, bytes, dict[str, bytes]]:
 
 def _typed(table: dict[str, Any], key: str, kind: type) -> Any:
     value = table[key]
-    if type(value) is not kind or (kind is int and value < 0):
+    if type(value) is not kind or (isinstance(value, int) and value < 0):
         raise ProtocolError(f"envelope field {key!r} must be {kind.__name__}", code="bad_frame")
     return value

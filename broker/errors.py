@@ -26,6 +26,7 @@ ERROR_CODES: dict[str, str] = {
     "handshake_failed": "the hello does not answer the challenge",
     "unsupported_version": "the frame or envelope version is not supported",
     "unexpected_frame": "the frame type is not allowed in this state or direction",
+    "bad_proof": "a Merkle inclusion or consistency proof does not verify",
     "rate_limited": "too many frames or bytes; slow down",
     "unavailable": "the broker cannot accept the request now (storage full, shutting down)",
     "internal": "the broker failed; the request was not processed",

@@ -21,7 +21,8 @@ def validate_topic(topic: str) -> str:
     _check_length(topic)
     for segment in topic.split("."):
         if not _SEGMENT.match(segment):
-            raise ProtocolError(f"topic segment {segment!r} is not [a-z0-9_-]+", code="invalid_topic")
+            raise ProtocolError(f"topic segment {segment!r} is not [a-z0-9_-]+",
+                                code="invalid_topic")
     return topic
 
 

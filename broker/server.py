@@ -84,7 +84,7 @@ class _Peer:
         while True:
             item = await self._out.get()
             if isinstance(item, tuple):
-                code, reason = item
+                code, _reason = item
                 await self.ws.close(code=_CLOSE_CODES.get(code, WSCloseCode.POLICY_VIOLATION)
                                     if code != "normal" else WSCloseCode.OK,
                                     message=code.encode())
@@ -200,7 +200,7 @@ class BrokerServer:
             timeout = (deadline - time.monotonic()) if session.state is State.AWAIT_HELLO else None
             try:
                 msg = await ws.receive(timeout=timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._apply(session.fail("not_authenticated", "no hello before the handshake "
                                          "timeout", close=True), session, peer, clog)
                 return

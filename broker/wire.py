@@ -9,7 +9,6 @@ unknown field is present. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -172,6 +171,12 @@ FRAME_TYPES: dict[str, type[Frame]] = {
     )
 }
 
+#: Field annotations of every frame type, resolved once.
+_FIELD_TYPES: dict[str, dict[str, Any]] = {
+    tag: {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    for tag, cls in FRAME_TYPES.items()
+}
+
 #: Frames a node may send (anything else from a node is ``unexpected_frame``).
 NODE_FRAMES = frozenset({"hello", "sub", "unsub", "pub", "ack", "route", "directory", "cosign",
                          "ping", "pong"})
@@ -183,7 +188,8 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 def decode_frame(data: bytes, *, max_bytes: int = canonical.DEFAULT_MAX_BYTES) -> Frame:
-    """Parse one frame; raise :class:`ProtocolError` (``too_large``/``bad_frame``/``non_canonical``)."""
+    """Parse one frame; raise :class:`ProtocolError` (``too_large``, ``bad_frame`` or
+    ``non_canonical``)."""
     obj = canonical.decode(data, max_bytes=max_bytes)
     if not isinstance(obj, dict):
         raise ProtocolError("a frame must be a map", code="bad_frame")
@@ -211,10 +217,8 @@ def _frame_from_map(cls: type[Frame], obj: dict[str, Any]) -> Frame:
     return cls(**kwargs)
 
 
-@functools.cache
 def _field_types(cls: type[Frame]) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls.T]
 
 
 def _is_optional(hint: Any) -> bool:
@@ -240,7 +244,7 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
             raise ProtocolError(f"{where} must be an array", code="bad_frame")
         return tuple(_check_value(item, item_type, where) for item in value)
     if origin is Mapping:
-        key_type, value_type = typing.get_args(hint)
+        _key_type, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
             raise ProtocolError(f"{where} must be a map", code="bad_frame")
         if value_type is Any:

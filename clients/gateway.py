@@ -15,7 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -40,7 +40,7 @@ class GatewayError(BrokerError):
 
 
 class AuthenticationError(GatewayError):
-    """The broker refused the handshake (``code`` says why), or the broker is not the expected one."""
+    """The broker refused the handshake (``code`` says why), or is not the expected broker."""
 
 
 class RequestRejected(GatewayError):
@@ -272,7 +272,7 @@ class GatewayClient:
         """Acknowledge deliveries by sequence number."""
         await self._send(wire.Ack(seqs=tuple(seqs)))
 
-    async def messages(self) -> AsyncIterator[Message]:
+    async def messages(self) -> AsyncGenerator[Message, None]:
         """Verified, decrypted, de-duplicated messages. A message is acknowledged once the
         consumer asks for the next one (so a crash mid-processing means redelivery)."""
         while True:
@@ -358,7 +358,7 @@ class GatewayClient:
     async def _wait(self, future: asyncio.Future[wire.Frame]) -> wire.Frame:
         try:
             answer = await asyncio.wait_for(future, timeout=self.timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise RequestTimeout(f"no answer within {self.timeout} s") from exc
         if isinstance(answer, wire.Error):
             raise RequestRejected(answer.reason, code=answer.code, ref=answer.ref)

@@ -59,7 +59,8 @@ def trust_root_toml(
                 f"authority_keys = {_list(crypto.format_key('ed25519', k) for k in keys)}", ""]
     if communities:
         out.append("[communities]")
-        out += [f"{name} = {_list(sorted(members))}" for name, members in sorted(communities.items())]
+        out += [f"{name} = {_list(sorted(members))}"
+                for name, members in sorted(communities.items())]
         out.append("")
     for name, key in sorted(brokers.items()):
         out += ["[[brokers]]", f"name = {_q(name)}",

@@ -174,7 +174,9 @@ def timestamp_ms(table: Mapping[str, Any], key: str, doc: str) -> int:
     return int(value.timestamp() * 1000)
 
 
-def name_list(value: Any, doc: str, where: str, pattern: re.Pattern[str] | None = None) -> tuple[str, ...]:
+def name_list(
+    value: Any, doc: str, where: str, pattern: re.Pattern[str] | None = None
+) -> tuple[str, ...]:
     """An array of unique non-empty strings, returned as a canonical (sorted) set."""
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise PolicyDocumentError(f"field '{where}' must be an array of strings", document=doc)
@@ -199,7 +201,8 @@ def key_field(table: Mapping[str, Any], key: str, kind: str, doc: str, where: st
 def cats_field(value: Any, doc: str, where: str) -> dict[str, tuple[str, ...]]:
     """A ``{TAG = [values]}`` table."""
     if not isinstance(value, dict):
-        raise PolicyDocumentError(f"field '{where}' must be a table of tag = [values]", document=doc)
+        raise PolicyDocumentError(f"field '{where}' must be a table of tag = [values]",
+                                  document=doc)
     return {tag: name_list(values, doc, f"{where}.{tag}") if values else ()
             for tag, values in value.items()}
 

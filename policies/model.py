@@ -54,7 +54,7 @@ class Label:
 
     @classmethod
     def from_map(cls, value: Any) -> Label:
-        """Build from the wire map; raise :class:`ProtocolError` ``invalid_label`` when malformed."""
+        """Build from the wire map; raise :class:`ProtocolError` ``invalid_label`` if malformed."""
         code = "invalid_label"
         if not isinstance(value, dict):
             raise ProtocolError("label must be a map", code=code)

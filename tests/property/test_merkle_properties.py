@@ -164,7 +164,9 @@ def test_completed_nodes_agree_with_naive_recomputation() -> None:
     for level in range(MAX_LEAVES.bit_length()):
         span = 1 << level
         for index in range(MAX_LEAVES // span):
-            assert tree.get_node(level, index) == naive_mth(LEAVES[index * span : (index + 1) * span])
+            assert tree.get_node(level, index) == naive_mth(
+                LEAVES[index * span : (index + 1) * span]
+            )
 
 
 # --- hypothesis: arbitrary leaves and mutations --------------------------------------------

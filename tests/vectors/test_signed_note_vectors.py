@@ -70,7 +70,9 @@ def test_worked_example_with_a_flipped_signature_byte_fails(index: int) -> None:
     raw = _flip(sig.key_id.to_bytes(4, "big") + sig.signature, index)
     line = "— example.com/foo " + base64.b64encode(raw).decode()
     with pytest.raises(VerificationError):
-        verify_note(VECTOR["text"] + "\n" + line + "\n", [Verifier.from_string(VECTOR["verifier_key"])])
+        verify_note(
+            VECTOR["text"] + "\n" + line + "\n", [Verifier.from_string(VECTOR["verifier_key"])]
+        )
 
 
 def test_worked_example_with_a_changed_text_fails() -> None:

@@ -1,0 +1,29 @@
+"""Shared fixtures: a throwaway coalition on disk, and a real broker on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.coalition import DAY_MS, Coalition, NodeSpec, build_coalition
+
+NATIONS = ("FRA", "GBR", "USA")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@pytest.fixture
+def coalition(tmp_path: Path) -> Coalition:
+    """USA, GBR, FRA; one node each, a second USA node, and a FRA node whose certificate expired."""
+    now = now_ms()
+    nodes = [
+        NodeSpec("USA-GW1", "USA"), NodeSpec("USA-GW2", "USA"), NodeSpec("GBR-GW1", "GBR"),
+        NodeSpec("FRA-GW1", "FRA"),
+        NodeSpec("FRA-OLD", "FRA", not_before_ms=now - 30 * DAY_MS, not_after_ms=now - DAY_MS),
+    ]
+    return build_coalition(tmp_path, nations=NATIONS, nodes=nodes, now_ms=now,
+                           communities={"NATO": NATIONS, "FVEY": ("GBR", "USA")})

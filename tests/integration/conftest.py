@@ -1,0 +1,31 @@
+"""Integration fixtures: a real broker on loopback and real gateway clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from broker.coalition import Coalition
+from broker.server import BrokerServer, Limits
+from clients.gateway import GatewayClient
+
+
+@pytest.fixture
+async def server(coalition: Coalition) -> AsyncIterator[BrokerServer]:
+    limits = Limits(max_frame_bytes=64 * 1024, handshake_timeout_s=2.0)
+    async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            limits=limits) as running:
+        yield running
+
+
+@pytest.fixture
+def gateway(coalition: Coalition, server: BrokerServer) -> Callable[[str], GatewayClient]:
+    root = coalition.trust_root
+
+    def make(node: str) -> GatewayClient:
+        return GatewayClient(server.url, coalition.nodes[node], root,
+                             broker_name=coalition.broker_name, timeout=5,
+                             max_frame=64 * 1024)
+
+    return make
