@@ -163,7 +163,7 @@ def _from_body(raw: bytes, body_bytes: bytes, sig: bytes, body: Any) -> Envelope
         raise ProtocolError(
             f"envelope body: missing {sorted(missing)} unknown {sorted(unknown)}", code="bad_frame"
         )
-    if body["v"] != VERSION:
+    if type(body["v"]) is not int or body["v"] != VERSION:
         raise ProtocolError(f"envelope version {body['v']!r} is not supported",
                             code="unsupported_version")
     msg_id = _typed(body, "id", bytes)
@@ -173,6 +173,8 @@ def _from_body(raw: bytes, body_bytes: bytes, sig: bytes, body: Any) -> Envelope
     if prec not in PRECEDENCES:
         raise ProtocolError(f"precedence {prec} is not 0..3", code="bad_frame")
     to = body.get("to", [])
+    if "to" in body and to == []:
+        raise ProtocolError("an empty 'to' must be omitted, not sent", code="non_canonical")
     if not isinstance(to, list) or not all(isinstance(n, str) and n for n in to):
         raise ProtocolError("envelope 'to' must be an array of node ids", code="bad_frame")
     if not canonical.is_sorted_unique(to) or len(to) > MAX_RECIPIENTS:
@@ -201,7 +203,7 @@ def _parse_enc(enc: Any) -> tuple[bytes, bytes, dict[str, bytes]]:
     if (
         not isinstance(keys, dict)
         or len(keys) > MAX_RECIPIENTS
-        or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items())
+        or not all(isinstance(k, str) and k and isinstance(v, bytes) for k, v in keys.items())
     ):
         raise ProtocolError("enc.keys must map node ids to sealed keys", code="bad_frame")
     return nonce, _typed(enc, "ct", bytes), keys

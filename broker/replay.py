@@ -41,6 +41,8 @@ class ReplayGuard:
         return len(self._seen)
 
     def _expire(self, now_ms: int) -> None:
-        while self._order and self._order[0][0] <= now_ms:
+        # Strictly older: at exactly now == expiry an envelope with ts = first_seen + skew still
+        # passes the ts check, so its id must still be remembered.
+        while self._order and self._order[0][0] < now_ms:
             _, message_id = self._order.popleft()
             self._seen.pop(message_id, None)

@@ -13,14 +13,15 @@ from collections.abc import Iterable, Mapping, Set
 from broker.errors import ProtocolError
 
 MAX_TOPIC_BYTES = 255
-_SEGMENT = re.compile(r"^[a-z0-9_-]+$")
+# fullmatch, not "$": "$" would also accept a segment followed by a trailing newline.
+_SEGMENT = re.compile(r"[a-z0-9_-]+")
 
 
 def validate_topic(topic: str) -> str:
     """Return ``topic`` or raise :class:`ProtocolError` ``invalid_topic``."""
     _check_length(topic)
     for segment in topic.split("."):
-        if not _SEGMENT.match(segment):
+        if not _SEGMENT.fullmatch(segment):
             raise ProtocolError(f"topic segment {segment!r} is not [a-z0-9_-]+",
                                 code="invalid_topic")
     return topic
@@ -33,7 +34,7 @@ def validate_pattern(pattern: str) -> str:
     for position, segment in enumerate(segments):
         if segment == ">" and position == len(segments) - 1:
             continue
-        if segment == "*" or _SEGMENT.match(segment):
+        if segment == "*" or _SEGMENT.fullmatch(segment):
             continue
         raise ProtocolError(f"pattern segment {segment!r} is not valid", code="invalid_topic")
     return pattern

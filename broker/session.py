@@ -152,7 +152,8 @@ class BrokerSession:
         return None
 
     def _on_open(self, frame: wire.Frame) -> list[Event]:
-        if frame.T not in wire.NODE_FRAMES or isinstance(frame, wire.Hello):
+        if (frame.T not in wire.NODE_FRAMES or isinstance(frame, wire.Hello)
+                or (isinstance(frame, wire.Directory) and frame.certs is not None)):
             return self._error("unexpected_frame", f"'{frame.T}' is not accepted from a node now")
         if isinstance(frame, wire.Ping):
             return [Send(wire.Pong())]

@@ -1,0 +1,152 @@
+"""Per-recipient queues (broker/delivery.py): precedence, FIFO, window, acks, requeue."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.delivery import RecipientQueue
+
+ROUTINE, PRIORITY, IMMEDIATE, FLASH = 0, 1, 2, 3
+
+
+def _queue(precs: list[int], window: int = 64) -> RecipientQueue:
+    queue = RecipientQueue(window=window)
+    for i, prec in enumerate(precs):
+        queue.push(message_id=i.to_bytes(2, "big") * 8, sender="GBR-GW1", envelope=b"env %d" % i,
+                   prec=prec, expires_ms=1000 + i)
+    return queue
+
+
+def _ids(items: list) -> list[int]:  # type: ignore[type-arg]
+    return [int.from_bytes(item.message_id[:2], "big") for item in items]
+
+
+@pytest.mark.parametrize("window", [0, -1])
+def test_window_must_be_positive(window: int) -> None:
+    with pytest.raises(ValueError):
+        RecipientQueue(window=window)
+
+
+def test_push_numbers_messages_from_one_and_keeps_their_fields() -> None:
+    queue = RecipientQueue()
+    first = queue.push(message_id=b"a" * 16, sender="GBR-GW1", envelope=b"E", prec=FLASH,
+                       expires_ms=99)
+    second = queue.push(message_id=b"b" * 16, sender="USA-GW1", envelope=b"F", prec=ROUTINE,
+                        expires_ms=100)
+    assert (first.seq, second.seq) == (1, 2)
+    assert (first.message_id, first.sender, first.envelope, first.expires_ms) == (
+        b"a" * 16, "GBR-GW1", b"E", 99)
+    assert queue.depth == 2
+
+
+@pytest.mark.parametrize(
+    ("precs", "order"),
+    [
+        ([ROUTINE, ROUTINE, ROUTINE], [0, 1, 2]),
+        ([ROUTINE, FLASH], [1, 0]),
+        ([ROUTINE, PRIORITY, IMMEDIATE, FLASH], [3, 2, 1, 0]),
+        ([FLASH, IMMEDIATE, PRIORITY, ROUTINE], [0, 1, 2, 3]),
+        ([ROUTINE, FLASH, ROUTINE, FLASH, PRIORITY], [1, 3, 4, 0, 2]),
+        ([IMMEDIATE, ROUTINE, IMMEDIATE, FLASH, ROUTINE, IMMEDIATE], [3, 0, 2, 5, 1, 4]),
+    ],
+)
+def test_precedence_first_then_fifo(precs: list[int], order: list[int]) -> None:
+    assert _ids(_queue(precs).take_sendable()) == order
+
+
+def test_flash_is_never_stuck_behind_a_routine_backlog() -> None:
+    queue = _queue([ROUTINE] * 500 + [FLASH], window=1)
+    assert _ids(queue.take_sendable()) == [500]
+
+
+def test_window_bounds_what_is_in_flight() -> None:
+    queue = _queue([ROUTINE] * 5, window=2)
+    first = queue.take_sendable()
+    assert _ids(first) == [0, 1]
+    assert queue.take_sendable() == []
+    assert queue.depth == 5
+    assert queue.ack([first[0].seq]) == [first[0]]
+    assert _ids(queue.take_sendable()) == [2]
+    assert queue.take_sendable() == []
+
+
+def test_ack_frees_the_window_and_reduces_depth() -> None:
+    queue = _queue([ROUTINE] * 3, window=3)
+    items = queue.take_sendable()
+    assert all(queue.is_in_flight(item.seq) for item in items)
+    assert queue.ack([item.seq for item in items]) == items
+    assert queue.depth == 0
+    assert not any(queue.is_in_flight(item.seq) for item in items)
+
+
+@pytest.mark.parametrize(
+    "seqs",
+    [[99], [0], [-1], [3], [1, 1], [1, 99, 1]],
+    ids=["unknown", "zero", "negative", "pending-not-sent", "duplicate", "mixed"],
+)
+def test_ack_of_unknown_or_unsent_seqs_is_ignored(seqs: list[int]) -> None:
+    queue = _queue([ROUTINE] * 3, window=2)
+    sent = queue.take_sendable()
+    assert [item.seq for item in sent] == [1, 2]
+    acked = queue.ack(seqs)
+    assert [item.seq for item in acked] == ([1] if 1 in seqs else [])
+    assert queue.depth == 3 - len(acked)
+    # seq 2 stays in flight, seq 3 was never sent and is still owed
+    assert queue.is_in_flight(2)
+    assert not queue.is_in_flight(3)
+    assert [item.seq for item in queue.take_sendable()] == ([3] if acked else [])
+
+
+def test_acking_a_pending_seq_does_not_lose_the_message() -> None:
+    queue = _queue([ROUTINE] * 2, window=1)
+    assert _ids(queue.take_sendable()) == [0]
+    assert queue.ack([2]) == []  # seq 2 is pending, not in flight
+    assert queue.depth == 2
+    queue.ack([1])
+    assert [item.seq for item in queue.take_sendable()] == [2]
+
+
+def test_requeue_in_flight_restores_the_order() -> None:
+    queue = _queue([ROUTINE, ROUTINE, PRIORITY], window=2)
+    sent = queue.take_sendable()
+    assert _ids(sent) == [2, 0]
+    for i, prec in ((3, FLASH), (4, ROUTINE)):
+        queue.push(message_id=i.to_bytes(2, "big") * 8, sender="x", envelope=b"", prec=prec,
+                   expires_ms=0)
+    queue.requeue_in_flight()
+    assert not any(queue.is_in_flight(item.seq) for item in sent)
+    assert queue.depth == 5
+    queue.window = 10
+    assert _ids(queue.take_sendable()) == [3, 2, 0, 1, 4]
+
+
+def test_requeued_messages_keep_their_seq() -> None:
+    queue = _queue([ROUTINE, ROUTINE], window=2)
+    before = [item.seq for item in queue.take_sendable()]
+    queue.requeue_in_flight()
+    after = [item.seq for item in queue.take_sendable()]
+    assert before == after == [1, 2]
+
+
+def test_acked_message_is_not_requeued() -> None:
+    queue = _queue([ROUTINE, ROUTINE], window=2)
+    first, _ = queue.take_sendable()
+    queue.ack([first.seq])
+    queue.requeue_in_flight()
+    assert _ids(queue.take_sendable()) == [1]
+    assert queue.depth == 1
+
+
+def test_requeue_with_nothing_in_flight_is_harmless() -> None:
+    queue = _queue([ROUTINE])
+    queue.requeue_in_flight()
+    assert queue.depth == 1
+    assert _ids(queue.take_sendable()) == [0]
+
+
+def test_seq_numbers_keep_increasing_after_acks() -> None:
+    queue = _queue([ROUTINE])
+    (item,) = queue.take_sendable()
+    queue.ack([item.seq])
+    new = queue.push(message_id=b"n" * 16, sender="x", envelope=b"", prec=ROUTINE, expires_ms=0)
+    assert new.seq == 2
