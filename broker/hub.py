@@ -20,7 +20,8 @@ from broker.envelope import Envelope
 from broker.errors import ProtocolError, VerificationError
 from broker.replay import ReplayGuard
 from policies.bundle import Bundle
-from policies.decide import NO_KEY_FOR_RECIPIENT, Decision, decide
+from policies.cache import DecisionCache
+from policies.decide import NO_KEY_FOR_RECIPIENT, Decision
 from policies.model import Label, NodeCert
 
 log = structlog.get_logger("broker.hub")
@@ -68,6 +69,7 @@ class Hub:
         self._window = window
         self._max_envelope = max_envelope
         self._audit_counter = 0
+        self.decisions = DecisionCache()
 
     # --- connections --------------------------------------------------------------------
 
@@ -97,9 +99,13 @@ class Hub:
 
     # --- requests -----------------------------------------------------------------------
 
-    def subscribe(self, node: str, pattern: str) -> None:
-        """Add a durable subscription (kept while the node is offline)."""
-        self.subscriptions.setdefault(node, set()).add(router.validate_pattern(pattern))
+    def subscribe(self, node: str, pattern: str, *, limit: int = 1024) -> None:
+        """Add a durable subscription (kept while the node is offline), at most ``limit``."""
+        patterns = self.subscriptions.setdefault(node, set())
+        router.validate_pattern(pattern)
+        if pattern not in patterns and len(patterns) >= limit:
+            raise ProtocolError(f"at most {limit} subscriptions per node", code="rate_limited")
+        patterns.add(pattern)
 
     def unsubscribe(self, node: str, pattern: str) -> None:
         self.subscriptions.get(node, set()).discard(router.validate_pattern(pattern))
@@ -178,8 +184,8 @@ class Hub:
         recipient = self.bundle.nodes.get(node)
         if recipient is None:
             return Decision.deny(UNKNOWN_NODE)
-        return decide(label, sender, recipient, topic, now, self.bundle,
-                      inactive_nodes=self.inactive)
+        return self.decisions.decide(label, sender, recipient, topic, now, self.bundle,
+                                     inactive_nodes=self.inactive)
 
     def _queue(self, node: str) -> RecipientQueue:
         queue = self.queues.get(node)

@@ -49,27 +49,42 @@ class Limits:
     clock_skew_ms: int = 5 * 60 * 1000
     delivery_window: int = 64
     handshake_timeout_s: float = 10.0
+    #: Frames waiting to be written to one connection; a peer that stops reading while still
+    #: sending requests is disconnected (``rate_limited``) instead of growing broker memory.
+    max_outbound_frames: int = 1024
+    max_subscriptions_per_node: int = 1024
 
 
 class _Peer:
     """One WebSocket connection: a non-blocking ``send`` backed by its own writer task."""
 
-    def __init__(self, ws: web.WebSocketResponse, conn_id: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, conn_id: str, max_outbound: int) -> None:
         self.ws = ws
         self.conn_id = conn_id
         self.node = ""
         self._out: asyncio.Queue[bytes | tuple[str, str]] = asyncio.Queue()
-        self._closing = False
+        self._max_outbound = max_outbound
+        self.closing = False
         self._task = asyncio.create_task(self._write_loop(), name=f"ws-writer-{conn_id}")
 
     def send(self, frame: wire.Frame) -> None:
-        if not self._closing:
-            self._out.put_nowait(wire.encode_frame(frame))
+        if self.closing:
+            return
+        if self._out.qsize() >= self._max_outbound:
+            # The peer does not read what it asks for: cut it off rather than buffer without
+            # bound. The close bypasses the full queue.
+            log.warning("peer_not_reading", conn=self.conn_id, node=self.node,
+                        queued=self._out.qsize())
+            self.closing = True
+            self._task.cancel()
+            self._task = asyncio.create_task(self._abort())
+            return
+        self._out.put_nowait(wire.encode_frame(frame))
 
     def close(self, code: str, reason: str) -> None:
         """Close after everything already queued has been written."""
-        if not self._closing:
-            self._closing = True
+        if not self.closing:
+            self.closing = True
             self._out.put_nowait((code, reason))
 
     async def aclose(self) -> None:
@@ -79,6 +94,9 @@ class _Peer:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await self._task
+
+    async def _abort(self) -> None:
+        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate_limited")
 
     async def _write_loop(self) -> None:
         while True:
@@ -92,7 +110,7 @@ class _Peer:
             try:
                 await self.ws.send_bytes(item)
             except (ConnectionError, RuntimeError):
-                self._closing = True
+                self.closing = True
                 return
 
 
@@ -175,7 +193,7 @@ class BrokerServer:
         # too_large error frame; beyond twice the limit aiohttp closes with 1009 by itself.
         ws = web.WebSocketResponse(max_msg_size=2 * self.limits.max_frame_bytes, autoping=True)
         await ws.prepare(request)
-        peer = _Peer(ws, secrets.token_hex(6))
+        peer = _Peer(ws, secrets.token_hex(6), self.limits.max_outbound_frames)
         self._peers.add(peer)
         session = BrokerSession(
             broker=self.name, nonce=os.urandom(32), lookup=self.hub.lookup,
@@ -195,11 +213,17 @@ class BrokerServer:
 
     async def _read_loop(self, ws: web.WebSocketResponse, session: BrokerSession, peer: _Peer,
                          clog: structlog.typing.FilteringBoundLogger) -> None:
-        deadline = time.monotonic() + self.limits.handshake_timeout_s
-        while session.state is not State.CLOSED:
-            timeout = (deadline - time.monotonic()) if session.state is State.AWAIT_HELLO else None
+        # One deadline for the whole pre-welcome phase: a per-receive timeout would restart
+        # whenever aiohttp handles a WebSocket ping inside receive().
+        deadline = asyncio.get_running_loop().time() + self.limits.handshake_timeout_s
+        # A replaced or cut-off peer is not served any further, even before its close completes.
+        while session.state is not State.CLOSED and not peer.closing:
             try:
-                msg = await ws.receive(timeout=timeout)
+                if session.state is State.AWAIT_HELLO:
+                    async with asyncio.timeout_at(deadline):
+                        msg = await ws.receive()
+                else:
+                    msg = await ws.receive()
             except TimeoutError:
                 self._apply(session.fail("not_authenticated", "no hello before the handshake "
                                          "timeout", close=True), session, peer, clog)
@@ -244,7 +268,8 @@ class BrokerServer:
             if isinstance(frame, wire.Directory):
                 return [Send(self.hub.directory())]
             if isinstance(frame, wire.Sub):
-                self.hub.subscribe(peer.node, frame.topic)
+                self.hub.subscribe(peer.node, frame.topic,
+                                   limit=self.limits.max_subscriptions_per_node)
                 return []
             if isinstance(frame, wire.Unsub):
                 self.hub.unsubscribe(peer.node, frame.topic)

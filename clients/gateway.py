@@ -120,7 +120,7 @@ class GatewayClient:
         identity: KeyFile,
         trust_root: TrustRoot,
         *,
-        broker_name: str | None = None,
+        broker_name: str,
         timeout: float = 30.0,
         max_frame: int = 1 << 20,
         dedup_capacity: int = 100_000,
@@ -167,7 +167,7 @@ class GatewayClient:
             if not isinstance(challenge, wire.Challenge):
                 raise AuthenticationError(f"expected challenge, got '{challenge.T}'",
                                           code="handshake_failed")
-            if self.broker_name is not None and challenge.broker != self.broker_name:
+            if challenge.broker != self.broker_name:
                 raise AuthenticationError(f"broker is {challenge.broker!r}, expected "
                                           f"{self.broker_name!r}", code="wrong_broker")
             hello = make_hello(challenge, self.node, self.identity.signing_key, _now_ms())
@@ -214,13 +214,24 @@ class GatewayClient:
         if not isinstance(answer, wire.Directory) or answer.certs is None:
             raise RequestRejected("unexpected answer to directory", code="bad_frame")
         certs: dict[str, NodeCert] = {}
+        duplicated: set[str] = set()
+        now = _now_ms()
         for raw in answer.certs:
             try:
                 cert = verify_node_cert(SignedDocument.from_bytes(raw), self.trust_root)
             except PolicyDocumentError as exc:
                 log.error("directory_cert_rejected", reason=exc.reason)
                 continue
+            if not cert.is_valid_at(now):
+                continue
+            if cert.node in certs and certs[cert.node] != cert:
+                duplicated.add(cert.node)
             certs[cert.node] = cert
+        for node in duplicated:
+            # Two different certificates for one node id (say, one nation certifying a name
+            # another nation uses): trust neither rather than guess.
+            log.error("directory_conflicting_certs", node=node)
+            del certs[node]
         self.certs = certs
         return certs
 
@@ -246,7 +257,7 @@ class GatewayClient:
         """Encrypt for the recipients the policy permits, sign, publish, await the receipt."""
         prec = PRECEDENCE_BY_NAME[precedence] if isinstance(precedence, str) else precedence
         plan = await self.route(topic, label, to)
-        keys = await self._verified_keys(plan)
+        keys = await self._verified_keys(plan, label)
         now = _now_ms()
         env = build_envelope(
             signing_key=self.identity.signing_key, sender=self.node, topic=topic,
@@ -279,10 +290,15 @@ class GatewayClient:
             frame = await self._deliveries.get()
             if frame is None:
                 raise ConnectionClosed(self._closed_reason or "connection closed")
-            message = await self._accept(frame)
-            if message is not None:
-                yield message
-            await self.ack([frame.seq])
+            try:
+                message = await self._accept(frame)
+                if message is not None:
+                    yield message
+            finally:
+                # Also when the consumer breaks out of its loop: an un-acked delivery would
+                # hold a slot of the in-flight window until the next reconnect.
+                with contextlib.suppress(GatewayError):
+                    await self.ack([frame.seq])
 
     # --- internals ----------------------------------------------------------------------
 
@@ -295,10 +311,11 @@ class GatewayClient:
             return None
         if env.id in self._seen:
             return None
-        cert = self.certs.get(env.sender) or (await self.directory()).get(env.sender)
         try:
-            if cert is None:
-                raise ProtocolError(f"unknown sender {env.sender}", code="unknown_node")
+            cert = self.certs.get(env.sender) or (await self.directory()).get(env.sender)
+            if cert is None or not cert.is_valid_at(_now_ms()):
+                raise ProtocolError(f"no valid certificate for sender {env.sender}",
+                                    code="unknown_node")
             if env.label.orig != cert.nation:
                 raise ProtocolError("label.orig is not the sender's nation",
                                     code="sender_mismatch")
@@ -319,15 +336,20 @@ class GatewayClient:
         while len(self._seen) > self._dedup_capacity:
             self._seen.popitem(last=False)
 
-    async def _verified_keys(self, plan: RoutePlan) -> dict[str, bytes]:
-        """Encryption keys for the permitted recipients, from verified certificates only."""
+    async def _verified_keys(self, plan: RoutePlan, label: Label) -> dict[str, bytes]:
+        """Encryption keys for the permitted recipients, from verified certificates only, and
+        only for nations in the label's own audience (whatever the broker's answer says)."""
         if any(node not in self.certs for node in plan.permitted):
             await self.directory()
+        audience = self.trust_root.expand_audience(label.rel) | {label.orig}
         keys = {}
         for node in plan.permitted:
             cert = self.certs.get(node)
             if cert is None:
                 log.warning("recipient_without_certificate", node=node)
+                continue
+            if cert.nation not in audience:
+                log.error("broker_permitted_outside_audience", node=node, nation=cert.nation)
                 continue
             if plan.keys.get(node) != cert.enc_key:
                 log.error("broker_key_mismatch", node=node)

@@ -13,6 +13,7 @@ import nacl.signing
 
 from broker import crypto
 from policies.documents import sign_document
+from policies.model import Agreement, Scheme, Tier
 
 
 def _q(text: str) -> str:
@@ -26,13 +27,22 @@ def _list(values: Iterable[str]) -> str:
 
 
 def _time(ms: int) -> str:
-    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A TOML offset date-time, to the millisecond (seconds only when that is exact)."""
+    moment = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return text + (f".{ms % 1000:03d}Z" if ms % 1000 else "Z")
 
 
 def _key(name: str) -> str:
-    """A TOML key, quoted when it is not bare."""
-    return name if name.replace("_", "").replace("-", "").isalnum() else _q(name)
+    """A TOML key, quoted when it is not bare (bare keys are ASCII letters, digits, _ and -)."""
+    bare = name.replace("_", "").replace("-", "")
+    return name if bare.isascii() and bare.isalnum() else _q(name)
+
+
+def _inline_cats(cats: Mapping[str, Sequence[str]]) -> str:
+    items = ", ".join(f"{_key(tag)} = {_list(sorted(values))}"
+                      for tag, values in sorted(cats.items()))
+    return f"{{ {items} }}" if items else "{}"
 
 
 def trust_root_toml(
@@ -80,8 +90,6 @@ def node_cert_toml(
     cats: Mapping[str, Sequence[str]] = {},
 ) -> bytes:
     """A node certificate document."""
-    cat_items = ", ".join(f"{_key(tag)} = {_list(sorted(values))}"
-                          for tag, values in sorted(cats.items()))
     return "\n".join([
         f"# Node certificate for {node}, signed by the {nation} policy authority.",
         f"node = {_q(node)}",
@@ -93,9 +101,57 @@ def node_cert_toml(
         "",
         "[accreditation]",
         f"max = {_q(max_level)}",
-        f"cats = {{ {cat_items} }}" if cat_items else "cats = {}",
+        f"cats = {_inline_cats(cats)}",
         "",
     ]).encode()
+
+
+def scheme_toml(scheme: Scheme) -> bytes:
+    """A scheme document; the common scheme (``identity``) has no ``[equivalence]``."""
+    out = [f"# Classification scheme {scheme.name}; levels from low to high.",
+           f"scheme = {_q(scheme.name)}", f"levels = {_list(scheme.levels)}", ""]
+    for tag in sorted(scheme.tags.values(), key=lambda t: t.name):
+        out += [f"[tags.{_key(tag.name)}]", f"type = {_q(tag.type)}",
+                f"values = {_list(tag.values)}", ""]
+    if scheme.identity:
+        return "\n".join(out).encode()
+    out += ["# Equivalence to the common scheme: anything not listed is unmappable (denied).",
+            "[equivalence.levels]"]
+    out += [f"{_q(level)} = {_q(scheme.level_map[level])}"
+            for level in scheme.levels if level in scheme.level_map]
+    out.append("")
+    if scheme.tag_map:
+        out.append("[equivalence.tags]")
+        out += [f"{_key(name)} = {_q(target)}" for name, target in sorted(scheme.tag_map.items())]
+        out.append("")
+    for name, values in sorted(scheme.value_map.items()):
+        out.append(f"[equivalence.values.{_key(name)}]")
+        out += [f"{_key(value)} = {_list(sorted(targets))}"
+                for value, targets in sorted(values.items())]
+        out.append("")
+    return "\n".join(out).encode()
+
+
+def agreement_toml(agreement: Agreement) -> bytes:
+    """A data-sharing agreement document (every party must sign it)."""
+    out = [f"# Data-sharing agreement {agreement.ref}; signed by every party.",
+           f"id = {_q(agreement.id)}", f"version = {agreement.version}",
+           f"purpose = {_q(agreement.purpose)}", f"parties = {_list(sorted(agreement.parties))}",
+           f"not_before = {_time(agreement.not_before)}",
+           f"not_after = {_time(agreement.not_after)}", ""]
+    for tier in agreement.tiers:
+        out += _tier_lines(tier)
+    return "\n".join(out).encode()
+
+
+def _tier_lines(tier: Tier) -> list[str]:
+    lines = ["[[tiers]]", f"name = {_q(tier.name)}", f"members = {_list(sorted(tier.members))}",
+             f"ceiling = {_q(tier.ceiling)}"]
+    if tier.categories is not None:
+        lines.append(f"categories = {_inline_cats(tier.categories)}")
+    if tier.topics is not None:
+        lines.append(f"topics = {_list(tier.topics)}")
+    return [*lines, ""]
 
 
 def signature_file(data: bytes, signers: Iterable[tuple[str, nacl.signing.SigningKey]]) -> bytes:

@@ -4,6 +4,9 @@ A bundle is built from document bytes (``{relative path: SignedDocument}``) in o
 document that fails refuses the whole bundle, so the broker never runs on half a policy. Its
 ``hash`` (SHA-256 over the sorted SHA-256 digests of the documents' bytes) is the policy version
 logged with every decision. Pure: no I/O.
+
+Layout: ``trust-root.toml``, ``schemes/NAME.toml`` (the common scheme and one per nation),
+``nodes/NODE.toml``, ``agreements/ID.toml``; a file's stem must be the name it declares.
 """
 
 from __future__ import annotations
@@ -13,26 +16,62 @@ import hashlib
 from collections.abc import Mapping
 
 from broker.errors import PolicyDocumentError
+from policies.agreements import verify_agreement
 from policies.documents import SignedDocument, verify_node_cert, verify_trust_root
-from policies.model import NodeCert, TrustRoot
+from policies.model import Agreement, NodeCert, Scheme, Tier, TrustRoot
+from policies.schemes import check_accreditation, verify_common_scheme, verify_national_scheme
 
 TRUST_ROOT = "trust-root.toml"
 NODES_DIR = "nodes/"
+SCHEMES_DIR = "schemes/"
+AGREEMENTS_DIR = "agreements/"
+_KNOWN_DIRS = (NODES_DIR, SCHEMES_DIR, AGREEMENTS_DIR)
+
+#: An (agreement, tier) pair that puts a recipient nation in a tier for an originating party.
+Candidate = tuple[Agreement, Tier]
 
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
-    """Verified documents in force, with their content hash."""
+    """Verified documents in force, with their content hash.
+
+    ``schemes`` holds the common scheme and every national scheme, by name; ``agreements`` is
+    sorted by id.
+    """
 
     trust_root: TrustRoot
     nodes: Mapping[str, NodeCert]
     documents: Mapping[str, SignedDocument]
     hash: bytes
+    schemes: Mapping[str, Scheme] = dataclasses.field(default_factory=dict)
+    agreements: tuple[Agreement, ...] = ()
+    _index: Mapping[tuple[str, str], tuple[Candidate, ...]] = dataclasses.field(
+        init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Indexed once per bundle so a decision costs the same at 3 or 100 nations.
+        index: dict[tuple[str, str], list[Candidate]] = {}
+        for agreement in self.agreements:
+            for tier in agreement.tiers:
+                for origin in agreement.parties:
+                    for member in tier.members:
+                        index.setdefault((origin, member), []).append((agreement, tier))
+        object.__setattr__(self, "_index", {k: tuple(v) for k, v in index.items()})
 
     def nation_of(self, node: str) -> str | None:
         """The nation of a known node, else ``None``."""
         cert = self.nodes.get(node)
         return cert.nation if cert else None
+
+    @property
+    def common_scheme(self) -> Scheme | None:
+        """The common scheme named by the trust root (``None`` only in a hand-built bundle)."""
+        return self.schemes.get(self.trust_root.common_scheme)
+
+    def candidates(self, origin: str, recipient: str) -> tuple[Candidate, ...]:
+        """Every (agreement, tier) with ``origin`` a party and ``recipient`` a tier member,
+        whatever their validity window."""
+        return self._index.get((origin, recipient), ())
 
 
 def document_hash(doc: SignedDocument) -> bytes:
@@ -63,15 +102,64 @@ def build_bundle(
             f"{pinned_root_sha256.hex()}", document=TRUST_ROOT, code="unpinned",
         )
     root = verify_trust_root(root_doc)
-    nodes: dict[str, NodeCert] = {}
-    for name in sorted(documents):
-        if name == TRUST_ROOT:
-            continue
-        if not name.startswith(NODES_DIR):
+    for name in documents:
+        if name != TRUST_ROOT and not name.startswith(_KNOWN_DIRS):
             raise PolicyDocumentError("unknown kind of document", document=name)
+    schemes = _schemes(documents, root)
+    nodes = _nodes(documents, root, schemes)
+    common = schemes[root.common_scheme]
+    agreements = []
+    for name in _names(documents, AGREEMENTS_DIR):
+        agreement = verify_agreement(documents[name], root, common)
+        _check_stem(name, AGREEMENTS_DIR, agreement.id, "id")
+        agreements.append(agreement)
+    return Bundle(trust_root=root, nodes=nodes, documents=dict(documents),
+                  hash=bundle_hash(documents), schemes=schemes,
+                  agreements=tuple(sorted(agreements, key=lambda a: a.id)))
+
+
+def _names(documents: Mapping[str, SignedDocument], prefix: str) -> list[str]:
+    return sorted(name for name in documents if name.startswith(prefix))
+
+
+def _check_stem(name: str, prefix: str, declared: str, key: str) -> None:
+    """A file must be named after what it declares, so a reviewer reading the directory is not
+    misled (and two files cannot declare the same thing)."""
+    if name != f"{prefix}{declared}.toml":
+        raise PolicyDocumentError(f"field '{key}': {declared!r} does not match the file name",
+                                  document=name)
+
+
+def _schemes(documents: Mapping[str, SignedDocument], root: TrustRoot) -> dict[str, Scheme]:
+    """The common scheme first (national equivalences point into it), then the national ones."""
+    common_name = f"{SCHEMES_DIR}{root.common_scheme}.toml"
+    if common_name not in documents:
+        raise PolicyDocumentError(
+            f"the common scheme {root.common_scheme} named by the trust root is missing",
+            document=common_name)
+    common = verify_common_scheme(documents[common_name], root)
+    schemes = {common.name: common}
+    for name in _names(documents, SCHEMES_DIR):
+        if name == common_name:
+            continue
+        scheme = verify_national_scheme(documents[name], root, common)
+        _check_stem(name, SCHEMES_DIR, scheme.name, "scheme")
+        schemes[scheme.name] = scheme
+    return schemes
+
+
+def _nodes(documents: Mapping[str, SignedDocument], root: TrustRoot,
+           schemes: Mapping[str, Scheme]) -> dict[str, NodeCert]:
+    nodes: dict[str, NodeCert] = {}
+    for name in _names(documents, NODES_DIR):
         cert = verify_node_cert(documents[name], root)
         if cert.node in nodes:
             raise PolicyDocumentError(f"a second certificate for node {cert.node}", document=name)
+        scheme = schemes.get(cert.nation)
+        if scheme is None:
+            raise PolicyDocumentError(
+                f"field 'accreditation': nation {cert.nation} has no scheme in the bundle",
+                document=name)
+        check_accreditation(cert, scheme, name)
         nodes[cert.node] = cert
-    return Bundle(trust_root=root, nodes=nodes, documents=dict(documents),
-                  hash=bundle_hash(documents))
+    return nodes

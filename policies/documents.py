@@ -29,6 +29,7 @@ NATION_RE = re.compile(r"^[A-Z][A-Z0-9_-]{1,15}$")
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIG_LINE_RE = re.compile(r"^(\S+) ed25519:([0-9a-f]{16}) (\S+)$")
 MAX_DOCUMENT_BYTES = 256 * 1024
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,29 @@ def timestamp_ms(table: Mapping[str, Any], key: str, doc: str) -> int:
     value = field(table, key, dt.datetime, doc)
     if value.tzinfo is None:
         raise PolicyDocumentError(f"field '{key}' needs a UTC offset (e.g. Z)", document=doc)
-    return int(value.timestamp() * 1000)
+    # Integer arithmetic, not ``timestamp() * 1000``: a float can land one millisecond early,
+    # and validity windows are compared to the millisecond.
+    elapsed: dt.timedelta = value - _EPOCH
+    return elapsed // dt.timedelta(milliseconds=1)
+
+
+def ordered_list(value: Any, doc: str, where: str) -> tuple[str, ...]:
+    """A non-empty array of unique non-empty strings, in the order written (e.g. levels)."""
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, str) and v for v in value)):
+        raise PolicyDocumentError(f"field '{where}' must be a non-empty array of strings",
+                                  document=doc)
+    if len(set(value)) != len(value):
+        raise PolicyDocumentError(f"field '{where}' has duplicates", document=doc)
+    return tuple(value)
+
+
+def table_field(table: Mapping[str, Any], key: str, doc: str, where: str = "") -> dict[str, Any]:
+    """An optional sub-table (absent = empty)."""
+    value = table.get(key, {})
+    if not isinstance(value, dict):
+        raise PolicyDocumentError(f"field '{where}{key}' must be a table", document=doc)
+    return value
 
 
 def name_list(

@@ -155,3 +155,108 @@ class TrustRoot:
             elif name in self.nations:
                 out.add(name)
         return frozenset(out)
+
+
+# --- schemes and agreements -------------------------------------------------------------------
+
+RESTRICTIVE = "restrictive"
+PERMISSIVE = "permissive"
+INFORMATIVE = "informative"
+TAG_TYPES = (RESTRICTIVE, PERMISSIVE, INFORMATIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    """A category tag of a scheme.
+
+    ``restrictive``: a holder needs *every* value on the label; ``permissive``: a holder needs
+    *at least one*; ``informative``: never decides release.
+    """
+
+    name: str
+    type: str
+    values: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """A classification scheme: levels (low → high), tags, and the equivalence to the common one.
+
+    ``level_map`` maps a level of this scheme to a level of the common scheme, ``tag_map`` a tag
+    to a common tag, ``value_map[tag][value]`` a value to common values (of the mapped tag).
+    Anything not listed is unmappable (deny). The common scheme itself has empty maps: it is its
+    own identity (see :meth:`is_identity`).
+    """
+
+    name: str
+    levels: tuple[str, ...]
+    tags: Mapping[str, Tag]
+    level_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    tag_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    value_map: Mapping[str, Mapping[str, tuple[str, ...]]] = dataclasses.field(
+        default_factory=dict)
+    identity: bool = False
+
+    def rank(self, level: str) -> int | None:
+        """Position of ``level`` (0 = lowest), or ``None`` when the scheme does not know it."""
+        try:
+            return self.levels.index(level)
+        except ValueError:
+            return None
+
+    def common_level(self, level: str) -> str | None:
+        """The common level ``level`` maps to, or ``None`` (unmappable)."""
+        if self.identity:
+            return level if level in self.levels else None
+        return self.level_map.get(level)
+
+    def common_tag(self, tag: str) -> str | None:
+        """The common tag ``tag`` maps to, or ``None`` (unmappable)."""
+        if self.identity:
+            return tag if tag in self.tags else None
+        return self.tag_map.get(tag)
+
+    def common_values(self, tag: str, value: str) -> tuple[str, ...] | None:
+        """The common values ``tag=value`` maps to, or ``None`` (unmappable)."""
+        if self.identity:
+            known = tag in self.tags and value in self.tags[tag].values
+            return (value,) if known else None
+        return self.value_map.get(tag, {}).get(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """A group of member nations of an agreement and what may be released to them.
+
+    ``ceiling`` is a common level. ``categories`` (``None``: no restriction) is an allow-list
+    per restrictive common tag; a tag it does not name is not restricted by it, and an empty list
+    admits no value of that tag. ``topics`` (``None``: any topic) are subscription-style patterns.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    ceiling: str
+    categories: Mapping[str, tuple[str, ...]] | None = None
+    topics: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """A data-sharing agreement, signed by every party; active in ``[not_before, not_after)``."""
+
+    id: str
+    version: int
+    purpose: str
+    parties: tuple[str, ...]
+    not_before: int
+    not_after: int
+    tiers: tuple[Tier, ...]
+
+    @property
+    def ref(self) -> str:
+        """``ID@VERSION``, as decisions name it."""
+        return f"{self.id}@{self.version}"
+
+    def is_active_at(self, now_ms: int) -> bool:
+        """True inside the validity window (``not_before`` inclusive, ``not_after`` exclusive)."""
+        return self.not_before <= now_ms < self.not_after

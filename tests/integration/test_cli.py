@@ -102,6 +102,7 @@ async def test_broker_serve_process_accepts_gateways_and_stops_on_sigterm(
             if event.get("event") == "broker_ready":
                 url = event["url"]
         async with GatewayClient(url, coalition.nodes["USA-GW1"], coalition.trust_root,
+                                 broker_name=coalition.broker_name,
                                  timeout=5) as gw:
             certs = await gw.directory()
             assert "GBR-GW1" in certs
