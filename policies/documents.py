@@ -25,8 +25,8 @@ from broker import canonical, crypto
 from broker.errors import PolicyDocumentError, ProtocolError
 from policies.model import Accreditation, BrokerIdentity, Nation, NodeCert, TrustRoot
 
-NATION_RE = re.compile(r"^[A-Z][A-Z0-9_-]{1,15}$")
-NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NATION_RE = re.compile(r"^[A-Z][A-Z0-9_-]{1,15}\Z")  # \Z: "$" would accept a final newline
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _SIG_LINE_RE = re.compile(r"^(\S+) ed25519:([0-9a-f]{16}) (\S+)$")
 MAX_DOCUMENT_BYTES = 256 * 1024
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

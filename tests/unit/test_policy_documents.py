@@ -237,3 +237,11 @@ def test_non_ascii_levels_are_quoted_and_round_trip() -> None:
                               level_map={"DR": "RESTRICTED", "TRÈS SECRET": "TOP SECRET"})
     scheme, _ = parse_scheme_body(SignedDocument("s", authoring.scheme_toml(fra), b""))
     assert scheme.levels == fra.levels
+
+
+@pytest.mark.parametrize("name", ["USA\n", "USA-GW1\n"])
+def test_names_with_a_trailing_newline_are_not_valid(name: str) -> None:
+    from policies.documents import NATION_RE, NODE_RE
+
+    assert NATION_RE.match(name) is None
+    assert NODE_RE.match(name) is None

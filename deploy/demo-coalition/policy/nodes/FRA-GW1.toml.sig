@@ -1,0 +1,1 @@
+FRA ed25519:b2c167cf851a47e5 tUcvS1xFndyfbk325D8//pgyrSN2xzjdAeIvTK7offjY6htrpxevESR9w8aEsRsYZXx/nWPd5h+mgSA9JZ1fCw==

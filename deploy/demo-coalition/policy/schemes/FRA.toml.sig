@@ -1,0 +1,1 @@
+FRA ed25519:b2c167cf851a47e5 7+EEKyp7TEwfcS9vkZUEGxfo+vP5EFoi+7d10ImdF7pvG/QhCjFVmtmtz+i3BCd/ObEu36mb2Pt7DrI2Ac+jDw==

@@ -1,0 +1,1 @@
+USA ed25519:18527ad6d9977f26 xgwbplPOQvRCnugj/pu80SID8GwjghFj3OghQ6GJlsRjEyObHBu8s1EUCzWJBq3XawcUQbTEfWhs9UetsoayAQ==

@@ -1,0 +1,37 @@
+"""deploy/broker.toml is accepted as it is, and its demo coalition exchanges traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from broker.config import load_config
+from broker.server import BrokerServer
+from clients.gateway import GatewayClient, label
+from clients.identity import KeyFile
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+async def test_example_config_serves_its_demo_coalition() -> None:
+    config = load_config(DEPLOY / "broker.toml")
+    # Same configuration, but on a free port so the test never collides with a running broker.
+    config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=0))
+    keys = DEPLOY / "demo-coalition" / "keys"
+    async with BrokerServer.from_config(config) as server:
+        root = server.hub.bundle.trust_root
+
+        def client(node: str) -> GatewayClient:
+            return GatewayClient(server.url, KeyFile.read(keys / f"{node}.key"), root,
+                                 broker_name=config.broker.name, timeout=5)
+
+        async with client("USA-GW1") as usa, client("GBR-GW1") as gbr:
+            await gbr.subscribe("reports.>")
+            receipt = await usa.publish("reports.daily", b"all quiet",
+                                        label("NATO", "SECRET", "USA", ["GBR"]))
+            assert receipt.recipients == {"GBR-GW1": "delivered"}
+            stream = gbr.messages()
+            message = await asyncio.wait_for(anext(stream), 5)
+            await stream.aclose()
+            assert message.payload == b"all quiet"
