@@ -38,6 +38,8 @@ class LimitsSection:
     clock_skew_seconds: int = 300
     delivery_window: int = 64
     handshake_timeout_seconds: int = 10
+    max_outbound_frames: int = 1024
+    max_subscriptions_per_node: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,8 @@ _RANGES: dict[str, tuple[int, int]] = {
     "limits.clock_skew_seconds": (1, 24 * 3600),
     "limits.delivery_window": (1, 100_000),
     "limits.handshake_timeout_seconds": (1, 600),
+    "limits.max_outbound_frames": (16, 1_000_000),
+    "limits.max_subscriptions_per_node": (1, 100_000),
 }
 
 

@@ -149,6 +149,8 @@ class BrokerServer:
             clock_skew_ms=config.limits.clock_skew_seconds * 1000,
             delivery_window=config.limits.delivery_window,
             handshake_timeout_s=config.limits.handshake_timeout_seconds,
+            max_outbound_frames=config.limits.max_outbound_frames,
+            max_subscriptions_per_node=config.limits.max_subscriptions_per_node,
         )
         return cls(name=config.broker.name, bundle=bundle, host=config.listen.host,
                    port=config.listen.port, limits=limits)
