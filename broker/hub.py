@@ -194,12 +194,13 @@ class Hub:
         return queue
 
     def _enqueue(self, node: str, env: Envelope, now: int) -> str:
-        item = self._queue(node).push(
+        queue = self._queue(node)
+        item = queue.push(
             message_id=env.id, sender=env.sender, envelope=env.raw, prec=env.prec,
             expires_ms=now + env.ttl * 1000,
         )
         self._pump(node)
-        return "delivered" if self._queue(node).is_in_flight(item.seq) else "queued"
+        return "delivered" if queue.is_in_flight(item.seq) else "queued"
 
     def _pump(self, node: str) -> None:
         peer = self.peers.get(node)

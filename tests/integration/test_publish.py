@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import msgpack
 import pytest
@@ -118,13 +119,20 @@ async def test_unacked_delivery_is_redelivered_after_reconnect(
     assert message.id == receipt.id and message.payload == b"once"
 
 
-async def test_recipient_without_a_sealed_key_is_denied(
-    coalition: Coalition, gateway: Gateways
-) -> None:
+@contextlib.asynccontextmanager
+async def usa_with_two_subscribers(gateway: Gateways) -> AsyncIterator[GatewayClient]:
+    """USA-GW1 connected, with GBR-GW1 and FRA-GW1 connected and subscribed to maritime.>."""
     async with gateway("USA-GW1") as usa, gateway("GBR-GW1") as gbr, \
             gateway("FRA-GW1") as fra:
         await gbr.subscribe("maritime.>")
         await fra.subscribe("maritime.>")
+        yield usa
+
+
+async def test_recipient_without_a_sealed_key_is_denied(
+    coalition: Coalition, gateway: Gateways
+) -> None:
+    async with usa_with_two_subscribers(gateway) as usa:
         certs = await usa.directory()
         env = envelope_for(coalition.nodes["USA-GW1"], {"GBR-GW1": certs["GBR-GW1"].enc_key},
                            label("NATO", "SECRET", "USA", ["FRA", "GBR"]))
@@ -136,10 +144,7 @@ async def test_recipient_without_a_sealed_key_is_denied(
 async def test_route_dry_run_reports_decisions_and_keys(
     coalition: Coalition, gateway: Gateways
 ) -> None:
-    async with gateway("USA-GW1") as usa, gateway("GBR-GW1") as gbr, \
-            gateway("FRA-GW1") as fra:
-        await gbr.subscribe("maritime.>")
-        await fra.subscribe("maritime.>")
+    async with usa_with_two_subscribers(gateway) as usa:
         plan = await usa.route("maritime.tracks", label("NATO", "SECRET", "USA", ["GBR"]),
                                to=("USA-GW2",))
         assert plan.recipients == {"FRA-GW1": "deny:not_in_audience", "GBR-GW1": "permit",
