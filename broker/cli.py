@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from broker import crypto
+from broker import cli_audit, cli_policy, crypto
 from broker.config import load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure
@@ -76,12 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     root.add_argument("--version", type=int, default=1)
     root.add_argument("--out", type=Path, required=True)
     root.set_defaults(run=_keys_root)
-    for holder, name in ((keys_cmd, "sign"), (commands.add_parser(
-            "policy", help="policy documents").add_subparsers(title="policy commands"), "sign")):
+    policy_cmd = commands.add_parser("policy", help="policy documents").add_subparsers(
+        title="policy commands")
+    for holder, name in ((keys_cmd, "sign"), (policy_cmd, "sign")):
         sign = holder.add_parser(name, help="add a nation's signature to DOC.sig")
         sign.add_argument("document", type=Path)
         sign.add_argument("--key", type=Path, required=True, help="the nation's authority key")
         sign.set_defaults(run=_keys_sign)
+
+    cli_policy.register(policy_cmd)
 
     broker = commands.add_parser("broker", help="run the broker")
     broker_cmd = broker.add_subparsers(title="broker commands")
@@ -92,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     check = broker_cmd.add_parser("check-config", help="validate a config and its policy")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(run=_broker_check)
+
+    cli_audit.register(commands.add_parser("audit", help="export, verify and prove the audit log")
+                       .add_subparsers(title="audit commands"))
 
     demo = commands.add_parser("demo", help="run the demo coalition end to end")
     demo.add_argument("--dir", type=Path, help="keep the generated coalition here")
