@@ -1,0 +1,315 @@
+"""The audit log (edge): group-committed appends, the Merkle tree, signed checkpoints.
+
+One writer task owns every write. :meth:`AuditLog.append` queues an entry (with the queue and
+subscription writes that must become durable with it) and returns a future; the writer takes up to
+``max_batch`` queued items, waits at most ``max_delay_s`` for more, computes the tree nodes the new
+entries complete, and commits everything in one transaction in a worker thread. Only then are the
+futures resolved, so callers release receipts and deliveries after their entry is durable. A
+checkpoint is signed over the durable size only, at most every ``checkpoint_interval_s``.
+
+A failed commit is never retried: the log stops, every pending and later append fails with
+``StorageError`` (``unavailable``) and the broker stops accepting work, having lost nothing it
+had acknowledged.
+
+At :meth:`open` the log rebuilds its view from the stored entries and refuses to start unless they
+extend the last signed checkpoint with the same root at that size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import structlog
+
+from broker.audit import merkle
+from broker.audit.leaves import Entry
+from broker.audit.note import Checkpoint, Signer, Verifier, parse_note, sign_note, verify_note
+from broker.errors import BrokerError, StorageError, VerificationError
+from broker.store.base import Batch, QueueRow, Store, StoredCheckpoint
+
+log = structlog.get_logger("broker.audit")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitPolicy:
+    """How the writer groups entries and how often it signs a checkpoint."""
+
+    max_batch: int = 1024
+    max_delay_s: float = 0.002
+    checkpoint_interval_s: float = 1.0
+
+
+@dataclasses.dataclass
+class _Item:
+    entry: bytes | None
+    batch: Batch
+    future: asyncio.Future[int]
+
+
+class LogDamaged(StorageError):
+    """The stored log does not extend its own last signed checkpoint: refuse to start."""
+
+    code = "log_damaged"
+
+
+CheckpointListener = Callable[[StoredCheckpoint], None]
+
+
+class AuditLog:
+    """The broker's append-only, tamper-evident log over a :class:`Store`."""
+
+    def __init__(self, store: Store, signer: Signer, *, policy: CommitPolicy = CommitPolicy(),
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+        self.store = store
+        self.signer = signer
+        self.verifier: Verifier = signer.verifier()
+        self.policy = policy
+        self.clock_ms = clock_ms
+        self.size = 0  # durable entries
+        self.latest: StoredCheckpoint | None = None
+        self.failed: StorageError | None = None
+        self._edge: dict[int, tuple[int, bytes]] = {}  # last complete node per level
+        self._queued: list[_Item] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._listeners: list[CheckpointListener] = []
+        self._last_checkpoint_at = 0.0
+        self._opened = False
+        self._closing = False
+
+    # --- start and stop -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Rebuild the tree's right edge from the stored entries; verify the last checkpoint."""
+        latest = self.store.latest_checkpoint()
+        expected = self._checkpoint_of(latest) if latest else None
+        leaves = self.store.iter_nodes(0)
+        size = 0
+        for index, data in self.store.iter_entries():
+            if index != size:
+                raise LogDamaged(f"audit entry {size} is missing from the store")
+            leaf = merkle.leaf_hash(data)
+            stored = next(leaves, None)
+            if stored != (index, leaf):
+                raise LogDamaged(f"audit entry {index} does not match its stored leaf hash")
+            self._extend(size, leaf)
+            size += 1
+            if expected is not None and size == expected.size:
+                self._check_root(expected, size)
+        self.size = size
+        if expected is not None and size < expected.size:
+            raise LogDamaged(f"the store has {size} audit entries but a checkpoint of size "
+                             f"{expected.size} was signed: entries were lost")
+        if expected is not None and expected.size == 0:
+            self._check_root(expected, 0)
+        self.latest = latest
+        self._opened = True
+        log.info("audit_log_opened", size=size,
+                 checkpoint=None if latest is None else latest.size)
+
+    def _checkpoint_of(self, stored: StoredCheckpoint) -> Checkpoint:
+        try:
+            verified = verify_note(stored.note, [self.verifier])
+            checkpoint = Checkpoint.from_text(verified.text)
+        except BrokerError as exc:
+            raise LogDamaged(f"the last stored checkpoint does not verify with this broker's "
+                             f"key: {exc.reason}") from exc
+        if checkpoint.size != stored.size or checkpoint.origin != self.signer.name:
+            raise LogDamaged("the last stored checkpoint is not this log's")
+        return checkpoint
+
+    def _check_root(self, expected: Checkpoint, size: int) -> None:
+        if self.root(size) != expected.root:
+            raise LogDamaged(f"the stored entries do not hash to the root of the checkpoint of "
+                             f"size {expected.size}: the log was rewritten")
+
+    async def start(self) -> None:
+        """Start the writer task (after :meth:`open`)."""
+        if not self._opened:
+            self.open()
+        self._last_checkpoint_at = asyncio.get_running_loop().time()
+        self._task = asyncio.create_task(self._writer(), name="audit-writer")
+
+    async def stop(self) -> None:
+        """Commit what is queued, sign a final checkpoint, stop the writer."""
+        if self._task is not None:
+            self._closing = True
+            self._wake.set()
+            try:
+                await self._task
+            finally:
+                self._task = None
+        self._executor.shutdown(wait=True)
+
+    # --- appends ------------------------------------------------------------------------
+
+    def append(self, entry: Entry, *, enqueue: Sequence[QueueRow] = (),
+               dequeue: Sequence[tuple[str, int]] = (),
+               bundles: Sequence[tuple[bytes, bytes]] = ()) -> asyncio.Future[int]:
+        """Queue ``entry`` (and the writes that go with it); the future gives its index once
+        durable. Raises ``StorageError`` at once if the log has stopped."""
+        batch = Batch(enqueue=list(enqueue), dequeue=list(dequeue), bundles=list(bundles))
+        return self._submit(entry.to_bytes(), batch)
+
+    def write(self, batch: Batch) -> asyncio.Future[int]:
+        """Queue writes that carry no entry (subscriptions, cosignatures)."""
+        return self._submit(None, batch)
+
+    def _submit(self, entry: bytes | None, batch: Batch) -> asyncio.Future[int]:
+        if self.failed is not None:
+            raise StorageError(f"the audit log stopped: {self.failed.reason}")
+        if self._task is None or self._closing:
+            raise StorageError("the audit log is not running")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queued.append(_Item(entry, batch, future))
+        self._wake.set()
+        return future
+
+    def on_checkpoint(self, listener: CheckpointListener) -> None:
+        """Call ``listener`` with every new checkpoint once it is stored."""
+        self._listeners.append(listener)
+
+    # --- reads --------------------------------------------------------------------------
+
+    def get_node(self, level: int, index: int) -> bytes:
+        """A complete node: the right edge from memory, the rest from the store."""
+        edge = self._edge.get(level)
+        if edge is not None and edge[0] == index:
+            return edge[1]
+        return self.store.get_node(level, index)
+
+    def root(self, size: int) -> bytes:
+        """The tree root over the first ``size`` durable entries."""
+        return merkle.tree_root(size, self.get_node)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Proof that entry ``index`` is in the tree of ``size`` entries (O(log n) reads)."""
+        self._check_size(size)
+        return merkle.inclusion_proof(index, size, self.get_node)
+
+    def consistency_proof(self, old: int, new: int) -> list[bytes]:
+        """Proof that the tree of ``new`` entries extends the tree of ``old`` entries."""
+        self._check_size(new)
+        return merkle.consistency_proof(old, new, self.get_node)
+
+    def _check_size(self, size: int) -> None:
+        if not 0 <= size <= self.size:
+            raise VerificationError(f"size {size} is beyond the log ({self.size} entries)",
+                                    code="bad_proof")
+
+    async def add_cosignature(self, size: int, witness: str, line: str) -> None:
+        """Store a verified cosignature of the checkpoint of ``size``."""
+        await self.write(Batch(cosignatures=[(size, witness, line)]))
+        if self.latest is not None and self.latest.size == size:
+            self.latest.cosignatures[witness] = line
+
+    # --- the writer ---------------------------------------------------------------------
+
+    def _extend(self, size_before: int, leaf: bytes) -> list[tuple[int, int, bytes]]:
+        nodes = merkle.completed_nodes(size_before, leaf, self.get_node)
+        for level, index, digest in nodes:
+            self._edge[level] = (index, digest)
+        return nodes
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = self._until_checkpoint(loop.time())
+            if not self._queued:
+                self._wake.clear()
+                if self._closing:
+                    break
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            if self._queued and len(self._queued) < self.policy.max_batch:
+                await asyncio.sleep(self.policy.max_delay_s)  # let the batch fill
+            if self._queued and not await self._commit_queued():
+                return
+            if self._checkpoint_due(loop.time()) and not await self._sign_checkpoint():
+                return
+        if self.latest is None or self.latest.size < self.size:
+            await self._sign_checkpoint()
+
+    def _until_checkpoint(self, now: float) -> float | None:
+        if self.latest is not None and self.latest.size >= self.size:
+            return None
+        return max(0.0, self._last_checkpoint_at + self.policy.checkpoint_interval_s - now)
+
+    def _checkpoint_due(self, now: float) -> bool:
+        timeout = self._until_checkpoint(now)
+        return timeout is not None and timeout <= 0
+
+    async def _commit_queued(self) -> bool:
+        items = self._queued[: self.policy.max_batch]
+        del self._queued[: len(items)]
+        batch, indexes = self._merge(items)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                             self.store.commit, batch)
+        except BaseException as exc:
+            self._fail(items, exc)
+            return False
+        self.size += len(batch.entries)
+        for item, index in zip(items, indexes, strict=True):
+            if not item.future.done():
+                item.future.set_result(index)
+        return True
+
+    def _merge(self, items: Iterable[_Item]) -> tuple[Batch, list[int]]:
+        batch = Batch(first_index=self.size)
+        indexes = []
+        size = self.size
+        for item in items:
+            if item.entry is not None:
+                batch.entries.append(item.entry)
+                batch.nodes.extend(self._extend(size, merkle.leaf_hash(item.entry)))
+                indexes.append(size)
+                size += 1
+            else:
+                indexes.append(-1)
+            for name in ("enqueue", "dequeue", "subscribe", "unsubscribe", "bundles",
+                         "checkpoints", "cosignatures"):
+                getattr(batch, name).extend(getattr(item.batch, name))
+        return batch, indexes
+
+    def _fail(self, items: Sequence[_Item], exc: BaseException) -> None:
+        error = exc if isinstance(exc, StorageError) else StorageError(f"commit failed: {exc}")
+        self.failed = error
+        log.error("audit_log_stopped", reason=error.reason, lost_pending=0,
+                  failed_requests=len(items) + len(self._queued))
+        for item in (*items, *self._queued):
+            if not item.future.done():
+                item.future.set_exception(StorageError(f"the audit log stopped: {error.reason}"))
+        self._queued.clear()
+
+    async def _sign_checkpoint(self) -> bool:
+        size = self.size
+        checkpoint = Checkpoint(self.signer.name, size, self.root(size))
+        note = sign_note(checkpoint.to_text(), [self.signer])
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.store.commit, Batch(checkpoints=[(size, note)]))
+        except BaseException as exc:
+            self._fail((), exc)
+            return False
+        self._last_checkpoint_at = asyncio.get_running_loop().time()
+        self.latest = StoredCheckpoint(size, note, {})
+        log.info("checkpoint_signed", size=size, root=checkpoint.root.hex())
+        for listener in self._listeners:
+            try:
+                listener(self.latest)
+            except Exception:
+                log.exception("checkpoint_listener_failed")
+        return True
+
+
+def checkpoint_of_note(note: str) -> Checkpoint:
+    """The checkpoint in a (not yet verified) note."""
+    return Checkpoint.from_text(parse_note(note).text)

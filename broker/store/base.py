@@ -1,0 +1,106 @@
+"""The storage interface shared by the audit log and the delivery queues (DESIGN §11).
+
+One :class:`Store` holds the audit entries, the Merkle tree's complete node hashes, every signed
+checkpoint with its cosignatures, the content of every policy bundle that was active, the durable
+per-recipient queues and the durable subscriptions. Every write goes through :meth:`Store.commit`
+with a :class:`Batch`: all of it becomes durable, or none of it does. Nothing outside
+``broker/store/sqlite.py`` may assume SQLite, so a PostgreSQL store can take its place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueRow:
+    """One message owed to one recipient."""
+
+    recipient: str
+    seq: int
+    prec: int
+    id: bytes
+    sender: str
+    envelope: bytes
+    expires_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredCheckpoint:
+    """A signed checkpoint note and the cosignature lines received for it (by witness)."""
+
+    size: int
+    note: str
+    cosignatures: dict[str, str]
+
+
+@dataclasses.dataclass
+class Batch:
+    """Writes that become durable together, in one transaction.
+
+    ``first_index`` is the tree size before ``entries``; ``nodes`` are the ``(level, index,
+    hash)`` tree nodes those entries complete (level 0 = leaf hashes).
+    """
+
+    first_index: int = 0
+    entries: list[bytes] = dataclasses.field(default_factory=list)
+    nodes: list[tuple[int, int, bytes]] = dataclasses.field(default_factory=list)
+    enqueue: list[QueueRow] = dataclasses.field(default_factory=list)
+    dequeue: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    subscribe: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unsubscribe: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    bundles: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    checkpoints: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    cosignatures: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any(dataclasses.astuple(self)[1:])
+
+
+class Store(Protocol):
+    """Durable state of one broker. Reads see only committed data."""
+
+    def commit(self, batch: Batch) -> None:
+        """Make every write of ``batch`` durable, atomically; raise ``StorageError`` if not."""
+
+    def size(self) -> int:
+        """The number of audit entries."""
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Entries ``[start, end)``."""
+
+    def iter_entries(self, start: int = 0, chunk: int = 4096) -> Iterator[tuple[int, bytes]]:
+        """Every entry from ``start``, in order, read in chunks."""
+
+    def iter_nodes(self, level: int) -> Iterator[tuple[int, bytes]]:
+        """Every stored node hash at ``level``, by index."""
+
+    def get_node(self, level: int, index: int) -> bytes:
+        """A complete subtree's hash; ``KeyError`` if absent."""
+
+    def checkpoints(self, since: int = 0) -> list[StoredCheckpoint]:
+        """Every stored checkpoint of size ≥ ``since`` with its cosignatures, by size."""
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        """The checkpoint of the largest size."""
+
+    def last_cosigned_size(self, witness: str) -> int:
+        """The largest checkpoint size ``witness`` cosigned (0 if none)."""
+
+    def bundle(self, digest: bytes) -> bytes | None:
+        """The content of a bundle that was active, by hash."""
+
+    def bundle_hashes(self) -> list[bytes]:
+        """Every stored bundle hash."""
+
+    def queue_rows(self) -> list[QueueRow]:
+        """Every queued message (for rebuilding the queues at start)."""
+
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """Every durable ``(node, pattern)`` subscription."""
+
+    def close(self) -> None:
+        """Release the store's resources."""
+

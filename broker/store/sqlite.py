@@ -1,0 +1,208 @@
+"""The embedded store: one SQLite file in the broker's data directory (WAL, ``synchronous=FULL``).
+
+SQLite gives atomic, durable transactions (torn writes are its problem); this module maps the
+:class:`~broker.store.base.Store` interface onto tables. Writes use one connection that may be
+driven from a worker thread (the audit log's writer commits off the event loop); reads use a
+second connection, which in WAL mode sees the last committed transaction and never blocks the
+writer. Every SQLite or OS failure is mapped to :class:`~broker.errors.StorageError` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from broker.errors import StorageError
+from broker.store.base import Batch, QueueRow, StoredCheckpoint
+
+FILE_NAME = "broker.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cosignatures (
+    size INTEGER NOT NULL, witness TEXT NOT NULL, line TEXT NOT NULL,
+    PRIMARY KEY (size, witness)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bundles (hash BLOB PRIMARY KEY, content BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS queue (
+    recipient TEXT NOT NULL, seq INTEGER NOT NULL, prec INTEGER NOT NULL, id BLOB NOT NULL,
+    sender TEXT NOT NULL, envelope BLOB NOT NULL, expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (recipient, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscriptions (
+    node TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (node, pattern)) WITHOUT ROWID;
+"""
+
+
+def _storage_error(what: str, exc: BaseException) -> StorageError:
+    return StorageError(f"{what}: {exc}", code="unavailable")
+
+
+class SqliteStore:
+    """The :class:`~broker.store.base.Store` on one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._write_lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = self._connect()
+            self._writer.executescript(_SCHEMA)
+            self._check_schema_version()
+            self._reader = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            raise _storage_error(f"cannot open the store {path}", exc) from exc
+
+    @classmethod
+    def in_dir(cls, data_dir: Path) -> SqliteStore:
+        """The store of a broker whose data directory is ``data_dir``."""
+        return cls(data_dir / FILE_NAME)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _check_schema_version(self) -> None:
+        row = self._writer.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._writer.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] != str(SCHEMA_VERSION):
+            raise StorageError(f"{self.path} has schema version {row[0]}; this broker reads "
+                               f"version {SCHEMA_VERSION}")
+
+    # --- writes -------------------------------------------------------------------------
+
+    def commit(self, batch: Batch) -> None:
+        """Write the whole batch in one durable transaction, or nothing."""
+        with self._write_lock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                self._write(conn, batch)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    # The original error is the one to report.
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(exc, (sqlite3.Error, OSError)):
+                    raise _storage_error("commit failed", exc) from exc
+                raise
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, batch: Batch) -> None:
+        if batch.entries:
+            conn.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
+                             ((batch.first_index + i, data) for i, data in
+                              enumerate(batch.entries)))
+        conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)
+        conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         ((r.recipient, r.seq, r.prec, r.id, r.sender, r.envelope, r.expires_ms)
+                          for r in batch.enqueue))
+        conn.executemany("DELETE FROM queue WHERE recipient = ? AND seq = ?", batch.dequeue)
+        conn.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?, ?)", batch.subscribe)
+        conn.executemany("DELETE FROM subscriptions WHERE node = ? AND pattern = ?",
+                         batch.unsubscribe)
+        conn.executemany("INSERT OR IGNORE INTO bundles VALUES (?, ?)", batch.bundles)
+        conn.executemany("INSERT INTO checkpoints VALUES (?, ?)", batch.checkpoints)
+        conn.executemany("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)",
+                         batch.cosignatures)
+
+    # --- reads --------------------------------------------------------------------------
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._reader.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error("read failed", exc) from exc
+
+    def size(self) -> int:
+        row = self._query("SELECT max(idx) FROM entries")[0]
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        rows = self._query("SELECT idx, data FROM entries WHERE idx >= ? AND idx < ? "
+                           "ORDER BY idx", (start, end))
+        return [bytes(data) for _, data in rows]
+
+    def iter_entries(self, start: int = 0, chunk: int = 4096) -> Iterator[tuple[int, bytes]]:
+        while True:
+            rows = self._query("SELECT idx, data FROM entries WHERE idx >= ? ORDER BY idx "
+                               "LIMIT ?", (start, chunk))
+            for idx, data in rows:
+                yield int(idx), bytes(data)
+            if len(rows) < chunk:
+                return
+            start = int(rows[-1][0]) + 1
+
+    def iter_nodes(self, level: int) -> Iterator[tuple[int, bytes]]:
+        start = 0
+        while True:
+            rows = self._query("SELECT idx, hash FROM nodes WHERE level = ? AND idx >= ? "
+                               "ORDER BY idx LIMIT 4096", (level, start))
+            for idx, digest in rows:
+                yield int(idx), bytes(digest)
+            if len(rows) < 4096:
+                return
+            start = int(rows[-1][0]) + 1
+
+    def get_node(self, level: int, index: int) -> bytes:
+        rows = self._query("SELECT hash FROM nodes WHERE level = ? AND idx = ?", (level, index))
+        if not rows:
+            raise KeyError((level, index))
+        return bytes(rows[0][0])
+
+    def checkpoints(self, since: int = 0) -> list[StoredCheckpoint]:
+        cosigs: dict[int, dict[str, str]] = {}
+        for size, witness, line in self._query(
+                "SELECT size, witness, line FROM cosignatures WHERE size >= ?", (since,)):
+            cosigs.setdefault(int(size), {})[str(witness)] = str(line)
+        rows = self._query("SELECT size, note FROM checkpoints WHERE size >= ? ORDER BY size",
+                           (since,))
+        return [StoredCheckpoint(int(size), str(note), cosigs.get(int(size), {}))
+                for size, note in rows]
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        row = self._query("SELECT max(size) FROM checkpoints")[0]
+        if row[0] is None:
+            return None
+        found = self.checkpoints(int(row[0]))
+        return found[0] if found else None
+
+    def last_cosigned_size(self, witness: str) -> int:
+        row = self._query("SELECT max(size) FROM cosignatures WHERE witness = ?", (witness,))[0]
+        return 0 if row[0] is None else int(row[0])
+
+    def bundle(self, digest: bytes) -> bytes | None:
+        rows = self._query("SELECT content FROM bundles WHERE hash = ?", (digest,))
+        return bytes(rows[0][0]) if rows else None
+
+    def bundle_hashes(self) -> list[bytes]:
+        return [bytes(h) for (h,) in self._query("SELECT hash FROM bundles ORDER BY hash")]
+
+    def queue_rows(self) -> list[QueueRow]:
+        rows = self._query("SELECT recipient, seq, prec, id, sender, envelope, expires_ms "
+                           "FROM queue ORDER BY recipient, seq")
+        return [QueueRow(str(r), int(s), int(p), bytes(i), str(f), bytes(e), int(x))
+                for r, s, p, i, f, e, x in rows]
+
+    def subscriptions(self) -> list[tuple[str, str]]:
+        return [(str(n), str(p)) for n, p in
+                self._query("SELECT node, pattern FROM subscriptions ORDER BY node, pattern")]
+
+    def close(self) -> None:
+        for conn in (getattr(self, "_reader", None), getattr(self, "_writer", None)):
+            if conn is not None:
+                conn.close()

@@ -1,0 +1,175 @@
+"""The audit log on a real SQLite store: group commit, proofs, checkpoints, restart, damage."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from broker.audit import merkle
+from broker.audit.leaves import DeliverEntry, PolicyEntry, entry_from_bytes
+from broker.audit.log import AuditLog, CommitPolicy, LogDamaged
+from broker.audit.note import Checkpoint, Signer, verify_note
+from broker.errors import StorageError
+from broker.store.base import QueueRow
+from broker.store.sqlite import SqliteStore
+
+SEED = bytes(range(32))
+FAST = CommitPolicy(max_batch=64, max_delay_s=0.001, checkpoint_interval_s=0.01)
+
+
+def _signer() -> Signer:
+    return Signer.from_seed("broker.test", SEED)
+
+
+def _log(path: Path, policy: CommitPolicy = FAST) -> AuditLog:
+    return AuditLog(SqliteStore(path / "broker.sqlite"), _signer(), policy=policy)
+
+
+def _entry(i: int) -> DeliverEntry:
+    return DeliverEntry(ts=1_700_000_000_000 + i, id=i.to_bytes(16, "big"), to="GBR-GW1", seq=i)
+
+
+async def _append_many(audit: AuditLog, count: int, start: int = 0) -> list[int]:
+    futures = [audit.append(_entry(start + i)) for i in range(count)]
+    return list(await asyncio.gather(*futures))
+
+
+async def test_entries_get_consecutive_indexes_in_append_order(tmp_path: Path) -> None:
+    audit = _log(tmp_path)
+    await audit.start()
+    try:
+        indexes = await _append_many(audit, 300)
+    finally:
+        await audit.stop()
+    assert indexes == list(range(300))
+    stored = audit.store.entries(0, 300)
+    assert [entry_from_bytes(e) for e in stored] == [_entry(i) for i in range(300)]
+
+
+async def test_checkpoint_is_signed_over_durable_entries_and_proofs_verify(tmp_path: Path) -> None:
+    audit = _log(tmp_path)
+    await audit.start()
+    try:
+        await _append_many(audit, 37)
+        for _ in range(100):
+            if audit.latest is not None and audit.latest.size == 37:
+                break
+            await asyncio.sleep(0.01)
+        assert audit.latest is not None and audit.latest.size == 37
+        checkpoint = Checkpoint.from_text(verify_note(audit.latest.note, [audit.verifier]).text)
+        leaves = [merkle.leaf_hash(e) for e in audit.store.entries(0, 37)]
+        assert checkpoint.root == merkle.root_hash(leaves)
+        for index in (0, 17, 36):
+            proof = audit.inclusion_proof(index, 37)
+            merkle.verify_inclusion(index, 37, leaves[index], proof, checkpoint.root)
+        old_root = merkle.root_hash(leaves[:10])
+        merkle.verify_consistency(10, 37, old_root, checkpoint.root,
+                                  audit.consistency_proof(10, 37))
+    finally:
+        await audit.stop()
+
+
+async def test_restart_continues_the_same_tree(tmp_path: Path) -> None:
+    audit = _log(tmp_path)
+    await audit.start()
+    await _append_many(audit, 20)
+    await audit.stop()
+    assert audit.latest is not None and audit.latest.size == 20
+
+    again = _log(tmp_path)
+    again.open()
+    assert again.size == 20
+    await again.start()
+    assert await _append_many(again, 5, start=20) == list(range(20, 25))
+    await again.stop()
+    leaves = [merkle.leaf_hash(e) for e in again.store.entries(0, 25)]
+    assert again.root(25) == merkle.root_hash(leaves)
+    assert again.root(20) == Checkpoint.from_text(
+        verify_note(audit.latest.note, [audit.verifier]).text).root
+
+
+async def _closed_log_of(tmp_path: Path, count: int) -> Path:
+    audit = _log(tmp_path)
+    await audit.start()
+    await _append_many(audit, count)
+    await audit.stop()
+    audit.store.close()
+    return tmp_path / "broker.sqlite"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("UPDATE entries SET data = ? WHERE idx = 3", "entry 3 does not match"),
+    ("DELETE FROM entries WHERE idx = 4", "entry 4 is missing"),
+    ("DELETE FROM entries WHERE idx >= 8", "entries were lost"),
+])
+async def test_start_refuses_a_log_that_does_not_extend_its_checkpoint(
+        tmp_path: Path, damage: str, message: str) -> None:
+    path = await _closed_log_of(tmp_path, 10)
+    with sqlite3.connect(path) as conn:
+        conn.execute(damage, (_entry(99).to_bytes(),) if "?" in damage else ())
+    with pytest.raises(LogDamaged, match=message):
+        _log(tmp_path).open()
+
+
+async def test_start_refuses_a_consistently_rewritten_log(tmp_path: Path) -> None:
+    """Entry and leaf hash both rewritten: only the signed checkpoint root can tell."""
+    path = await _closed_log_of(tmp_path, 10)
+    forged = _entry(99).to_bytes()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE entries SET data = ? WHERE idx = 2", (forged,))
+        conn.execute("UPDATE nodes SET hash = ? WHERE level = 0 AND idx = 2",
+                     (merkle.leaf_hash(forged),))
+    with pytest.raises(LogDamaged, match="root of the checkpoint of size 10"):
+        _log(tmp_path).open()
+
+
+async def test_start_refuses_a_checkpoint_signed_by_another_key(tmp_path: Path) -> None:
+    await _closed_log_of(tmp_path, 3)
+    other = AuditLog(SqliteStore(tmp_path / "broker.sqlite"), Signer.generate("broker.test"))
+    with pytest.raises(LogDamaged, match="does not verify"):
+        other.open()
+
+
+class _FailingStore(SqliteStore):
+    fail = False
+
+    def commit(self, batch):  # type: ignore[no-untyped-def]
+        if self.fail and batch.entries:
+            raise StorageError("commit failed: [Errno 28] No space left on device")
+        super().commit(batch)
+
+
+async def test_failed_commit_stops_intake_and_writes_nothing_half(tmp_path: Path) -> None:
+    store = _FailingStore(tmp_path / "broker.sqlite")
+    audit = AuditLog(store, _signer(), policy=FAST)
+    await audit.start()
+    try:
+        await _append_many(audit, 5)
+        store.fail = True
+        futures = [audit.append(_entry(5 + i)) for i in range(3)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(r, StorageError) for r in results)
+        with pytest.raises(StorageError, match="stopped"):
+            audit.append(_entry(9))
+    finally:
+        await audit.stop()
+    assert store.size() == 5
+    assert SqliteStore(tmp_path / "broker.sqlite").size() == 5
+
+
+async def test_queue_rows_commit_with_their_entry_and_leave_with_the_ack(tmp_path: Path) -> None:
+    audit = _log(tmp_path)
+    await audit.start()
+    row = QueueRow("USA-GW2", 1, 3, b"\x01" * 16, "GBR-GW1", b"envelope", 10**13)
+    try:
+        await audit.append(PolicyEntry(ts=1, bundle=b"\x02" * 32), enqueue=[row],
+                           bundles=[(b"\x02" * 32, b"content")])
+        assert audit.store.queue_rows() == [row]
+        assert audit.store.bundle(b"\x02" * 32) == b"content"
+        await audit.append(_entry(1), dequeue=[("USA-GW2", 1)])
+        assert audit.store.queue_rows() == []
+    finally:
+        await audit.stop()

@@ -1,0 +1,88 @@
+"""Audit entries: canonical round trips and strict parsing (a changed entry never parses as
+another valid entry of a different meaning without its bytes changing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import canonical
+from broker.audit.leaves import (
+    AdminEntry,
+    DeliverEntry,
+    Entry,
+    ExpireEntry,
+    PolicyEntry,
+    RouteEntry,
+    SessionEntry,
+    entry_from_bytes,
+)
+from broker.errors import ProtocolError
+from clients.gateway import label
+from policies.decide import Decision
+
+ROUTE = RouteEntry(
+    ts=1_800_000_000_000, id=b"\x01" * 16, env=b"\x02" * 32, sender="GBR-GW1",
+    topic="maritime.tracks", label=label("NATO", "SECRET", "GBR", ["FRA", "GBR", "USA"]),
+    prec=2, ttl=3600, bundle=b"\x03" * 32, sealed=("FRA-GW1", "USA-GW1"),
+    decisions={"FRA-GW1": Decision(True, (), "CORE@1/inner"),
+               "USA-GW1": Decision.deny("ceiling", "no_agreement")},
+)
+EXAMPLES: list[Entry] = [
+    ROUTE,
+    DeliverEntry(ts=5, id=b"\x01" * 16, to="FRA-GW1", seq=7),
+    ExpireEntry(ts=6, id=b"\x01" * 16, to="USA-GW2", sender="GBR-GW1"),
+    SessionEntry(ts=7, event="auth_failed", node="FRA-OLD", conn="ab12", reason="node_inactive"),
+    PolicyEntry(ts=8, bundle=b"\x04" * 32),
+    AdminEntry(ts=9, operator="alice", action="suspend", target="USA-GW2", outcome="ok"),
+]
+
+
+@pytest.mark.parametrize("entry", EXAMPLES, ids=lambda e: e.KIND)
+def test_entry_round_trips_through_canonical_bytes(entry: Entry) -> None:
+    data = entry.to_bytes()
+    assert entry_from_bytes(data) == entry
+    assert canonical.encode(canonical.decode(data)) == data
+
+
+def test_route_entry_lists_permitted_recipients() -> None:
+    assert ROUTE.permitted == ("FRA-GW1",)
+
+
+def _mutated(entry: Entry, **changes: object) -> bytes:
+    value = canonical.decode(entry.to_bytes())
+    value.update(changes)
+    return canonical.encode({k: v for k, v in value.items() if v is not None})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"kind": "teleport"}, "unknown kind"),
+    ({"extra": 1}, "exactly the fields"),
+    ({"seq": None}, "exactly the fields"),
+    ({"seq": "7"}, "'seq'"),
+    ({"ts": True}, "'ts'"),
+])
+def test_malformed_deliver_entry_is_refused(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        entry_from_bytes(_mutated(EXAMPLES[1], **changes))
+
+
+@pytest.mark.parametrize("decision", [
+    {"permit": True, "reasons": ["ceiling"]},  # a permit has no failed reasons
+    {"permit": False, "reasons": []},  # a deny must say why
+    {"permit": False, "reasons": ["ceiling"], "via": "CORE@1/inner"},
+    {"permit": False, "reasons": ["z", "a"]},  # not canonical order
+])
+def test_inconsistent_decision_is_refused(decision: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError, match="decision|sorted"):
+        entry_from_bytes(_mutated(ROUTE, decisions={"FRA-GW1": decision}))
+
+
+def test_unknown_session_event_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="session event"):
+        entry_from_bytes(_mutated(EXAMPLES[3], event="teleport"))
+
+
+def test_non_canonical_bytes_are_refused() -> None:
+    data = bytearray(EXAMPLES[4].to_bytes())
+    with pytest.raises(ProtocolError):
+        entry_from_bytes(bytes(data) + b"\x00")
