@@ -201,11 +201,12 @@ def _keys_sign(args: argparse.Namespace) -> int:
 
 
 def _broker_check(args: argparse.Namespace) -> int:
-    from broker.server import BrokerServer
+    from broker.server import BrokerServer, check_broker_key
 
     config = load_config(args.config)
     server = BrokerServer.from_config(config)
-    bundle = server.hub.bundle
+    bundle = server.bundle
+    check_broker_key(bundle, server.name, server.key)
     print(f"config ok: broker {config.broker.name}, listen {config.listen.host}:"
           f"{config.listen.port}, policy bundle {bundle.hash.hex()} with {len(bundle.nodes)} "
           f"node certificate(s)")

@@ -18,6 +18,7 @@ from broker.errors import ConfigError
 class BrokerSection:
     name: str
     data_dir: Path
+    key: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +44,24 @@ class LimitsSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuditSection:
+    max_batch: int = 1024
+    max_delay_ms: int = 2
+    checkpoint_interval_ms: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     broker: BrokerSection
     listen: ListenSection
     policy: PolicySection
     limits: LimitsSection
+    audit: AuditSection = AuditSection()
 
 
 _SECTIONS: dict[str, type] = {
     "broker": BrokerSection, "listen": ListenSection, "policy": PolicySection,
-    "limits": LimitsSection,
+    "limits": LimitsSection, "audit": AuditSection,
 }
 _RANGES: dict[str, tuple[int, int]] = {
     "listen.port": (0, 65535),
@@ -62,6 +71,9 @@ _RANGES: dict[str, tuple[int, int]] = {
     "limits.handshake_timeout_seconds": (1, 600),
     "limits.max_outbound_frames": (16, 1_000_000),
     "limits.max_subscriptions_per_node": (1, 100_000),
+    "audit.max_batch": (1, 100_000),
+    "audit.max_delay_ms": (0, 1000),
+    "audit.checkpoint_interval_ms": (10, 24 * 3600 * 1000),
 }
 
 

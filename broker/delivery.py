@@ -35,11 +35,20 @@ class RecipientQueue:
         self._pending: list[QueuedMessage] = []
         self._in_flight: dict[int, QueuedMessage] = {}
 
-    def push(self, *, message_id: bytes, sender: str, envelope: bytes, prec: int,
-             expires_ms: int) -> QueuedMessage:
-        """Queue a message; returns it with its sequence number."""
+    def reserve_seq(self) -> int:
+        """The sequence number of a message about to be queued (once its write is durable)."""
         seq = self._next_seq
         self._next_seq += 1
+        return seq
+
+    def push(self, *, message_id: bytes, sender: str, envelope: bytes, prec: int,
+             expires_ms: int, seq: int | None = None) -> QueuedMessage:
+        """Queue a message under ``seq`` (reserved earlier, or restored from the store; a new
+        one if ``None``); returns it."""
+        if seq is None:
+            seq = self.reserve_seq()
+        elif seq >= self._next_seq:
+            self._next_seq = seq + 1
         item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, expires_ms)
         heapq.heappush(self._pending, item)
         return item

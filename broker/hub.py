@@ -4,29 +4,39 @@ The hub owns the active policy bundle, durable subscriptions, per-recipient queu
 guard and the registry of live connections. It speaks frames, not sockets: connections are
 :class:`Peer` objects whose ``send`` never blocks (the server gives each its own writer task), so a
 slow recipient cannot slow a publisher or another recipient.
+
+Every publish is decided synchronously, in the order frames arrive, then written to the audit log
+together with its queue rows. The receipt and the deliveries are released by the log's commit
+callback: nothing leaves before its ``route`` entry is durable, and the connection's read loop
+never waits for a disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import structlog
 
 from broker import router, wire
+from broker.audit.leaves import DeliverEntry, Entry, PolicyEntry, RouteEntry, envelope_digest
+from broker.audit.log import AuditLog
 from broker.delivery import RecipientQueue
 from broker.envelope import Envelope
-from broker.errors import ProtocolError, VerificationError
+from broker.errors import ProtocolError, StorageError, VerificationError
+from broker.release import decide_recipient
 from broker.replay import ReplayGuard
-from policies.bundle import Bundle
+from broker.store.base import Batch, QueueRow
+from policies.bundle import Bundle, bundle_content
 from policies.cache import DecisionCache
-from policies.decide import NO_KEY_FOR_RECIPIENT, Decision
+from policies.decide import Decision
 from policies.model import Label, NodeCert
 
 log = structlog.get_logger("broker.hub")
 
-UNKNOWN_NODE = "unknown_node"
+Reply = Callable[[wire.Frame], None]
 
 
 class Peer(Protocol):
@@ -40,11 +50,11 @@ class Peer(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class Published:
-    """Outcome of a publish: the receipt, and the decisions for logging and audit."""
-
-    receipt: wire.Receipt
+class _Publish:
+    env: Envelope
     decisions: dict[str, Decision]
+    rows: list[QueueRow]
+    reply: Reply
 
 
 class Hub:
@@ -53,6 +63,7 @@ class Hub:
     def __init__(
         self,
         bundle: Bundle,
+        audit: AuditLog,
         *,
         clock_ms: Callable[[], int],
         skew_ms: int = 5 * 60 * 1000,
@@ -60,6 +71,7 @@ class Hub:
         max_envelope: int = 1 << 20,
     ) -> None:
         self.bundle = bundle
+        self.audit = audit
         self.clock_ms = clock_ms
         self.replay = ReplayGuard(skew_ms=skew_ms)
         self.subscriptions: dict[str, set[str]] = {}
@@ -68,8 +80,39 @@ class Hub:
         self.inactive: set[str] = set()
         self._window = window
         self._max_envelope = max_envelope
-        self._audit_counter = 0
         self.decisions = DecisionCache()
+
+    # --- state --------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Reload durable subscriptions and queued messages from the store (at start)."""
+        for node, pattern in self.audit.store.subscriptions():
+            self.subscriptions.setdefault(node, set()).add(pattern)
+        rows = self.audit.store.queue_rows()
+        for row in rows:
+            self._queue(row.recipient).push(
+                message_id=row.id, sender=row.sender, envelope=row.envelope, prec=row.prec,
+                expires_ms=row.expires_ms, seq=row.seq)
+        log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
+                 queued=len(rows))
+
+    def activate(self, bundle: Bundle) -> asyncio.Future[int]:
+        """Make ``bundle`` the policy in force: the one seam every activation goes through, so
+        each is a ``policy`` audit entry (with the bundle's content, for replay)."""
+        future = self.audit.append(PolicyEntry(ts=self.clock_ms(), bundle=bundle.hash),
+                                   bundles=[(bundle.hash, bundle_content(bundle))])
+        previous, self.bundle = self.bundle, bundle
+        self.decisions.clear()
+        log.info("policy_activated", bundle=bundle.hash.hex(), previous=previous.hash.hex(),
+                 nodes=len(bundle.nodes), agreements=len(bundle.agreements))
+        return future
+
+    def record(self, entry: Entry) -> None:
+        """Append an entry nothing waits for (sessions, deliveries); failures are logged."""
+        try:
+            self.audit.append(entry).add_done_callback(_log_failure)
+        except StorageError as exc:
+            log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
 
     # --- connections --------------------------------------------------------------------
 
@@ -103,12 +146,18 @@ class Hub:
         """Add a durable subscription (kept while the node is offline), at most ``limit``."""
         patterns = self.subscriptions.setdefault(node, set())
         router.validate_pattern(pattern)
-        if pattern not in patterns and len(patterns) >= limit:
+        if pattern in patterns:
+            return
+        if len(patterns) >= limit:
             raise ProtocolError(f"at most {limit} subscriptions per node", code="rate_limited")
+        self.audit.write(Batch(subscribe=[(node, pattern)])).add_done_callback(_log_failure)
         patterns.add(pattern)
 
     def unsubscribe(self, node: str, pattern: str) -> None:
-        self.subscriptions.get(node, set()).discard(router.validate_pattern(pattern))
+        patterns = self.subscriptions.get(node, set())
+        if router.validate_pattern(pattern) in patterns:
+            self.audit.write(Batch(unsubscribe=[(node, pattern)])).add_done_callback(_log_failure)
+            patterns.discard(pattern)
 
     def directory(self) -> wire.Directory:
         """Every known node certificate, signed, for key lookup by gateways."""
@@ -127,18 +176,19 @@ class Hub:
         recipients: dict[str, str] = {}
         keys: dict[str, bytes] = {}
         for node in candidates:
-            if label is None:
-                decision = Decision.deny("invalid_label")
-            else:
-                decision = self._decide(label, sender, node, topic, now)
+            decision = (Decision.deny("invalid_label") if label is None else
+                        self._decide(label, sender, node, topic, now, sealed_for=None))
             recipients[node] = decision.status()
             if decision.permit:
                 keys[node] = self.bundle.nodes[node].enc_key
         return wire.Routes(recipients=recipients, keys=keys)
 
-    def publish(self, sender: NodeCert, env_bytes: bytes) -> Published:
-        """Verify, decide per candidate, queue and push. Raises ``BrokerError`` on a bad envelope
-        (nothing of it is routed)."""
+    def publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
+        """Verify and decide now; ``reply`` gets the receipt once the route entry is durable.
+
+        Raises ``BrokerError`` on a bad envelope (nothing of it is routed or logged) and
+        ``StorageError`` when the audit log no longer accepts entries.
+        """
         now = self.clock_ms()
         env = Envelope.from_bytes(env_bytes, max_bytes=self._max_envelope)
         ref = env.id
@@ -153,54 +203,71 @@ class Hub:
         stale = self.replay.check(env.id, env.ts, now)
         if stale is not None:
             raise ProtocolError(stale, code="replay", ref=ref)
-        self.replay.record(env.id, now)
         candidates = router.candidate_recipients(sender.node, env.topic, env.to,
                                                  self.subscriptions)
-        decisions: dict[str, Decision] = {}
-        statuses: dict[str, str] = {}
-        for node in candidates:
-            decision = self._decide(env.label, sender, node, env.topic, now)
-            if decision.permit and node not in env.keys:
-                decision = decision.with_reason(NO_KEY_FOR_RECIPIENT)
-            decisions[node] = decision
-            statuses[node] = (self._enqueue(node, env, now) if decision.permit
-                              else "denied:" + ",".join(decision.reasons))
-        self._audit_counter += 1
-        log.info("published", id=env.id.hex(), sender=sender.node, topic=env.topic,
-                 prec=env.prec, recipients=statuses)
-        receipt = wire.Receipt(id=env.id, audit=self._audit_counter, recipients=statuses)
-        return Published(receipt=receipt, decisions=decisions)
+        decisions = {node: self._decide(env.label, sender, node, env.topic, now,
+                                        sealed_for=env.keys) for node in candidates}
+        rows = [QueueRow(node, self._queue(node).reserve_seq(), env.prec, env.id, env.sender,
+                         env.raw, now + env.ttl * 1000)
+                for node, decision in decisions.items() if decision.permit]
+        entry = RouteEntry(
+            ts=now, id=env.id, env=envelope_digest(env.raw), sender=env.sender, topic=env.topic,
+            label=env.label, prec=env.prec, ttl=env.ttl, bundle=self.bundle.hash,
+            sealed=tuple(sorted(env.keys)), decisions=decisions)
+        try:
+            future = self.audit.append(entry, enqueue=rows)
+        except StorageError as exc:
+            raise StorageError(exc.reason, ref=ref) from None
+        self.replay.record(env.id, now)
+        pending = _Publish(env, decisions, rows, reply)
+        future.add_done_callback(lambda done: self._published(done, pending))
 
     def ack(self, node: str, seqs: tuple[int, ...]) -> None:
-        """Acknowledged deliveries leave the queue; the window opens for more."""
-        done = self._queue(node).ack(seqs)
-        for item in done:
-            log.debug("delivery_acked", node=node, id=item.message_id.hex(), seq=item.seq)
+        """Acknowledged deliveries leave the queue (durably, with a ``deliver`` entry)."""
+        now = self.clock_ms()
+        for item in self._queue(node).ack(seqs):
+            entry = DeliverEntry(ts=now, id=item.message_id, to=node, seq=item.seq)
+            try:
+                self.audit.append(entry, dequeue=[(node, item.seq)]).add_done_callback(
+                    _log_failure)
+            except StorageError as exc:
+                log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
         self._pump(node)
 
     # --- internals ----------------------------------------------------------------------
 
-    def _decide(self, label: Label, sender: NodeCert, node: str, topic: str, now: int) -> Decision:
-        recipient = self.bundle.nodes.get(node)
-        if recipient is None:
-            return Decision.deny(UNKNOWN_NODE)
-        return self.decisions.decide(label, sender, recipient, topic, now, self.bundle,
-                                     inactive_nodes=self.inactive)
+    def _published(self, done: asyncio.Future[int], pending: _Publish) -> None:
+        env = pending.env
+        if done.cancelled() or done.exception() is not None:
+            reason = "the broker stopped" if done.cancelled() else str(done.exception())
+            log.error("publish_not_durable", id=env.id.hex(), reason=reason)
+            pending.reply(wire.Error(code="unavailable", reason="not stored: " + reason,
+                                     ref=env.id))
+            return
+        index = done.result()
+        statuses = {node: "denied:" + ",".join(d.reasons)
+                    for node, d in pending.decisions.items() if not d.permit}
+        for row in pending.rows:
+            queue = self._queue(row.recipient)
+            queue.push(message_id=row.id, sender=row.sender, envelope=row.envelope,
+                       prec=row.prec, expires_ms=row.expires_ms, seq=row.seq)
+            self._pump(row.recipient)
+            statuses[row.recipient] = "delivered" if queue.is_in_flight(row.seq) else "queued"
+        log.info("published", id=env.id.hex(), sender=env.sender, topic=env.topic,
+                 prec=env.prec, audit=index, recipients=statuses)
+        pending.reply(wire.Receipt(id=env.id, audit=index, recipients=statuses))
+
+    def _decide(self, label: Label, sender: NodeCert, node: str, topic: str, now: int, *,
+                sealed_for: Collection[str] | None) -> Decision:
+        return decide_recipient(label, sender, node, topic, now, self.bundle,
+                                sealed_for=sealed_for, inactive_nodes=self.inactive,
+                                cache=self.decisions)
 
     def _queue(self, node: str) -> RecipientQueue:
         queue = self.queues.get(node)
         if queue is None:
             queue = self.queues[node] = RecipientQueue(self._window)
         return queue
-
-    def _enqueue(self, node: str, env: Envelope, now: int) -> str:
-        queue = self._queue(node)
-        item = queue.push(
-            message_id=env.id, sender=env.sender, envelope=env.raw, prec=env.prec,
-            expires_ms=now + env.ttl * 1000,
-        )
-        self._pump(node)
-        return "delivered" if queue.is_in_flight(item.seq) else "queued"
 
     def _pump(self, node: str) -> None:
         peer = self.peers.get(node)
@@ -209,3 +276,7 @@ class Hub:
         for item in self._queue(node).take_sendable():
             peer.send(wire.Deliver(env=item.envelope, seq=item.seq))
 
+
+def _log_failure(done: asyncio.Future[int]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("audit_write_failed", reason=str(done.exception()))

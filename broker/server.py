@@ -16,16 +16,23 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from broker import wire
+from broker.audit.leaves import SessionEntry
+from broker.audit.log import DEFAULT_COMMIT, AuditLog, CommitPolicy
+from broker.audit.note import Signer
 from broker.config import Config
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.hub import Hub
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
+from broker.store.sqlite import SqliteStore
+from broker.witnesses import Witnesses
+from clients.identity import KeyFile
 from policies.bundle import Bundle
 from policies.loader import load_bundle
 
@@ -53,6 +60,24 @@ class Limits:
     #: sending requests is disconnected (``rate_limited``) instead of growing broker memory.
     max_outbound_frames: int = 1024
     max_subscriptions_per_node: int = 1024
+
+
+def read_broker_key(config: Config) -> KeyFile:
+    """The broker's own key file (kind ``broker``), named in ``broker.key``."""
+    key = KeyFile.read(config.broker.key)
+    if key.kind != "broker":
+        raise ConfigError(f"broker.key {config.broker.key} is a {key.kind} key, not a broker key")
+    return key
+
+
+def check_broker_key(bundle: Bundle, name: str, key: KeyFile) -> None:
+    """Refuse to run under a name or key the trust root does not list: witnesses and auditors
+    would reject every checkpoint it signs."""
+    listed = {b.name: b.key for b in bundle.trust_root.brokers}
+    if name not in listed:
+        raise ConfigError(f"broker {name!r} is not listed in the trust root's brokers")
+    if listed[name] != key.sign_public:
+        raise ConfigError(f"the key of broker {name!r} is not the one the trust root lists")
 
 
 class _Peer:
@@ -122,22 +147,29 @@ class BrokerServer:
         *,
         name: str,
         bundle: Bundle,
+        key: KeyFile,
+        data_dir: Path,
         host: str = "127.0.0.1",
         port: int = 0,
         limits: Limits = Limits(),
+        commit: CommitPolicy = DEFAULT_COMMIT,
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self.name = name
+        self.bundle = bundle
+        self.key = key
+        self.data_dir = data_dir
         self.host = host
         self.port = port
         self.limits = limits
+        self.commit = commit
         self.clock_ms = clock_ms
-        self.hub = Hub(bundle, clock_ms=clock_ms, skew_ms=limits.clock_skew_ms,
-                       window=limits.delivery_window, max_envelope=limits.max_frame_bytes)
         self.app = web.Application()
         self.app.router.add_get(NODE_PATH, self._node_endpoint)
         self._runner: web.AppRunner | None = None
         self._peers: set[_Peer] = set()
+        self._hub: Hub | None = None
+        self._audit: AuditLog | None = None
         self.ready = asyncio.Event()
 
     @classmethod
@@ -152,8 +184,26 @@ class BrokerServer:
             max_outbound_frames=config.limits.max_outbound_frames,
             max_subscriptions_per_node=config.limits.max_subscriptions_per_node,
         )
-        return cls(name=config.broker.name, bundle=bundle, host=config.listen.host,
-                   port=config.listen.port, limits=limits)
+        commit = CommitPolicy(max_batch=config.audit.max_batch,
+                              max_delay_s=config.audit.max_delay_ms / 1000,
+                              checkpoint_interval_s=config.audit.checkpoint_interval_ms / 1000)
+        return cls(name=config.broker.name, bundle=bundle, key=read_broker_key(config),
+                   data_dir=config.broker.data_dir, host=config.listen.host,
+                   port=config.listen.port, limits=limits, commit=commit)
+
+    @property
+    def hub(self) -> Hub:
+        """The routing core (exists once started)."""
+        if self._hub is None:
+            raise RuntimeError("the broker is not started")
+        return self._hub
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit log (open once started)."""
+        if self._audit is None:
+            raise RuntimeError("the broker is not started")
+        return self._audit
 
     @property
     def url(self) -> str:
@@ -161,7 +211,27 @@ class BrokerServer:
         return f"ws://{self.host}:{self.port}{NODE_PATH}"
 
     async def start(self) -> None:
-        """Listen; returns once the socket accepts connections."""
+        """Open the store and the audit log, then listen; returns once the socket accepts
+        connections. Refuses to start (``BrokerError``) if this broker's key is not the one the
+        trust root lists for its name, or if the log does not extend its last checkpoint."""
+        check_broker_key(self.bundle, self.name, self.key)
+        store = SqliteStore.in_dir(self.data_dir)
+        try:
+            self._audit = AuditLog(store, Signer.from_seed(self.name, bytes(self.key.signing_key)),
+                                   policy=self.commit, clock_ms=self.clock_ms)
+            self._audit.open()
+            self._hub = Hub(self.bundle, self._audit, clock_ms=self.clock_ms,
+                            skew_ms=self.limits.clock_skew_ms,
+                            window=self.limits.delivery_window,
+                            max_envelope=self.limits.max_frame_bytes)
+            self._hub.restore()
+            await self._audit.start()
+            await self._hub.activate(self.bundle)
+        except BaseException:
+            await self._close_audit()
+            raise
+        self.witnesses = Witnesses(self._audit, self._hub)
+        self._audit.on_checkpoint(self.witnesses.broadcast)
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -169,16 +239,25 @@ class BrokerServer:
         self.port = self._runner.addresses[0][1]
         self.ready.set()
         log.info("broker_ready", broker=self.name, url=self.url,
-                 bundle=self.hub.bundle.hash.hex(), nodes=len(self.hub.bundle.nodes))
+                 bundle=self.bundle.hash.hex(), nodes=len(self.bundle.nodes),
+                 audit_size=self._audit.size)
 
     async def stop(self) -> None:
-        """Close every connection and the listener."""
+        """Close every connection and the listener, then commit and close the audit log."""
         for peer in list(self._peers):
             peer.close("unavailable", "broker shutting down")
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self._close_audit()
         log.info("broker_stopped", broker=self.name)
+
+    async def _close_audit(self) -> None:
+        if self._audit is not None:
+            try:
+                await self._audit.stop()
+            finally:
+                self._audit.store.close()
 
     async def __aenter__(self) -> BrokerServer:
         await self.start()
@@ -209,6 +288,8 @@ class BrokerServer:
         finally:
             if peer.node:
                 self.hub.detach(peer)
+                self.hub.record(SessionEntry(ts=self.clock_ms(), event="disconnect",
+                                             node=peer.node, conn=peer.conn_id))
             self._peers.discard(peer)
             await peer.aclose()
         return ws
@@ -250,11 +331,18 @@ class BrokerServer:
             elif isinstance(event, Close):
                 clog.info("connection_refused" if not peer.node else "connection_closed",
                           code=event.code, reason=event.reason)
+                if not peer.node:
+                    self.hub.record(SessionEntry(
+                        ts=self.clock_ms(), event="auth_failed", node=session.claimed or "",
+                        conn=peer.conn_id, reason=f"{event.code}: {event.reason}"))
                 peer.close(event.code, event.reason)
             elif isinstance(event, Authenticated):
                 peer.node = event.cert.node
-                peer.send(wire.Welcome(node=peer.node))
+                peer.send(wire.Welcome(node=peer.node, checkpoint=self.witnesses.latest_note()))
+                self.hub.record(SessionEntry(ts=self.clock_ms(), event="connect",
+                                             node=peer.node, conn=peer.conn_id))
                 self.hub.attach(peer)
+                self.witnesses.offer(peer)
             elif isinstance(event, Request):
                 self._apply(self._handle(event.frame, session, peer, clog), session, peer, clog)
 
@@ -264,7 +352,11 @@ class BrokerServer:
         assert session.node is not None
         try:
             if isinstance(frame, wire.Pub):
-                return [Send(self.hub.publish(session.node, frame.env).receipt)]
+                self.hub.publish(session.node, frame.env, peer.send)
+                return []
+            if isinstance(frame, wire.Cosign):
+                self.witnesses.accept(session.node, frame.line)
+                return []
             if isinstance(frame, wire.Route):
                 return [Send(self.hub.route(session.node, frame))]
             if isinstance(frame, wire.Directory):

@@ -92,6 +92,8 @@ class BrokerSession:
         self.nonce = nonce
         self.state = State.AWAIT_HELLO
         self.node: NodeCert | None = None
+        #: The node a hello claimed to be (authenticated or not), for the audit log.
+        self.claimed: str | None = None
         self._lookup = lookup
         self._is_inactive = is_inactive
         self._max_frame = max_frame
@@ -122,6 +124,7 @@ class BrokerSession:
     def _on_handshake(self, frame: wire.Frame, now_ms: int) -> list[Event]:
         if not isinstance(frame, wire.Hello):
             return self._error("not_authenticated", f"'{frame.T}' before welcome", close=True)
+        self.claimed = frame.node
         problem = self._check_hello(frame, now_ms)
         if problem is not None:
             return self._error(*problem, close=True)

@@ -15,7 +15,8 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 
-from broker.errors import PolicyDocumentError
+from broker import canonical
+from broker.errors import PolicyDocumentError, ProtocolError
 from policies.agreements import verify_agreement
 from policies.documents import SignedDocument, verify_node_cert, verify_trust_root
 from policies.model import Agreement, NodeCert, Scheme, Tier, TrustRoot
@@ -163,3 +164,25 @@ def _nodes(documents: Mapping[str, SignedDocument], root: TrustRoot,
         check_accreditation(cert, scheme, name)
         nodes[cert.node] = cert
     return nodes
+
+
+def bundle_content(bundle: Bundle) -> bytes:
+    """Every document of ``bundle`` with its signatures, as one canonical msgpack map
+    ``{name: SignedDocument bytes}``: what the audit log keeps so a bundle can be rebuilt."""
+    return canonical.encode({name: doc.to_bytes() for name, doc in bundle.documents.items()})
+
+
+def documents_from_content(content: bytes) -> dict[str, SignedDocument]:
+    """Inverse of :func:`bundle_content` (verify them with :func:`build_bundle`)."""
+    try:
+        value = canonical.decode(content, max_bytes=256 << 20)
+    except ProtocolError as exc:
+        raise PolicyDocumentError(f"bundle content: {exc.reason}") from exc
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, bytes) for k, v in value.items()):
+        raise PolicyDocumentError("bundle content must be {name: signed document bytes}")
+    documents = {name: SignedDocument.from_bytes(data) for name, data in value.items()}
+    for name, doc in documents.items():
+        if doc.name != name:
+            raise PolicyDocumentError("named differently inside its content", document=name)
+    return documents

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +44,9 @@ class CommitPolicy:
     checkpoint_interval_s: float = 1.0
 
 
+DEFAULT_COMMIT = CommitPolicy()
+
+
 @dataclasses.dataclass
 class _Item:
     entry: bytes | None
@@ -62,7 +66,7 @@ CheckpointListener = Callable[[StoredCheckpoint], None]
 class AuditLog:
     """The broker's append-only, tamper-evident log over a :class:`Store`."""
 
-    def __init__(self, store: Store, signer: Signer, *, policy: CommitPolicy = CommitPolicy(),
+    def __init__(self, store: Store, signer: Signer, *, policy: CommitPolicy = DEFAULT_COMMIT,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.store = store
         self.signer = signer
@@ -224,10 +228,8 @@ class AuditLog:
                 self._wake.clear()
                 if self._closing:
                     break
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
             if self._queued and len(self._queued) < self.policy.max_batch:
                 await asyncio.sleep(self.policy.max_delay_s)  # let the batch fill
             if self._queued and not await self._commit_queued():

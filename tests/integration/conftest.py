@@ -15,6 +15,7 @@ from clients.gateway import GatewayClient
 async def server(coalition: Coalition) -> AsyncIterator[BrokerServer]:
     limits = Limits(max_frame_bytes=64 * 1024, handshake_timeout_s=2.0)
     async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=coalition.base / "broker-data",
                             limits=limits) as running:
         yield running
 

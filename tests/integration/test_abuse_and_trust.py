@@ -12,8 +12,8 @@ from broker import wire
 from broker.coalition import Coalition
 from broker.envelope import Envelope
 from broker.errors import ProtocolError
-from broker.hub import Hub
 from broker.server import BrokerServer, Limits
+from broker.store.base import Batch
 from clients.gateway import GatewayClient, label
 
 Gateways = Callable[[str], GatewayClient]
@@ -48,9 +48,9 @@ async def test_client_seals_only_inside_the_label_audience_whatever_the_broker_s
         keys = {**answer.keys, "FRA-GW1": coalition.nodes["FRA-GW1"].enc_public}
         return wire.Routes(recipients=recipients, keys=keys)
 
-    def recording_publish(sender, env):  # type: ignore[no-untyped-def]
+    def recording_publish(sender, env, reply):  # type: ignore[no-untyped-def]
         sent.append(env)
-        return honest_publish(sender, env)
+        return honest_publish(sender, env, reply)
 
     server.hub.route = lying_route  # type: ignore[method-assign]
     server.hub.publish = recording_publish  # type: ignore[method-assign]
@@ -66,6 +66,7 @@ async def test_breaking_out_of_messages_still_acks_so_the_window_is_not_wedged(
 ) -> None:
     limits = Limits(delivery_window=1)
     async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=coalition.base / "broker-data",
                             limits=limits) as server:
         def client(node: str) -> GatewayClient:
             return GatewayClient(server.url, coalition.nodes[node], coalition.trust_root,
@@ -84,8 +85,8 @@ async def test_breaking_out_of_messages_still_acks_so_the_window_is_not_wedged(
             assert got == [b"first", b"second", b"third"]
 
 
-def test_subscriptions_per_node_are_bounded(coalition: Coalition) -> None:
-    hub = Hub(coalition.bundle(), clock_ms=lambda: time.time_ns() // 1_000_000)
+async def test_subscriptions_per_node_are_bounded_and_durable(server: BrokerServer) -> None:
+    hub = server.hub
     hub.subscribe("USA-GW1", "a.>", limit=2)
     hub.subscribe("USA-GW1", "b.>", limit=2)
     hub.subscribe("USA-GW1", "a.>", limit=2)  # already held: not a new one
@@ -93,3 +94,5 @@ def test_subscriptions_per_node_are_bounded(coalition: Coalition) -> None:
         hub.subscribe("USA-GW1", "c.>", limit=2)
     assert caught.value.code == "rate_limited"
     assert hub.subscriptions["USA-GW1"] == {"a.>", "b.>"}
+    await hub.audit.write(Batch())  # after the subscriptions' own writes
+    assert set(hub.audit.store.subscriptions()) == {("USA-GW1", "a.>"), ("USA-GW1", "b.>")}

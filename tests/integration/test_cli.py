@@ -26,6 +26,7 @@ def write_config(path: Path, coalition: Coalition, **listen: object) -> Path:
         "[broker]\n"
         f'name = "{coalition.broker_name}"\n'
         f'data_dir = "{path.parent / "data"}"\n'
+        f'key = "{coalition.keys_dir / "broker.key"}"\n'
         "[listen]\n"
         f'host = "127.0.0.1"\nport = {port}\n'
         "[policy]\n"

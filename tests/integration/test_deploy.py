@@ -14,10 +14,13 @@ from clients.identity import KeyFile
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-async def test_example_config_serves_its_demo_coalition() -> None:
+async def test_example_config_serves_its_demo_coalition(tmp_path: Path) -> None:
     config = load_config(DEPLOY / "broker.toml")
-    # Same configuration, but on a free port so the test never collides with a running broker.
-    config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=0))
+    # Same configuration, but on a free port and a fresh data directory so the test never
+    # collides with a running broker or leaves state in deploy/.
+    config = dataclasses.replace(
+        config, listen=dataclasses.replace(config.listen, port=0),
+        broker=dataclasses.replace(config.broker, data_dir=tmp_path / "data"))
     keys = DEPLOY / "demo-coalition" / "keys"
     async with BrokerServer.from_config(config) as server:
         root = server.hub.bundle.trust_root

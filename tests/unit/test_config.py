@@ -11,7 +11,7 @@ from broker.errors import ConfigError
 
 PIN = "ab" * 32
 GOOD = {
-    "broker": {"name": "broker.example", "data_dir": "data"},
+    "broker": {"name": "broker.example", "data_dir": "data", "key": "keys/broker.key"},
     "listen": {"host": "127.0.0.1", "port": 8470},
     "policy": {"dir": "policy", "trust_root_sha256": PIN},
     "limits": {"max_frame_bytes": 65536},

@@ -73,7 +73,7 @@ def test_malformed_deliver_entry_is_refused(changes: dict[str, object], message:
     {"permit": False, "reasons": ["z", "a"]},  # not canonical order
 ])
 def test_inconsistent_decision_is_refused(decision: dict[str, object]) -> None:
-    with pytest.raises(ProtocolError, match="decision|sorted"):
+    with pytest.raises(ProtocolError, match=r"decision|sorted"):
         entry_from_bytes(_mutated(ROUTE, decisions={"FRA-GW1": decision}))
 
 
