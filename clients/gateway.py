@@ -15,7 +15,8 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -23,10 +24,13 @@ import aiohttp
 import structlog
 
 from broker import canonical, wire
+from broker.audit.note import Cosigner, Verifier
+from broker.audit.witness import Equivocation, check_offered_checkpoint
 from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
 from broker.errors import BrokerError, PolicyDocumentError, ProtocolError
 from broker.session import make_hello
 from clients.identity import KeyFile
+from clients.witness import WitnessState
 from policies.documents import SignedDocument, verify_node_cert
 from policies.model import Label, NodeCert, TrustRoot
 
@@ -124,6 +128,8 @@ class GatewayClient:
         timeout: float = 30.0,
         max_frame: int = 1 << 20,
         dedup_capacity: int = 100_000,
+        state_dir: Path | None = None,
+        on_alarm: Callable[[Equivocation], None] | None = None,
     ) -> None:
         if identity.kind != "node" or identity.enc_key is None:
             raise ValueError("a gateway needs a node key file")
@@ -146,6 +152,13 @@ class GatewayClient:
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._dedup_capacity = dedup_capacity
         self._closed_reason: str | None = None
+        #: The gateway is a witness of the broker's audit log (state kept in ``state_dir``).
+        self.witness = WitnessState(state_dir)
+        self.on_alarm = on_alarm
+        self.alarms: list[Equivocation] = []
+        self.cosigned = 0  # checkpoints cosigned on this connection
+        self._log_key = self._broker_log_key()
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -179,6 +192,8 @@ class GatewayClient:
                 raise AuthenticationError("broker did not welcome this node",
                                           code="handshake_failed")
             self.welcome = answer
+            if answer.checkpoint is not None:
+                self._check_checkpoint(answer.checkpoint, None, 0, cosign=False)
         except BaseException:
             await self.close()
             raise
@@ -419,6 +434,8 @@ class GatewayClient:
     def _dispatch(self, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Deliver):
             self._deliveries.put_nowait(frame)
+        elif isinstance(frame, wire.Checkpoint):
+            self._check_checkpoint(frame.note, list(frame.proof), frame.old, cosign=True)
         elif isinstance(frame, wire.Receipt):
             self._resolve(self._receipts.get(frame.id), frame)
         elif isinstance(frame, wire.Error) and frame.ref in self._receipts:
@@ -430,6 +447,58 @@ class GatewayClient:
             self._resolve(self._control_waiter, frame)
         else:
             log.debug("frame_ignored", frame=frame.T)
+
+    # --- witness ------------------------------------------------------------------------
+
+    def _broker_log_key(self) -> Verifier | None:
+        for broker in self.trust_root.brokers:
+            if broker.name == self.broker_name:
+                return Verifier(broker.name, broker.key)
+        return None
+
+    def _check_checkpoint(self, note: str, proof: list[bytes] | None, old: int, *,
+                          cosign: bool) -> None:
+        """Check an offered checkpoint against the ones this gateway cosigned; cosign it if it
+        is consistent, raise the alarm if it is evidence of a forked log."""
+        if self._log_key is None:
+            log.error("checkpoint_not_cosigned", reason="the trust root lists no key for broker "
+                      f"{self.broker_name}")
+            return
+        try:
+            checkpoint = check_offered_checkpoint(
+                self.witness.cosigned, note, proof, old, self._log_key,
+                previous_note=self.witness.latest_note)
+        except Equivocation as alarm:
+            self._raise_alarm(alarm, proof or [])
+            return
+        except BrokerError as exc:
+            log.warning("checkpoint_not_cosigned", code=exc.code, reason=exc.reason)
+            return
+        if not cosign:
+            return
+        self.witness.record(checkpoint, note)
+        cosigner = Cosigner.from_seed(self.node, bytes(self.identity.signing_key))
+        line = cosigner.cosign(checkpoint.to_text(), _now_ms() // 1000).to_line()
+        self.cosigned += 1
+        self._in_background(self._send(wire.Cosign(line=line)))
+
+    def _raise_alarm(self, alarm: Equivocation, proof: list[bytes]) -> None:
+        evidence = self.witness.save_evidence(alarm, proof, _now_ms())
+        log.error("broker_equivocation", broker=self.broker_name, reason=alarm.reason,
+                  evidence=None if evidence is None else str(evidence))
+        self.alarms.append(alarm)
+        if self.on_alarm is not None:
+            self.on_alarm(alarm)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background_send_failed", reason=str(task.exception()))
 
     @staticmethod
     def _resolve(future: asyncio.Future[wire.Frame] | None, frame: wire.Frame) -> None:

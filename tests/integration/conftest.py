@@ -6,9 +6,13 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from broker.audit.log import CommitPolicy
 from broker.coalition import Coalition
 from broker.server import BrokerServer, Limits
 from clients.gateway import GatewayClient
+
+#: Checkpoints every 50 ms so that witness tests do not wait for the production interval.
+FAST_COMMIT = CommitPolicy(max_batch=256, max_delay_s=0.001, checkpoint_interval_s=0.05)
 
 
 @pytest.fixture
@@ -16,7 +20,7 @@ async def server(coalition: Coalition) -> AsyncIterator[BrokerServer]:
     limits = Limits(max_frame_bytes=64 * 1024, handshake_timeout_s=2.0)
     async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
                             key=coalition.broker_key, data_dir=coalition.base / "broker-data",
-                            limits=limits) as running:
+                            limits=limits, commit=FAST_COMMIT) as running:
         yield running
 
 

@@ -11,7 +11,8 @@ import pytest
 PURE = [
     "broker.canonical", "broker.wire", "broker.envelope", "broker.session", "broker.router",
     "broker.crypto", "broker.replay", "broker.delivery", "broker.errors",
-    "broker.audit.merkle", "broker.audit.note", "broker.audit.leaves", "broker.release",
+    "broker.audit.merkle", "broker.audit.note", "broker.audit.leaves", "broker.audit.witness",
+    "broker.release",
     "policies.model", "policies.documents", "policies.bundle", "policies.decide",
     "policies.authoring",
 ]
