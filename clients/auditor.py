@@ -1,0 +1,338 @@
+"""Offline audit verification and decision replay: trust nothing the broker says without proof.
+
+Given an export (:mod:`clients.export`) and the SHA-256 of the trust root(s) the auditor
+accepts, :func:`verify_export`:
+
+1. rebuilds every policy bundle from its signed documents (every signature checked, its hash
+   recomputed, its trust root pinned);
+2. reads every entry in order (no gap, canonical, well-formed), recomputes its leaf hash and the
+   tree, and names the first entry that differs from the leaf hash recorded at append time;
+3. checks every checkpoint: the broker's signature (key from the trust root), its root against
+   the recomputed tree (so all checkpoints are consistent with one another and with the entries),
+   every cosignature against the witness node's certified key, and the quorum of distinct nations
+   on the latest one; checkpoints the auditor saved earlier must match too;
+4. re-runs the release decision for every recipient of every ``route`` entry under the bundle
+   recorded in it, and flags any difference; flags every ``deliver`` to a recipient the message
+   was not released to.
+
+Problems are collected (not raised) so the report names all of them, first bad index first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from broker.audit import merkle
+from broker.audit.leaves import AdminEntry, DeliverEntry, ExpireEntry, RouteEntry, entry_from_bytes
+from broker.audit.note import (
+    SIG_COSIGNATURE_V1,
+    Checkpoint,
+    Verifier,
+    parse_note,
+    verify_cosignature,
+)
+from broker.audit.witness import verify_log_checkpoint
+from broker.errors import BrokerError
+from broker.release import decide_recipient
+from clients.export import Export
+from policies.bundle import (
+    TRUST_ROOT,
+    Bundle,
+    build_bundle,
+    bundle_hash,
+    document_hash,
+    documents_from_content,
+)
+from policies.cache import DecisionCache
+from policies.decide import Decision
+from policies.model import NodeCert
+
+Progress = Callable[[int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing that does not verify; ``index`` is the entry it is about, when there is one."""
+
+    what: str
+    detail: str
+    index: int | None = None
+
+    def to_map(self) -> dict[str, Any]:
+        return {"what": self.what, "detail": self.detail, "index": self.index}
+
+
+@dataclasses.dataclass
+class Report:
+    """The outcome of :func:`verify_export`."""
+
+    origin: str
+    entries: int = 0
+    checkpoints: int = 0
+    cosignatures: int = 0
+    decisions_replayed: int = 0
+    deliveries_checked: int = 0
+    bundles: int = 0
+    latest_checkpoint: int | None = None
+    witnessed_size: int | None = None
+    witnessed_by: tuple[str, ...] = ()
+    unwitnessed_entries: int = 0
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_bad_index(self) -> int | None:
+        indexes = [p.index for p in self.problems if p.index is not None]
+        return min(indexes) if indexes else None
+
+    def add(self, what: str, detail: str, index: int | None = None) -> None:
+        self.problems.append(Problem(what, detail, index))
+
+    def to_map(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["problems"] = [p.to_map() for p in self.problems]
+        out["witnessed_by"] = list(self.witnessed_by)
+        out.update(ok=self.ok, first_bad_index=self.first_bad_index)
+        return out
+
+
+def load_bundles(export: Export, pins: Iterable[bytes], report: Report) -> dict[bytes, Bundle]:
+    """Every bundle of the export whose documents verify under a pinned trust root."""
+    pinned = set(pins)
+    bundles: dict[bytes, Bundle] = {}
+    for name, content in export.bundles().items():
+        try:
+            documents = documents_from_content(content)
+            digest = bundle_hash(documents)
+            if digest.hex() != name:
+                raise ValueError(f"its documents hash to {digest.hex()}")
+            root = documents.get(TRUST_ROOT)
+            if root is None or document_hash(root) not in pinned:
+                raise ValueError("its trust root is not one the auditor pinned")
+            bundles[digest] = build_bundle(documents, pinned_root_sha256=document_hash(root))
+        except (BrokerError, ValueError) as exc:
+            report.add("bundle", f"bundle {name}: {exc}")
+    report.bundles = len(bundles)
+    return bundles
+
+
+class _Replay:
+    """Decision replay state: who was permitted what, which nodes were suspended."""
+
+    def __init__(self, bundles: Mapping[bytes, Bundle], report: Report) -> None:
+        self.bundles = bundles
+        self.report = report
+        self.permitted: set[tuple[bytes, str]] = set()
+        self.suspended: set[str] = set()
+        self.cache = DecisionCache(max_entries=1 << 16)
+
+    def route(self, index: int, entry: RouteEntry) -> None:
+        bundle = self.bundles.get(entry.bundle)
+        if bundle is None:
+            self.report.add("replay", f"bundle {entry.bundle.hex()} is not in the export "
+                            "(or does not verify)", index)
+            return
+        sender = bundle.nodes.get(entry.sender)
+        if sender is None:
+            self.report.add("replay", f"sender {entry.sender} has no certificate in the bundle",
+                            index)
+            return
+        for node, recorded in entry.decisions.items():
+            replayed = decide_recipient(
+                entry.label, sender, node, entry.topic, entry.ts, bundle,
+                sealed_for=entry.sealed, inactive_nodes=self.suspended, cache=self.cache)
+            self.report.decisions_replayed += 1
+            if replayed != recorded:
+                self.report.add("replay", f"decision for {node}: logged {_show(recorded)}, "
+                                f"replay gives {_show(replayed)}", index)
+            if recorded.permit:
+                self.permitted.add((entry.id, node))
+
+    def deliver(self, index: int, entry: DeliverEntry | ExpireEntry) -> None:
+        self.report.deliveries_checked += isinstance(entry, DeliverEntry)
+        if (entry.id, entry.to) not in self.permitted:
+            self.report.add(entry.KIND, f"message {entry.id.hex()} went to {entry.to}, which it "
+                            "was not released to", index)
+
+    def admin(self, entry: AdminEntry) -> None:
+        if entry.outcome == "ok" and entry.action == "suspend":
+            self.suspended.add(entry.target)
+        elif entry.outcome == "ok" and entry.action == "resume":
+            self.suspended.discard(entry.target)
+
+
+def _show(decision: Decision) -> str:
+    return decision.status() + (f" via {decision.via}" if decision.via else "")
+
+
+def check_entries(export: Export, replay: _Replay, report: Report,
+                  progress: Progress | None, total: int) -> merkle.MemoryTree:
+    """Walk every entry: order, format, recorded leaf hash, replay. Returns the tree."""
+    tree = merkle.MemoryTree()
+    recorded = export.recorded_leaves()
+    try:
+        for position, (index, data) in enumerate(export.entries()):
+            if index != position:
+                report.add("entries", f"entry {position} is missing (next stored index is "
+                           f"{index})", position)
+                break
+            leaf = merkle.leaf_hash(data)
+            if position < len(recorded) and recorded[position] != leaf:
+                report.add("entries", "the entry differs from the one appended at this index "
+                           "(its recorded leaf hash does not match)", index)
+            tree.append(leaf)
+            _replay_one(index, data, replay, report)
+            if progress is not None and index % 4096 == 0:
+                progress(index, total)
+    except BrokerError as exc:
+        report.add("entries", f"entries.bin: {exc.reason}", tree.size)
+    report.entries = tree.size
+    if len(recorded) != tree.size:
+        report.add("entries", f"{len(recorded)} leaf hashes recorded for {tree.size} entries",
+                   min(len(recorded), tree.size))
+    return tree
+
+
+def _replay_one(index: int, data: bytes, replay: _Replay, report: Report) -> None:
+    try:
+        entry = entry_from_bytes(data)
+    except BrokerError as exc:
+        report.add("entries", f"not a valid entry: {exc.reason}", index)
+        return
+    if isinstance(entry, RouteEntry):
+        replay.route(index, entry)
+    elif isinstance(entry, (DeliverEntry, ExpireEntry)):
+        replay.deliver(index, entry)
+    elif isinstance(entry, AdminEntry):
+        replay.admin(entry)
+
+
+def _node_certs(bundles: Mapping[bytes, Bundle]) -> dict[str, list[NodeCert]]:
+    certs: dict[str, list[NodeCert]] = {}
+    for bundle in bundles.values():
+        for cert in bundle.nodes.values():
+            if cert not in certs.setdefault(cert.node, []):
+                certs[cert.node].append(cert)
+    return certs
+
+
+def log_verifiers(bundles: Mapping[bytes, Bundle], origin: str) -> list[Verifier]:
+    keys = {b.key for bundle in bundles.values() for b in bundle.trust_root.brokers
+            if b.name == origin}
+    return [Verifier(origin, key) for key in sorted(keys)]
+
+
+def verified_checkpoint(note: str, verifiers: list[Verifier]) -> Checkpoint:
+    error: BrokerError | None = None
+    for verifier in verifiers:
+        try:
+            return verify_log_checkpoint(note, verifier)
+        except BrokerError as exc:
+            error = exc
+    raise error or BrokerError("the trust root lists no key for this broker", code="bad_signature")
+
+
+def _witnesses(note: str, certs: Mapping[str, list[NodeCert]], origin: str) -> dict[str, str]:
+    """``{node: nation}`` of the cosignatures on ``note`` that verify."""
+    parsed = parse_note(note)
+    found = {}
+    for sig in parsed.signatures:
+        if sig.name == origin:
+            continue
+        for cert in certs.get(sig.name, ()):
+            try:
+                verify_cosignature(parsed.text, sig,
+                                   Verifier(cert.node, cert.sign_key, SIG_COSIGNATURE_V1))
+            except BrokerError:
+                continue
+            found[cert.node] = cert.nation
+    return found
+
+
+def check_checkpoints(export: Export, tree: merkle.MemoryTree, bundles: Mapping[bytes, Bundle],
+                      saved: Iterable[tuple[str, str]], quorum: int | None,
+                      report: Report) -> None:
+    """Signatures, roots against the recomputed tree, cosignatures and the quorum."""
+    verifiers = log_verifiers(bundles, report.origin)
+    certs = _node_certs(bundles)
+    required = quorum if quorum is not None else max(
+        (b.trust_root.witness_quorum for b in bundles.values()), default=1)
+    witnessed: tuple[Checkpoint, list[str]] | None = None
+    for source, name, note in [*(("export", n, t) for n, t in export.checkpoint_notes()),
+                               *(("saved", n, t) for n, t in saved)]:
+        try:
+            checkpoint = verified_checkpoint(note, verifiers)
+        except BrokerError as exc:
+            report.add("checkpoint", f"{source} {name}: {exc.reason}")
+            continue
+        if checkpoint.size > tree.size:
+            report.add("checkpoint", f"{source} {name}: signed over {checkpoint.size} entries, "
+                       f"the log has {tree.size} (entries were removed)", tree.size)
+            continue
+        if tree.root(checkpoint.size) != checkpoint.root:
+            first = _first_divergence(export, checkpoint.size)
+            report.add("checkpoint", f"{source} {name}: the entries do not hash to its root "
+                       f"(the log was rewritten)", first)
+            continue
+        if source == "export":
+            nations = sorted(set(_witnesses(note, certs, report.origin).values()))
+            report.checkpoints += 1
+            report.cosignatures += len(nations)
+            report.latest_checkpoint = max(report.latest_checkpoint or 0, checkpoint.size)
+            if len(nations) >= required and (witnessed is None
+                                              or checkpoint.size >= witnessed[0].size):
+                witnessed = (checkpoint, nations)
+    if witnessed is None:
+        if tree.size:
+            report.add("quorum", f"no checkpoint is cosigned by the {required} nation(s) the "
+                       "quorum requires: nothing in this log is witnessed")
+        report.unwitnessed_entries = tree.size
+        return
+    report.witnessed_by = tuple(witnessed[1])
+    report.witnessed_size = witnessed[0].size
+    # Entries after the last witnessed checkpoint are reported, not failed: the nations cosign
+    # a checkpoint only once their gateways have seen it (e.g. the one signed at shutdown).
+    report.unwitnessed_entries = tree.size - witnessed[0].size
+
+
+def _first_divergence(export: Export, size: int) -> int | None:
+    """The earliest index whose entry differs from the leaf recorded at append time, if the
+    recorded leaves are themselves consistent; else ``None`` (only the range is known)."""
+    recorded = export.recorded_leaves()
+    for position, (_, data) in enumerate(export.entries()):
+        if position >= size:
+            break
+        if position >= len(recorded) or recorded[position] != merkle.leaf_hash(data):
+            return position
+    return None
+
+
+def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = (),
+                  quorum: int | None = None, progress: Progress | None = None) -> Report:
+    """Verify an export directory; see the module docstring for what is checked."""
+    export = Export.open(path)
+    report = Report(origin=export.origin)
+    bundles = load_bundles(export, pins, report)
+    if not bundles:
+        report.add("bundle", "no policy bundle verifies under the pinned trust root(s)")
+    replay = _Replay(bundles, report)
+    total = _count_hint(path)
+    tree = check_entries(export, replay, report, progress, total)
+    saved_notes = [(p.name, p.read_text(encoding="utf-8")) for p in saved]
+    check_checkpoints(export, tree, bundles, saved_notes, quorum, report)
+    report.problems.sort(key=lambda p: (p.index is None, p.index or 0))
+    return report
+
+
+def _count_hint(path: Path) -> int:
+    try:
+        return int(json.loads((path / "manifest.json").read_text())["size"])
+    except (OSError, ValueError, KeyError):
+        return 0

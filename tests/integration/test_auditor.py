@@ -1,0 +1,212 @@
+"""The auditor against real logs: a clean log verifies; tampered rows, a lying broker's decisions
+and deliveries, and a rewritten history are each reported with the index."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.audit.leaves import (
+    DeliverEntry,
+    PolicyEntry,
+    RouteEntry,
+    entry_from_bytes,
+    envelope_digest,
+)
+from broker.audit.log import AuditLog
+from broker.audit.note import Signer
+from broker.cli import main
+from broker.coalition import Coalition
+from broker.server import BrokerServer
+from broker.store.sqlite import SqliteStore
+from clients.auditor import verify_export
+from clients.export import Export, export_store
+from clients.gateway import GatewayClient, label
+from policies.bundle import bundle_content
+from policies.decide import Decision
+from tests.integration.conftest import FAST_COMMIT
+
+
+async def _traffic(coalition: Coalition, data_dir: Path, messages: int = 6) -> list[bytes]:
+    """Run a broker with some permitted and denied traffic; return the message ids."""
+    ids = []
+    async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=data_dir,
+                            commit=FAST_COMMIT) as server:
+        def client(node: str) -> GatewayClient:
+            return GatewayClient(server.url, coalition.nodes[node], coalition.trust_root,
+                                 broker_name=coalition.broker_name, timeout=5,
+                                 state_dir=data_dir.parent / f"witness-{node}")
+
+        async with client("USA-GW1") as usa, client("GBR-GW1") as gbr, \
+                client("FRA-GW1") as fra:
+            await gbr.subscribe("reports.>")
+            await fra.subscribe("reports.>")
+            stream = gbr.messages()
+            for i in range(messages):
+                receipt = await usa.publish("reports.daily", b"report %d" % i,
+                                            label("NATO", "SECRET", "USA", ["GBR"]))
+                ids.append(receipt.id)
+                await asyncio.wait_for(anext(stream), 5)
+            await stream.aclose()
+            # Let a checkpoint cover everything and be cosigned.
+            async with asyncio.timeout(5):
+                while server.audit.latest is None or server.audit.latest.size < \
+                        server.audit.size or len(server.audit.latest.cosignatures) < 2:
+                    await asyncio.sleep(0.02)
+    return ids
+
+
+def _export(coalition: Coalition, data_dir: Path, out: Path) -> Path:
+    store = SqliteStore(data_dir / "broker.sqlite")
+    try:
+        export_store(store, coalition.broker_name, out)
+    finally:
+        store.close()
+    return out
+
+
+@pytest.fixture
+async def logged(coalition: Coalition, tmp_path: Path) -> Path:
+    await _traffic(coalition, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_clean_log_verifies_with_every_decision_replayed(
+        coalition: Coalition, logged: Path, tmp_path: Path) -> None:
+    report = verify_export(_export(coalition, logged, tmp_path / "export"),
+                           pins=[coalition.root_sha256])
+    assert report.ok, report.problems
+    assert report.entries > 12 and report.checkpoints >= 1
+    assert report.decisions_replayed == 12  # 6 messages x (GBR permitted, FRA denied)
+    assert report.deliveries_checked == 6
+    assert report.cosignatures >= 2 and report.witnessed_by == ("FRA", "GBR", "USA")
+
+
+def test_verify_refuses_an_unpinned_trust_root(coalition: Coalition, logged: Path,
+                                               tmp_path: Path) -> None:
+    report = verify_export(_export(coalition, logged, tmp_path / "export"), pins=[b"\x00" * 32])
+    assert not report.ok
+    assert any("pinned" in p.detail for p in report.problems)
+
+
+def _entry_count(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+
+@pytest.mark.parametrize("tamper", ["change", "delete", "reorder"])
+def test_tampered_entry_row_is_named_by_its_index(
+        coalition: Coalition, logged: Path, tmp_path: Path, tamper: str) -> None:
+    db = logged / "broker.sqlite"
+    victim = _entry_count(db) // 2
+    with sqlite3.connect(db) as conn:
+        if tamper == "change":
+            data = conn.execute("SELECT data FROM entries WHERE idx = ?", (victim,)).fetchone()[0]
+            changed = bytearray(data)
+            changed[-1] ^= 0x01
+            conn.execute("UPDATE entries SET data = ? WHERE idx = ?", (bytes(changed), victim))
+        elif tamper == "delete":
+            conn.execute("DELETE FROM entries WHERE idx = ?", (victim,))
+        else:
+            a, b = (conn.execute("SELECT data FROM entries WHERE idx = ?", (i,)).fetchone()[0]
+                    for i in (victim, victim + 1))
+            conn.execute("UPDATE entries SET data = ? WHERE idx = ?", (b, victim))
+            conn.execute("UPDATE entries SET data = ? WHERE idx = ?", (a, victim + 1))
+    report = verify_export(_export(coalition, logged, tmp_path / "export"),
+                           pins=[coalition.root_sha256])
+    assert not report.ok
+    assert report.first_bad_index == victim
+
+
+def test_checkpoint_saved_earlier_catches_a_rewritten_history(
+        coalition: Coalition, logged: Path, tmp_path: Path) -> None:
+    """The broker rewrites an entry and re-signs everything (it holds the key): only a
+    checkpoint the auditor (or a witness) kept from before can tell."""
+    first = _export(coalition, logged, tmp_path / "before")
+    saved = sorted((first / "checkpoints").glob("*.note"), key=lambda p: int(p.stem))[-1]
+    db = logged / "broker.sqlite"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT idx, data FROM entries ORDER BY idx").fetchall()
+        conn.execute("DELETE FROM entries")
+        conn.execute("DELETE FROM nodes")
+        conn.execute("DELETE FROM checkpoints")
+        conn.execute("DELETE FROM cosignatures")
+    forged = [bytes(d) for _, d in rows]
+    forged[3] = DeliverEntry(ts=1, id=b"\x00" * 16, to="FRA-GW1", seq=1).to_bytes()
+
+    async def resign() -> None:
+        audit = AuditLog(SqliteStore(db), Signer.from_seed(
+            coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+        await audit.start()
+        for data in forged:
+            await audit.append(entry_from_bytes(data))
+        await audit.stop()
+        audit.store.close()
+
+    asyncio.run(resign())
+    report = verify_export(_export(coalition, logged, tmp_path / "after"),
+                           pins=[coalition.root_sha256], saved=[saved])
+    assert any(p.what == "checkpoint" and "saved" in p.detail for p in report.problems)
+    assert any(p.what == "deliver" and p.index == 3 for p in report.problems)
+
+
+async def test_lying_broker_decisions_and_deliveries_are_flagged(
+        coalition: Coalition, tmp_path: Path) -> None:
+    """A broker signs a log claiming it permitted what the agreements deny, and delivered a
+    message to a node it was never released to."""
+    bundle = coalition.bundle()
+    data = tmp_path / "liar"
+    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
+        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+    await audit.start()
+    lab = label("NATO", "SECRET", "USA", ["GBR"])
+    await audit.append(PolicyEntry(ts=1, bundle=bundle.hash),
+                       bundles=[(bundle.hash, bundle_content(bundle))])
+    now = time.time_ns() // 1_000_000
+    await audit.append(RouteEntry(
+        ts=now, id=b"\x01" * 16, env=envelope_digest(b"x"), sender="USA-GW1",
+        topic="reports.daily", label=lab, prec=0, ttl=60, bundle=bundle.hash,
+        sealed=("FRA-GW1", "GBR-GW1"),
+        decisions={"GBR-GW1": Decision(True, (), "COALITION-DEFAULT@1/all"),
+                   "FRA-GW1": Decision(True, (), "COALITION-DEFAULT@1/all")}))
+    await audit.append(DeliverEntry(ts=now, id=b"\x01" * 16, to="USA-GW2", seq=1))
+    await audit.stop()
+    audit.store.close()
+    report = verify_export(_export(coalition, data, tmp_path / "export"),
+                           pins=[coalition.root_sha256], quorum=0)
+    assert [(p.what, p.index) for p in report.problems] == [("replay", 1), ("deliver", 2)]
+    assert "FRA-GW1" in report.problems[0].detail
+
+
+def test_cli_export_verify_and_prove(coalition: Coalition, logged: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-export"
+    assert main(["audit", "export", "--data-dir", str(logged), "--out", str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    pin = coalition.root_sha256.hex()
+    assert main(["audit", "verify", str(out), "--pin", pin, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["problems"] == []
+    message = _first_route_id(out)
+    assert main(["audit", "prove", str(out), "--id", message, "--pin", pin]) == 0
+    assert "inclusion verified" in capsys.readouterr().out
+    with sqlite3.connect(logged / "broker.sqlite") as conn:
+        conn.execute("DELETE FROM entries WHERE idx = 2")
+    out2 = tmp_path / "cli-export-2"
+    assert main(["audit", "export", "--data-dir", str(logged), "--out", str(out2)]) == 0
+    assert main(["audit", "verify", str(out2), "--pin", pin]) == 1
+    assert "FIRST BAD INDEX    2" in capsys.readouterr().out
+
+
+def _first_route_id(export: Path) -> str:
+    for _, data in Export.open(export).entries():
+        entry = entry_from_bytes(data)
+        if isinstance(entry, RouteEntry):
+            return entry.id.hex()
+    raise AssertionError("no route entry")
