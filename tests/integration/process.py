@@ -1,0 +1,70 @@
+"""A real ``coalition broker serve`` process for tests about processes and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+
+class BrokerProcess:
+    """A running broker process; its JSON log lines are drained so it never blocks on them."""
+
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+        self.events: list[dict[str, object]] = []
+        self._drain = asyncio.create_task(self._read_logs())
+
+    async def _read_logs(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(line))
+
+    def kill9(self) -> None:
+        """SIGKILL: no handler runs, nothing is flushed."""
+        self.process.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        code = await asyncio.wait_for(self.process.wait(), timeout=20)
+        await self._drain
+        return code
+
+
+async def start_broker(config: Path) -> BrokerProcess:
+    """Start ``coalition broker serve`` and return once it logged ``broker_ready``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker.cli", "broker", "serve", "--config", str(config),
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    lines = []
+    while True:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
+        if not line:
+            await process.wait()
+            raise AssertionError(f"broker exited ({process.returncode}) before it was ready: "
+                                 + b"".join(lines[-5:]).decode(errors="replace"))
+        lines.append(line)
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "broker_ready":
+                return BrokerProcess(process, str(event["url"]))
+
+
+@contextlib.asynccontextmanager
+async def running_broker(config: Path) -> AsyncIterator[BrokerProcess]:
+    """A broker process killed (if still running) when the block ends."""
+    broker = await start_broker(config)
+    try:
+        yield broker
+    finally:
+        if broker.process.returncode is None:
+            broker.process.kill()
+        await broker.wait()
