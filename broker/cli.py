@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from broker.logs import configure
 from clients.identity import KeyFile
 from policies import authoring
 from policies.documents import parse_node_cert
+from policies.loader import load_bundle
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -92,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_broker_serve)
+    reload = broker_cmd.add_parser("reload", help="make a running broker load its policy "
+                                   "directory again (SIGHUP)")
+    reload.add_argument("--config", type=Path, required=True)
+    reload.set_defaults(run=_broker_reload)
     check = broker_cmd.add_parser("check-config", help="validate a config and its policy")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(run=_broker_check)
@@ -213,6 +219,23 @@ def _broker_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_reload(args: argparse.Namespace) -> int:
+    from broker.server import PID_FILE
+
+    config = load_config(args.config)
+    # Check the new bundle here first, so the operator sees a refusal at once.
+    bundle = load_bundle(config.policy.dir, pinned_root_sha256=config.policy.trust_root_sha256)
+    pid_file = config.broker.data_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no running broker for {args.config} ({pid_file}: {exc})") from exc
+    print(f"asked broker {config.broker.name} (pid {pid}) to activate policy bundle "
+          f"{bundle.hash.hex()}; its log says whether it did")
+    return 0
+
+
 def _broker_serve(args: argparse.Namespace) -> int:
     from broker.server import serve
 
@@ -221,11 +244,12 @@ def _broker_serve(args: argparse.Namespace) -> int:
     _use_uvloop()
 
     async def run() -> None:
-        stop = asyncio.Event()
+        stop, reload = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop=stop)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+        await serve(config, stop=stop, reload=reload)
 
     asyncio.run(run())
     return 0

@@ -252,6 +252,27 @@ class BrokerServer:
         await self._close_audit()
         log.info("broker_stopped", broker=self.name)
 
+    async def reload(self, policy_dir: Path, *, pinned_root_sha256: bytes) -> Bundle:
+        """Load the policy directory again and activate it atomically.
+
+        A bundle that does not load (bad or missing signature, unpinned trust root, a trust
+        root that no longer lists this broker's key) is logged with its reason and changes
+        nothing: the previous bundle stays in force. Raises the refusal as ``BrokerError``.
+        """
+        try:
+            bundle = load_bundle(policy_dir, pinned_root_sha256=pinned_root_sha256)
+            check_broker_key(bundle, self.name, self.key)
+        except BrokerError as exc:
+            log.error("policy_reload_refused", code=exc.code, reason=exc.reason,
+                      active=self.bundle.hash.hex())
+            raise
+        if bundle.hash == self.bundle.hash:
+            log.info("policy_reload_unchanged", bundle=bundle.hash.hex())
+            return bundle
+        await self.hub.activate(bundle)
+        self.bundle = bundle
+        return bundle
+
     async def _close_audit(self) -> None:
         if self._audit is not None:
             try:
@@ -380,8 +401,29 @@ class BrokerServer:
             return session.fail("internal", "the broker failed on this request", close=True)
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    """Run a broker from configuration until ``stop`` is set (or forever)."""
+PID_FILE = "broker.pid"
+
+
+async def serve(config: Config, *, stop: asyncio.Event | None = None,
+                reload: asyncio.Event | None = None) -> None:
+    """Run a broker from configuration until ``stop`` is set (or forever); each time
+    ``reload`` is set, load the policy directory again (see :meth:`BrokerServer.reload`)."""
     server = BrokerServer.from_config(config)
+    stop = stop or asyncio.Event()
+    reload = reload or asyncio.Event()
+    pid_file = config.broker.data_dir / PID_FILE
     async with server:
-        await (stop or asyncio.Event()).wait()
+        pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            while not stop.is_set():
+                waiters = [asyncio.ensure_future(e.wait()) for e in (stop, reload)]
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+                if reload.is_set() and not stop.is_set():
+                    reload.clear()
+                    with contextlib.suppress(BrokerError):
+                        await server.reload(config.policy.dir,
+                                            pinned_root_sha256=config.policy.trust_root_sha256)
+        finally:
+            pid_file.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from broker.coalition import Coalition
+
 
 class BrokerProcess:
     """A running broker process; its JSON log lines are drained so it never blocks on them."""
@@ -56,6 +58,23 @@ async def start_broker(config: Path) -> BrokerProcess:
             event = json.loads(line)
             if event.get("event") == "broker_ready":
                 return BrokerProcess(process, str(event["url"]))
+
+
+def write_broker_config(tmp_path: Path, coalition: Coalition) -> Path:
+    """A config for ``coalition`` on a free port, data in ``tmp_path/data``, fast checkpoints."""
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        "[broker]\n"
+        f'name = "{coalition.broker_name}"\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+        f'key = "{coalition.keys_dir / "broker.key"}"\n'
+        '[listen]\nhost = "127.0.0.1"\nport = 0\n'
+        "[policy]\n"
+        f'dir = "{coalition.policy_dir}"\n'
+        f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'
+        "[audit]\nmax_batch = 64\nmax_delay_ms = 1\ncheckpoint_interval_ms = 50\n"
+    )
+    return path
 
 
 @contextlib.asynccontextmanager

@@ -12,25 +12,9 @@ from broker.store.sqlite import SqliteStore
 from clients.auditor import verify_export
 from clients.export import Export, export_store
 from clients.gateway import GatewayClient, GatewayError, Receipt, label
-from tests.integration.process import running_broker
+from tests.integration.process import running_broker, write_broker_config
 
 LABEL = label("NATO", "SECRET", "USA", ["GBR"])
-
-
-def _config(tmp_path: Path, coalition: Coalition) -> Path:
-    path = tmp_path / "broker.toml"
-    path.write_text(
-        "[broker]\n"
-        f'name = "{coalition.broker_name}"\n'
-        f'data_dir = "{tmp_path / "data"}"\n'
-        f'key = "{coalition.keys_dir / "broker.key"}"\n'
-        '[listen]\nhost = "127.0.0.1"\nport = 0\n'
-        "[policy]\n"
-        f'dir = "{coalition.policy_dir}"\n'
-        f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'
-        "[audit]\nmax_batch = 64\nmax_delay_ms = 1\ncheckpoint_interval_ms = 50\n"
-    )
-    return path
 
 
 def _client(url: str, coalition: Coalition, node: str, tmp_path: Path) -> GatewayClient:
@@ -53,7 +37,7 @@ async def _publish_until_killed(client: GatewayClient, receipts: list[Receipt]) 
 
 async def test_kill_9_under_load_loses_nothing_receipted(coalition: Coalition,
                                                          tmp_path: Path) -> None:
-    config = _config(tmp_path, coalition)
+    config = write_broker_config(tmp_path, coalition)
     receipts: list[Receipt] = []
     async with running_broker(config) as broker:
         async with _client(broker.url, coalition, "GBR-GW1", tmp_path) as gbr:

@@ -14,7 +14,7 @@ PURE = [
     "broker.audit.merkle", "broker.audit.note", "broker.audit.leaves", "broker.audit.witness",
     "broker.release",
     "policies.model", "policies.documents", "policies.bundle", "policies.decide",
-    "policies.authoring",
+    "policies.authoring", "policies.catalogue",
 ]
 FORBIDDEN = {"asyncio", "aiohttp", "sqlite3", "structlog", "pathlib", "socket", "shutil",
              "subprocess", "tempfile", "uvloop", "time"}
