@@ -31,6 +31,7 @@ from broker.replay import ReplayGuard
 from broker.store.base import Batch, QueueRow
 from policies.bundle import Bundle, bundle_content
 from policies.cache import DecisionCache
+from policies.catalogue import label_catalogue
 from policies.decide import Decision
 from policies.model import Label, NodeCert
 
@@ -181,7 +182,13 @@ class Hub:
             recipients[node] = decision.status()
             if decision.permit:
                 keys[node] = self.bundle.nodes[node].enc_key
-        return wire.Routes(recipients=recipients, keys=keys)
+        catalogue = None
+        if frame.catalogue:
+            nations = {n for n in map(self.bundle.nation_of, candidates) if n is not None}
+            catalogue = {nation: label_catalogue(self.bundle, sender.nation, nation, now_ms=now,
+                                                 topic=topic).to_map()
+                         for nation in sorted(nations)}
+        return wire.Routes(recipients=recipients, keys=keys, catalogue=catalogue)
 
     def publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
         """Verify and decide now; ``reply`` gets the receipt once the route entry is durable.

@@ -107,6 +107,8 @@ class Route(Frame):
     topic: str
     label: Mapping[str, Any]
     to: tuple[str, ...] | None = None
+    #: Extension: ask for the label catalogue of each destination nation as well.
+    catalogue: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,8 @@ class Routes(Frame):
     T: ClassVar[str] = "routes"
     recipients: Mapping[str, str]
     keys: Mapping[str, bytes]
+    #: Extension, only when asked: destination nation → label catalogue (policies.catalogue).
+    catalogue: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +234,10 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     if _is_optional(hint):
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
     origin = typing.get_origin(hint)
+    if hint is bool:
+        if type(value) is not bool:
+            raise ProtocolError(f"{where} must be a boolean", code="bad_frame")
+        return value
     if hint is int:
         if type(value) is not int or not 0 <= value <= _MAX_INT:
             raise ProtocolError(f"{where} must be a non-negative int", code="bad_frame")

@@ -105,6 +105,8 @@ class RoutePlan:
 
     recipients: Mapping[str, str]
     keys: Mapping[str, bytes]
+    #: Destination nation → label catalogue (highest level, releasable categories), if asked.
+    catalogue: Mapping[str, Any] | None = None
 
     @property
     def permitted(self) -> list[str]:
@@ -250,14 +252,18 @@ class GatewayClient:
         self.certs = certs
         return certs
 
-    async def route(self, topic: str, label: Label, to: tuple[str, ...] = ()) -> RoutePlan:
-        """Ask the broker whom a message with this label and topic would be released to."""
+    async def route(self, topic: str, label: Label, to: tuple[str, ...] = (), *,
+                    catalogue: bool = False) -> RoutePlan:
+        """Ask the broker whom a message with this label and topic would be released to (and,
+        with ``catalogue``, what may be released to each destination nation at all)."""
         frame = wire.Route(topic=topic, label=label.to_map(),
-                           to=tuple(canonical.canonical_set(list(to))) or None)
+                           to=tuple(canonical.canonical_set(list(to))) or None,
+                           catalogue=True if catalogue else None)
         answer = await self._control_request(frame)
         if not isinstance(answer, wire.Routes):
             raise RequestRejected(f"unexpected answer '{answer.T}' to route", code="bad_frame")
-        return RoutePlan(recipients=dict(answer.recipients), keys=dict(answer.keys))
+        return RoutePlan(recipients=dict(answer.recipients), keys=dict(answer.keys),
+                         catalogue=None if answer.catalogue is None else dict(answer.catalogue))
 
     async def publish(
         self,

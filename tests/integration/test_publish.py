@@ -153,6 +153,20 @@ async def test_route_dry_run_reports_decisions_and_keys(
         assert plan.keys["GBR-GW1"] == coalition.nodes["GBR-GW1"].enc_public
 
 
+async def test_route_can_return_the_label_catalogue_per_destination_nation(
+    gateway: Gateways
+) -> None:
+    async with usa_with_two_subscribers(gateway) as usa:
+        plain = await usa.route("maritime.tracks", label("NATO", "SECRET", "USA", ["GBR"]))
+        assert plain.catalogue is None  # only when asked: the contract frame stays as it is
+        plan = await usa.route("maritime.tracks", label("NATO", "SECRET", "USA", ["GBR"]),
+                               catalogue=True)
+    assert plan.catalogue is not None and set(plan.catalogue) == {"FRA", "GBR"}
+    best = plan.catalogue["GBR"]["best"]
+    assert best["level"] == "TOP SECRET"  # COALITION-DEFAULT: one tier up to the top level
+    assert plan.catalogue["GBR"]["origin"] == "USA"
+
+
 async def test_directory_certificates_verify_against_the_trust_root(gateway: Gateways) -> None:
     async with gateway("USA-GW1") as usa:
         certs = await usa.directory()
