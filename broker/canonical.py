@@ -59,24 +59,26 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
         raise ProtocolError("trailing bytes after the msgpack object", code="bad_frame") from exc
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise ProtocolError(f"not valid msgpack: {type(exc).__name__}", code="bad_frame") from exc
-    try:
-        again = encode(obj)
-    except ProtocolError as exc:
-        raise ProtocolError(f"not canonical: {exc.reason}", code="non_canonical") from exc
-    if again != data:
+    # Map keys in the order received must already be the canonical order, and only the allowed
+    # types may occur; then re-packing as decoded must give back the same bytes (shortest ints,
+    # str vs bin, no trailing tricks). Cheaper than normalising a copy, same verdict.
+    _check_decoded(obj, 0)
+    if msgpack.packb(obj, use_bin_type=True) != data:
         raise ProtocolError("bytes do not re-encode identically", code="non_canonical")
     return obj
 
 
 def is_sorted_unique(values: Sequence[str]) -> bool:
-    """True when ``values`` is strictly increasing by UTF-8 bytes (a canonical set)."""
-    encoded = [v.encode() for v in values]
-    return all(a < b for a, b in itertools.pairwise(encoded))
+    """True when ``values`` is strictly increasing by UTF-8 bytes (a canonical set).
+
+    UTF-8 preserves code point order, so comparing the ``str`` values is comparing their bytes.
+    """
+    return all(a < b for a, b in itertools.pairwise(values))
 
 
 def canonical_set(values: Sequence[str]) -> list[str]:
     """Return ``values`` as a canonical set: unique, sorted by UTF-8 bytes."""
-    return sorted(set(values), key=lambda v: v.encode())
+    return sorted(set(values))
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -87,18 +89,21 @@ def _normalise(obj: Any, depth: int) -> Any:
     """Return a structure msgpack encodes canonically; reject what the contract forbids."""
     if depth > _MAX_DEPTH:
         raise ProtocolError("nesting too deep", code="bad_frame")
-    if isinstance(obj, (bool, int, str, bytes)):
+    kind = type(obj)
+    if kind is str or kind is bytes or kind is int or kind is bool:
+        return obj
+    if kind is dict or isinstance(obj, Mapping):
+        for key in obj:
+            if type(key) is not str:
+                raise ProtocolError(f"map key {key!r} is not a str", code="bad_frame")
+        # Code point order of str keys is the UTF-8 byte order the contract asks for.
+        return {key: _normalise(obj[key], depth + 1) for key in sorted(obj)}
+    if kind is list or kind is tuple:
+        return [_normalise(item, depth + 1) for item in obj]
+    if isinstance(obj, (bool, int, str, bytes)):  # subclasses (IntEnum, …)
         return obj
     if isinstance(obj, (bytearray, memoryview)):
         return bytes(obj)
-    if isinstance(obj, Mapping):
-        items = []
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                raise ProtocolError(f"map key {key!r} is not a str", code="bad_frame")
-            items.append((key.encode(), key, _normalise(value, depth + 1)))
-        items.sort(key=lambda item: item[0])
-        return {key: value for _, key, value in items}
     if isinstance(obj, (list, tuple)):
         return [_normalise(item, depth + 1) for item in obj]
     if obj is None:
@@ -106,3 +111,29 @@ def _normalise(obj: Any, depth: int) -> Any:
     if isinstance(obj, float):
         raise ProtocolError("floats are not allowed", code="bad_frame")
     raise ProtocolError(f"cannot encode {type(obj).__name__}", code="bad_frame")
+
+
+def _check_decoded(obj: Any, depth: int) -> None:
+    """Raise ``non_canonical`` unless ``obj`` (as decoded) is in canonical form."""
+    if depth > _MAX_DEPTH:
+        raise ProtocolError("nesting too deep", code="bad_frame")
+    kind = type(obj)
+    if kind is str or kind is bytes or kind is int or kind is bool:
+        return
+    if kind is dict:
+        previous = None
+        for key, value in obj.items():
+            if type(key) is not str:
+                raise ProtocolError("not canonical: a map key is not a str", code="non_canonical")
+            if previous is not None and not previous < key:
+                raise ProtocolError("not canonical: map keys are not sorted",
+                                    code="non_canonical")
+            previous = key
+            _check_decoded(value, depth + 1)
+        return
+    if kind is list:
+        for item in obj:
+            _check_decoded(item, depth + 1)
+        return
+    what = "nil" if obj is None else type(obj).__name__
+    raise ProtocolError(f"not canonical: {what} is not allowed", code="non_canonical")

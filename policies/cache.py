@@ -13,11 +13,9 @@ outlive an agreement's expiry by up to a bucket.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import OrderedDict
 from collections.abc import Set
 
-from broker import canonical
 from policies.bundle import Bundle
 from policies.decide import Decision, decide
 from policies.model import Label, NodeCert
@@ -28,7 +26,7 @@ CacheKey = tuple[bytes, str, str, str, bytes, bool, bool, bool, bool]
 
 def label_digest(label: Label) -> bytes:
     """SHA-256 of the label's canonical msgpack encoding."""
-    return hashlib.sha256(canonical.encode(label.to_map())).digest()
+    return label.digest
 
 
 def validity_interval(sender: NodeCert, recipient: NodeCert, now_ms: int,

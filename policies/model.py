@@ -8,9 +8,12 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from broker import canonical
 from broker.canonical import is_sorted_unique
 from broker.errors import ProtocolError
 
@@ -51,6 +54,11 @@ class Label:
     cats: Mapping[str, tuple[str, ...]]
     rel: tuple[str, ...]
     orig: str
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of the label's canonical encoding (computed once per label object)."""
+        return hashlib.sha256(canonical.encode(self.to_map())).digest()
 
     @classmethod
     def from_map(cls, value: Any) -> Label:
