@@ -204,20 +204,33 @@ def build_coalition(
         common=common, schemes=schemes, agreements=agreements,
     )
     policy_dir, keys_dir = base / "policy", base / "keys"
-    for sub in ("nodes", "schemes", "agreements"):
-        (policy_dir / sub).mkdir(parents=True, exist_ok=True)
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    for nation, key in made.authorities.items():
-        key.write(keys_dir / f"authority-{nation}.key")
-    made.broker_key.write(keys_dir / "broker.key")
-    for node, key in made.nodes.items():
-        key.write(keys_dir / f"{node}.key")
-    for path, doc in made.documents.items():
-        target = policy_dir / path
-        target.write_bytes(doc.data)
-        target.with_name(target.name + ".sig").write_bytes(doc.sig)
+    write_documents(made.documents, policy_dir)
+    write_keys(made, keys_dir)
     return Coalition(
         base=base, policy_dir=policy_dir, keys_dir=keys_dir, broker_name=broker_name,
         broker_key=made.broker_key, authorities=made.authorities, nodes=made.nodes,
         root_sha256=made.root_sha256,
     )
+
+
+def write_documents(documents: Mapping[str, SignedDocument], policy_dir: Path) -> None:
+    """Write each document and its ``.sig`` under ``policy_dir`` (the layout the loader reads)."""
+    for sub in ("nodes", "schemes", "agreements"):
+        (policy_dir / sub).mkdir(parents=True, exist_ok=True)
+    for path, doc in sorted(documents.items()):
+        target = policy_dir / path
+        target.write_bytes(doc.data)
+        target.with_name(target.name + ".sig").write_bytes(doc.sig)
+
+
+def write_keys(made: CoalitionDocuments, keys_dir: Path) -> None:
+    """Write the private key files: ``authority-NATION.key``, ``NODE.key`` and ``broker.key``.
+
+    Refuses to overwrite an existing key file (:class:`FileExistsError`).
+    """
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    for nation, key in sorted(made.authorities.items()):
+        key.write(keys_dir / f"authority-{nation}.key")
+    made.broker_key.write(keys_dir / "broker.key")
+    for node, key in sorted(made.nodes.items()):
+        key.write(keys_dir / f"{node}.key")

@@ -1,24 +1,104 @@
-"""`coalition demo` runs end to end and shows deliveries, denials and rejections."""
+"""`coalition demo` runs end to end and shows, from the broker's own receipts: permits across the
+inner and partner tiers naming agreement@version/tier, denials with their reason codes (above the
+partner ceiling, expired agreement, need-to-know, audience, missing key), rejected envelopes, the
+expired certificate, and the offline gateway's queue in precedence order."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
+from collections import Counter
+from pathlib import Path
 
+import pytest
+
+from broker import examples
 from broker.demo import run_demo
+from policies.loader import read_policy_dir
+
+ROW = re.compile(r"^ *(?P<step>\d+) {5}(?P<node>\S+) +(?P<status>\S+)(?: +(?P<via>\S.*))?$",
+                 re.MULTILINE)
+RECEIVED = re.compile(r"^  (?P<node>\S+) +<- (?P<sender>\S+) +prec=(?P<prec>\d)", re.MULTILINE)
 
 
-async def test_demo_shows_delivered_denied_and_rejected_traffic() -> None:
+def ref(agreement_id: str, tier: str) -> str:
+    """``ID@VERSION/TIER`` as the demo coalition defines it."""
+    return next(f"{a.ref}/{tier}" for a in examples.agreements(0) if a.id == agreement_id)
+
+
+@pytest.fixture(scope="module")
+def report() -> str:
     out = io.StringIO()
-    assert await run_demo(out) == 0
-    report = out.getvalue()
-    assert re.search(r"^1 +USA-GW1 .* GBR-GW1 +delivered$", report, re.MULTILINE)
-    assert re.search(r"^1 +USA-GW1 .* USA-GW2 +queued$", report, re.MULTILINE)
-    assert re.search(r"FRA-GW1 +denied:not_in_audience$", report, re.MULTILINE)
-    assert "denied:no_key_for_recipient" in report
-    for code in ("rejected:replay", "rejected:sender_mismatch", "rejected:bad_signature",
-                 "refused:node_inactive"):
-        assert code in report
-    # The node that was offline gets its queue back, FLASH first.
-    usa2 = re.findall(r"^  USA-GW2 +<- \S+ +prec=(\d)", report, re.MULTILINE)
-    assert usa2 and usa2 == sorted(usa2, reverse=True) and usa2[0] == "3"
+    assert asyncio.run(run_demo(out)) == 0
+    return out.getvalue()
+
+
+def rows(report: str) -> list[dict[str, str]]:
+    return [{k: v or "" for k, v in m.groupdict().items()} for m in ROW.finditer(report)]
+
+
+def denied_with(report: str, code: str) -> list[dict[str, str]]:
+    return [r for r in rows(report)
+            if r["status"].startswith("denied:") and code in r["status"][7:].split(",")]
+
+
+def test_inner_tier_permits_name_the_agreement_version_and_tier(report: str) -> None:
+    core = ref(examples.ATLANTIC_SHIELD, examples.CORE_TIER)
+    released = [r for r in rows(report) if r["via"] == core]
+    assert {r["node"] for r in released} >= {"FRA-GW1", "GBR-GW1", "USA-GW1"}
+    assert all(r["status"] in ("delivered", "queued") for r in released)
+    inner = ref(examples.EASTERN_SENTRY, examples.INNER_TIER)
+    assert any(r["via"] == inner and r["status"] == "delivered" for r in rows(report))
+
+
+def test_partner_tier_permits_restricted_and_denies_above_its_ceiling(report: str) -> None:
+    partners = ref(examples.ATLANTIC_SHIELD, examples.PARTNER_TIER)
+    assert any(r["node"] == "POL-GW1" and r["status"] == "delivered" and r["via"] == partners
+               for r in rows(report))
+    assert any(r["node"] == "POL-GW1" for r in denied_with(report, "above_ceiling"))
+
+
+def test_expired_agreement_denies_with_agreement_inactive(report: str) -> None:
+    (row,) = denied_with(report, "agreement_inactive")
+    assert row["status"] == "denied:agreement_inactive"
+    rhine = next(a.ref for a in examples.agreements(0) if a.id == examples.RHINE_LIAISON)
+    assert re.search(rf"why: {re.escape(rhine)}/\S+ \(expired\)", report)
+
+
+def test_need_to_know_denials(report: str) -> None:
+    assert denied_with(report, "recipient_not_accredited")  # a node without the NTK value
+    # The partners tier admits no need-to-know value: a RESTRICTED NTK label is not released.
+    assert any(r["node"] == "POL-GW1" and "above_ceiling" not in r["status"]
+               for r in denied_with(report, "category_not_covered"))
+
+
+def test_audience_missing_key_and_rejected_envelopes(report: str) -> None:
+    assert any(r["node"] == "FRA-GW1" and r["status"] == "denied:not_in_audience"
+               for r in rows(report))
+    assert denied_with(report, "no_key_for_recipient")
+    statuses = {r["status"] for r in rows(report) if r["node"] == "(broker)"}
+    assert statuses == {"rejected:replay", "rejected:sender_mismatch", "rejected:bad_signature",
+                        "refused:node_inactive"}
+
+
+def test_every_release_in_a_receipt_is_received_and_decrypted(report: str) -> None:
+    owed = Counter(r["node"] for r in rows(report) if r["status"] in ("delivered", "queued"))
+    received = Counter(m["node"] for m in RECEIVED.finditer(report))
+    assert owed == received and len(owed) == 5
+
+
+def test_offline_gateway_gets_its_queue_in_precedence_order(report: str) -> None:
+    assert any(r["node"] == examples.OFFLINE_NODE and r["status"] == "queued"
+               for r in rows(report))
+    precs = [m["prec"] for m in RECEIVED.finditer(report) if m["node"] == examples.OFFLINE_NODE]
+    assert len(precs) >= 4 and precs == sorted(precs, reverse=True) and precs[0] == "3"
+    assert len(set(precs)) == 4  # FLASH, IMMEDIATE, PRIORITY and ROUTINE all queued
+
+
+async def test_demo_keeps_its_signed_documents_in_the_work_directory(tmp_path: Path) -> None:
+    assert await run_demo(io.StringIO(), workdir=tmp_path) == 0
+    documents = read_policy_dir(tmp_path / "policy")
+    assert {f"agreements/{a}.toml" for a in (examples.ATLANTIC_SHIELD, examples.EASTERN_SENTRY,
+                                              examples.RHINE_LIAISON)} <= set(documents)
+    assert (tmp_path / "keys" / f"{examples.OFFLINE_NODE}.key").is_file()

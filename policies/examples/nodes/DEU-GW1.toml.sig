@@ -1,0 +1,1 @@
+DEU ed25519:b43a4dda8f985d6f Fm7A/G4Ivln2KKE/jhh37E5dKRPq2st9+Mf+iGfCHwnMWcVyHvm/rpSEuubLCr4CgrSJF82+7Chxbe+njJDLAg==

@@ -1,0 +1,1 @@
+FRA ed25519:df75f67285ed5c73 2Rx3mznmBjT2jV2CPbQnfn7kJz9hepM7zgLIzsyndlUqUoMCyDOkTcy9G4dRztmg9kS/aHd4Wf1QJt+UBoaFDA==

@@ -1,0 +1,1 @@
+FRA ed25519:df75f67285ed5c73 3ojsfB+Lq0k5hJbBz9MBan9SrgINNoXvbo64l8Vw/RhW864bRwjxpvBRC8sbpf6y32pfIrqMRHbKIrEwIzeVAA==

@@ -1,0 +1,1 @@
+DEU ed25519:b43a4dda8f985d6f LbFjBRkh0cybme8hN2UIfvjV7fBnEKz/GmgGRm4Y7/1n337n18iixLu5koMngs31mVyD6yMw53Fqj1Cl1wthDg==

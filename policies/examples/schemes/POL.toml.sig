@@ -1,0 +1,1 @@
+POL ed25519:40f4950cbaed2a0c zeJB+QAwP9xNuhQLRjWnhG0cf6gr4bAzi9IeCRBjKLkQkEgrXet2wz79MMJvsz3JFevt3q1uO/+UUzccfx4DAw==
