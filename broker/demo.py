@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import TextIO
 
 from broker import examples
+from broker.audit.log import CommitPolicy
+from broker.cli_audit import print_report
 from broker.coalition import Coalition
 from broker.envelope import Envelope, build_envelope
 from broker.server import BrokerServer
+from broker.store.sqlite import SqliteStore
+from clients.auditor import verify_export
+from clients.export import export_store
 from clients.gateway import (
     AuthenticationError,
     GatewayClient,
@@ -169,8 +174,10 @@ class Demo:
         self.received: dict[str, list[Message]] = {}
 
     def client(self, node: str) -> GatewayClient:
+        # Each gateway is also a witness of the audit log: it cosigns the checkpoints.
         return GatewayClient(self.server.url, self.c.nodes[node], self.bundle.trust_root,
-                             broker_name=self.c.broker_name, timeout=10)
+                             broker_name=self.c.broker_name, timeout=10,
+                             state_dir=self.c.base / "witness" / node)
 
     # --- the scenario ---------------------------------------------------------------------
 
@@ -192,7 +199,17 @@ class Demo:
                                    for node, gw in gateways.items()))
             async with self.client(examples.OFFLINE_NODE) as offline:  # back: gets its queue
                 await self.collect(offline, self.owed(examples.OFFLINE_NODE))
+            await self.until_witnessed(len(gateways))
         await self.expired_certificate_step()
+
+    async def until_witnessed(self, witnesses: int) -> None:
+        """Give the connected gateways time to cosign a checkpoint covering the traffic."""
+        audit, target = self.server.audit, self.server.audit.size
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                while (audit.latest is None or audit.latest.size < target
+                       or len(audit.latest.cosignatures) < witnesses):
+                    await asyncio.sleep(0.02)
 
     async def publish(self, gw: GatewayClient, step: Step) -> None:
         """Publish through the client library and record the receipt, explained."""
@@ -388,14 +405,35 @@ async def run_demo(out: TextIO, *, workdir: Path | None = None,
             out.write("  (a temporary directory, removed at the end; `coalition demo --dir DIR` "
                       "keeps it)\n")
         async with BrokerServer(name=coalition.broker_name, bundle=bundle,
-                                key=coalition.broker_key,
-                                data_dir=base / "broker-data") as server:
+                                key=coalition.broker_key, data_dir=base / "broker-data",
+                                commit=DEMO_COMMIT) as server:
             out.write(f"Broker {coalition.broker_name} listening on {server.url}\n")
             demo = Demo(coalition, bundle, server, out)
             await demo.run()
             demo.report()
+        ok = audit_step(coalition, base, out)
     out.write(f"\nDemo finished in {time.monotonic() - started:.1f} s.\n")
-    return 0
+    return 0 if ok else 1
+
+
+#: Checkpoints every 100 ms, so the short demo gets several, cosigned while gateways are online.
+DEMO_COMMIT = CommitPolicy(checkpoint_interval_s=0.1)
+
+
+def audit_step(coalition: Coalition, base: Path, out: TextIO) -> bool:
+    """Export the broker's audit log and verify it as an auditor would, trusting only the
+    pinned trust root; print the report."""
+    out.write("\nAudit: export the log and verify it offline (coalition audit export/verify)\n")
+    store = SqliteStore.in_dir(base / "broker-data")
+    try:
+        summary = export_store(store, coalition.broker_name, base / "audit-export")
+    finally:
+        store.close()
+    out.write(f"  exported {summary.entries} entries, {summary.checkpoints} checkpoints, "
+              f"{summary.bundles} policy bundle(s) to {summary.out}\n")
+    report = verify_export(summary.out, pins=[coalition.root_sha256])
+    print_report(report, out)
+    return report.ok
 
 
 def _write_lines(out: TextIO, lines: Sequence[str]) -> None:

@@ -102,3 +102,13 @@ async def test_demo_keeps_its_signed_documents_in_the_work_directory(tmp_path: P
     assert {f"agreements/{a}.toml" for a in (examples.ATLANTIC_SHIELD, examples.EASTERN_SENTRY,
                                               examples.RHINE_LIAISON)} <= set(documents)
     assert (tmp_path / "keys" / f"{examples.OFFLINE_NODE}.key").is_file()
+
+
+def test_demo_ends_by_verifying_its_own_audit_log(report: str) -> None:
+    audit = report.split("Audit: export the log and verify it offline")[1]
+    entries = int(re.search(r"entries\s+(\d+)", audit).group(1))  # type: ignore[union-attr]
+    replayed = int(re.search(r"decisions replayed (\d+)", audit).group(1))  # type: ignore[union-attr]
+    assert entries > 20 and replayed > 10
+    assert re.search(r"problems\s+0\n", audit) and "verdict            OK" in audit
+    # The nations' gateways cosigned the checkpoint covering the traffic.
+    assert "cosigned by DEU, FRA, GBR, POL, USA" in audit
