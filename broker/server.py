@@ -378,6 +378,8 @@ class BrokerServer:
             if isinstance(frame, wire.Cosign):
                 self.witnesses.accept(session.node, frame.line)
                 return []
+            if isinstance(frame, wire.Prove):
+                return [Send(self.witnesses.prove(peer.node, frame.index))]
             if isinstance(frame, wire.Route):
                 return [Send(self.hub.route(session.node, frame))]
             if isinstance(frame, wire.Directory):

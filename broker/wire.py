@@ -143,6 +143,26 @@ class Cosign(Frame):
 
 
 @dataclasses.dataclass(frozen=True)
+class Prove(Frame):
+    """Extension: a node asks for the inclusion proof of an audit entry about itself."""
+
+    T: ClassVar[str] = "prove"
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Proof(Frame):
+    """Extension: the entry, its inclusion proof and the signed checkpoint it is proven in."""
+
+    T: ClassVar[str] = "proof"
+    index: int
+    size: int
+    entry: bytes
+    proof: tuple[bytes, ...]
+    checkpoint: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Expired(Frame):
     T: ClassVar[str] = "expired"
     id: bytes
@@ -171,7 +191,7 @@ FRAME_TYPES: dict[str, type[Frame]] = {
     cls.T: cls
     for cls in (
         Challenge, Hello, Welcome, Sub, Unsub, Pub, Receipt, Deliver, Ack, Route, Routes,
-        Directory, Checkpoint, Cosign, Expired, Ping, Pong, Error,
+        Directory, Checkpoint, Cosign, Prove, Proof, Expired, Ping, Pong, Error,
     )
 }
 
@@ -183,7 +203,7 @@ _FIELD_TYPES: dict[str, dict[str, Any]] = {
 
 #: Frames a node may send (anything else from a node is ``unexpected_frame``).
 NODE_FRAMES = frozenset({"hello", "sub", "unsub", "pub", "ack", "route", "directory", "cosign",
-                         "ping", "pong"})
+                         "prove", "ping", "pong"})
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -14,6 +14,7 @@ import collections
 import structlog
 
 from broker import wire
+from broker.audit.leaves import DeliverEntry, RouteEntry, entry_from_bytes
 from broker.audit.log import AuditLog
 from broker.audit.note import (
     SIG_COSIGNATURE_V1,
@@ -23,7 +24,7 @@ from broker.audit.note import (
     parse_signature_line,
     verify_cosignature,
 )
-from broker.errors import VerificationError
+from broker.errors import ProtocolError, VerificationError
 from broker.hub import Hub, Peer
 from broker.store.base import StoredCheckpoint
 from policies.model import NodeCert
@@ -94,6 +95,23 @@ class Witnesses:
             log.info("checkpoint_cosigned", node=cert.node, size=checkpoint.size)
             return
         raise VerificationError("the cosignature verifies over none of the recent checkpoints")
+
+    def prove(self, node: str, index: int) -> wire.Proof:
+        """The inclusion proof of entry ``index`` in the latest checkpoint, for the node the
+        entry is about (its own publish or delivery: other nodes' metadata is not served)."""
+        latest = self.audit.latest
+        if latest is None or index >= latest.size:
+            raise ProtocolError(f"entry {index} is not covered by a checkpoint yet; retry after "
+                                "the next one", code="unavailable")
+        (data,) = self.audit.store.entries(index, index + 1)
+        entry = entry_from_bytes(data)
+        about = (entry.sender if isinstance(entry, RouteEntry) else
+                 entry.to if isinstance(entry, DeliverEntry) else None)
+        if about != node:
+            raise ProtocolError(f"entry {index} is not about {node}", code="unexpected_frame")
+        return wire.Proof(index=index, size=latest.size, entry=data,
+                          proof=tuple(self.audit.inclusion_proof(index, latest.size)),
+                          checkpoint=cosigned_note(latest))
 
     def _recent(self) -> list[StoredCheckpoint]:
         # A gateway may answer a checkpoint just after the next one was signed.

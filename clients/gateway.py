@@ -24,10 +24,12 @@ import aiohttp
 import structlog
 
 from broker import canonical, wire
-from broker.audit.note import Cosigner, Verifier
-from broker.audit.witness import Equivocation, check_offered_checkpoint
+from broker.audit.leaves import RouteEntry, entry_from_bytes
+from broker.audit.merkle import leaf_hash, verify_inclusion
+from broker.audit.note import Checkpoint, Cosigner, Verifier
+from broker.audit.witness import Equivocation, check_offered_checkpoint, verify_log_checkpoint
 from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
-from broker.errors import BrokerError, PolicyDocumentError, ProtocolError
+from broker.errors import BrokerError, PolicyDocumentError, ProtocolError, VerificationError
 from broker.session import make_hello
 from clients.identity import KeyFile
 from clients.witness import WitnessState
@@ -300,6 +302,32 @@ class GatewayClient:
         assert isinstance(answer, wire.Receipt)
         return Receipt(id=answer.id, audit=answer.audit, recipients=dict(answer.recipients))
 
+    async def prove(self, receipt: Receipt) -> Checkpoint:
+        """Prove that the broker logged this publish: fetch the inclusion proof of the
+        receipt's audit entry and verify it against a checkpoint signed by the broker's key
+        (and consistent with what this gateway cosigned). Returns that checkpoint."""
+        answer = await self._control_request(wire.Prove(index=receipt.audit))
+        if not isinstance(answer, wire.Proof) or answer.index != receipt.audit:
+            raise RequestRejected("unexpected answer to prove", code="bad_frame")
+        if self._log_key is None:
+            raise VerificationError(f"the trust root lists no key for {self.broker_name}")
+        checkpoint = verify_log_checkpoint(answer.checkpoint, self._log_key)
+        if checkpoint.size != answer.size:
+            raise VerificationError("the proof is for another tree size", code="bad_proof")
+        known = self.witness.cosigned.get(checkpoint.size)
+        if known is not None and known != checkpoint.root:
+            alarm = Equivocation(f"two different roots for size {checkpoint.size}",
+                                 previous=self.witness.latest_note, offered=answer.checkpoint)
+            self._raise_alarm(alarm, list(answer.proof))
+            raise alarm
+        entry = entry_from_bytes(answer.entry)
+        if not isinstance(entry, RouteEntry) or entry.id != receipt.id or entry.sender != self.node:
+            raise VerificationError("the proven entry is not this message's route entry",
+                                    code="bad_proof")
+        verify_inclusion(answer.index, answer.size, leaf_hash(answer.entry), answer.proof,
+                         checkpoint.root)
+        return checkpoint
+
     async def ack(self, seqs: list[int]) -> None:
         """Acknowledge deliveries by sequence number."""
         await self._send(wire.Ack(seqs=tuple(seqs)))
@@ -447,7 +475,7 @@ class GatewayClient:
         elif isinstance(frame, wire.Error) and frame.ref in self._receipts:
             assert frame.ref is not None
             self._resolve(self._receipts.get(frame.ref), frame)
-        elif isinstance(frame, (wire.Routes, wire.Directory, wire.Pong, wire.Error)):
+        elif isinstance(frame, (wire.Routes, wire.Directory, wire.Proof, wire.Pong, wire.Error)):
             if isinstance(frame, wire.Error) and self._control_waiter is None:
                 log.error("broker_error", code=frame.code, reason=frame.reason)
             self._resolve(self._control_waiter, frame)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import pytest
 
 from broker.audit.note import parse_note, verify_cosignature
 from broker.audit.witness import Equivocation
 from broker.coalition import Coalition
+from broker.errors import VerificationError
 from broker.server import BrokerServer
 from broker.witnesses import witness_verifier
-from clients.gateway import GatewayClient, label
+from clients.gateway import GatewayClient, RequestRejected, label
 from tests.integration.conftest import FAST_COMMIT
 
 LABEL = label("NATO", "SECRET", "USA", ["GBR"])
@@ -82,3 +86,23 @@ async def test_a_broker_showing_two_logs_is_caught_by_the_witness(
     evidence = sorted(state.glob("evidence-*"))
     assert evidence and (evidence[0] / "cosigned.note").exists()
     assert (evidence[0] / "offered.note").read_text() == alarms[0].offered
+
+
+async def test_sender_proves_its_message_was_logged(server: BrokerServer, coalition: Coalition,
+                                                    tmp_path: Path) -> None:
+    async with _client(server, coalition, "USA-GW1", tmp_path / "usa") as usa, \
+            _client(server, coalition, "GBR-GW1", tmp_path / "gbr") as gbr:
+        await gbr.subscribe("reports.>")
+        receipt = await usa.publish("reports.daily", b"quiet", LABEL)
+        await _until(lambda: server.audit.latest is not None
+                     and server.audit.latest.size > receipt.audit, "a checkpoint covers it")
+        checkpoint = await usa.prove(receipt)
+        assert checkpoint.size > receipt.audit
+        # Another node's entry is not served: it is that nation's metadata.
+        with pytest.raises(RequestRejected) as caught:
+            await gbr.prove(receipt)
+        assert caught.value.code == "unexpected_frame"
+        # A broker that answers with another entry is caught by the client.
+        forged = dataclasses.replace(receipt, id=b"\x00" * 16)
+        with pytest.raises(VerificationError, match="not this message"):
+            await usa.prove(forged)
