@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Iterator
 
 import structlog
 
@@ -33,6 +34,8 @@ log = structlog.get_logger("broker.witnesses")
 
 #: How many recent checkpoints a late cosignature may be for.
 RECENT = 8
+#: How many stored checkpoints a re-sent cosignature is looked up in.
+OLDER = 64
 
 
 def witness_verifier(cert: NodeCert) -> Verifier:
@@ -53,6 +56,8 @@ class Witnesses:
         self.audit = audit
         self.hub = hub
         self._seen: collections.deque[StoredCheckpoint] = collections.deque(maxlen=RECENT)
+        # Cosignatures are stored asynchronously: remember the sizes at once for the next offer.
+        self._last_cosigned: dict[str, int] = {}
 
     def latest_note(self) -> str | None:
         """The latest checkpoint with its cosignatures (for ``welcome``)."""
@@ -71,7 +76,8 @@ class Witnesses:
         checkpoint = checkpoint or self.audit.latest
         if checkpoint is None:
             return
-        old = self.audit.store.last_cosigned_size(peer.node)
+        old = max(self._last_cosigned.get(peer.node, 0),
+                  self.audit.store.last_cosigned_size(peer.node))
         if not 0 < old < checkpoint.size:
             old = 0 if old > checkpoint.size else old
             proof: list[bytes] = []
@@ -84,7 +90,7 @@ class Witnesses:
         (asynchronously). Raises ``BrokerError`` if it verifies over none of them."""
         signature = parse_signature_line(line)
         verifier = witness_verifier(cert)
-        for checkpoint in self._recent():
+        for checkpoint in self._candidates(cert.node):
             try:
                 verify_cosignature(parse_note(checkpoint.note).text, signature, verifier)
             except VerificationError:
@@ -92,6 +98,8 @@ class Witnesses:
             task = asyncio.ensure_future(
                 self.audit.add_cosignature(checkpoint.size, cert.node, line))
             task.add_done_callback(_log_failure)
+            self._last_cosigned[cert.node] = max(self._last_cosigned.get(cert.node, 0),
+                                                 checkpoint.size)
             log.info("checkpoint_cosigned", node=cert.node, size=checkpoint.size)
             return
         raise VerificationError("the cosignature verifies over none of the recent checkpoints")
@@ -112,6 +120,18 @@ class Witnesses:
         return wire.Proof(index=index, size=latest.size, entry=data,
                           proof=tuple(self.audit.inclusion_proof(index, latest.size)),
                           checkpoint=cosigned_note(latest))
+
+    def _candidates(self, node: str) -> Iterator[StoredCheckpoint]:
+        """Recent checkpoints first; then (read only if needed) the stored ones since this
+        node's last stored cosignature: a gateway re-sends its last cosignature when the broker
+        lost it in a crash."""
+        recent = self._recent()
+        yield from recent
+        seen = {c.size for c in recent}
+        since = self.audit.store.last_cosigned_size(node)
+        for checkpoint in reversed(self.audit.store.checkpoints(since)[-OLDER:]):
+            if checkpoint.size not in seen:
+                yield checkpoint
 
     def _recent(self) -> list[StoredCheckpoint]:
         # A gateway may answer a checkpoint just after the next one was signed.

@@ -315,7 +315,11 @@ class GatewayClient:
         if checkpoint.size != answer.size:
             raise VerificationError("the proof is for another tree size", code="bad_proof")
         known = self.witness.cosigned.get(checkpoint.size)
-        if known is not None and known != checkpoint.root:
+        if known is None:
+            # Only a checkpoint this gateway checked for consistency proves anything to it.
+            raise VerificationError(f"the checkpoint of size {checkpoint.size} is not one this "
+                                    "gateway cosigned yet; retry after it is", code="bad_proof")
+        if known != checkpoint.root:
             alarm = Equivocation(f"two different roots for size {checkpoint.size}",
                                  previous=self.witness.latest_note, offered=answer.checkpoint)
             self._raise_alarm(alarm, list(answer.proof))
@@ -507,13 +511,21 @@ class GatewayClient:
             return
         except BrokerError as exc:
             log.warning("checkpoint_not_cosigned", code=exc.code, reason=exc.reason)
+            if cosign and self.witness.latest_note is not None and proof is not None:
+                # The broker proves from an older size (it lost our last cosignature): tell it
+                # again which checkpoint we cosigned last, so the next proof starts there.
+                self._send_cosignature(verify_log_checkpoint(self.witness.latest_note,
+                                                             self._log_key))
             return
         if not cosign:
             return
         self.witness.record(checkpoint, note)
+        self.cosigned += 1
+        self._send_cosignature(checkpoint)
+
+    def _send_cosignature(self, checkpoint: Checkpoint) -> None:
         cosigner = Cosigner.from_seed(self.node, bytes(self.identity.signing_key))
         line = cosigner.cosign(checkpoint.to_text(), _now_ms() // 1000).to_line()
-        self.cosigned += 1
         self._in_background(self._send(wire.Cosign(line=line)))
 
     def _raise_alarm(self, alarm: Equivocation, proof: list[bytes]) -> None:

@@ -71,9 +71,11 @@ def check_offered_checkpoint(
     if proof is None:
         raise VerificationError("a new checkpoint came without a consistency proof",
                                 code="bad_proof")
-    if old not in cosigned:
-        raise VerificationError(f"the proof starts at size {old}, which this witness never "
-                                f"cosigned", code="bad_proof")
+    if old != latest:
+        # Only a proof from the latest cosigned checkpoint shows the new one extends *it*; a
+        # proof from an older one would let a fork after that older size through.
+        raise VerificationError(f"the proof starts at size {old}, not at {latest}, the last "
+                                f"size this witness cosigned", code="bad_proof")
     try:
         verify_consistency(old, checkpoint.size, cosigned[old], checkpoint.root, proof)
     except VerificationError as exc:

@@ -95,7 +95,9 @@ async def test_sender_proves_its_message_was_logged(server: BrokerServer, coalit
         await gbr.subscribe("reports.>")
         receipt = await usa.publish("reports.daily", b"quiet", LABEL)
         await _until(lambda: server.audit.latest is not None
-                     and server.audit.latest.size > receipt.audit, "a checkpoint covers it")
+                     and server.audit.latest.size > receipt.audit
+                     and "USA-GW1" in server.audit.latest.cosignatures,
+                     "a checkpoint USA cosigned covers it")
         checkpoint = await usa.prove(receipt)
         assert checkpoint.size > receipt.audit
         # Another node's entry is not served: it is that nation's metadata.

@@ -49,10 +49,17 @@ def test_forked_log_raises_the_alarm(cosigned: dict[int, bytes], offered: str,
     assert caught.value.offered == offered
 
 
-def test_proof_from_a_size_never_cosigned_is_not_cosigned_but_is_no_alarm() -> None:
-    with pytest.raises(VerificationError, match="never cosigned") as caught:
+def test_proof_from_another_size_than_the_last_cosigned_is_not_cosigned() -> None:
+    with pytest.raises(VerificationError, match="not at 8") as caught:
         check({8: TREE.root(8)}, note(TREE, 20), TREE.consistency_proof(5, 20), 5)
     assert not isinstance(caught.value, Equivocation)
+
+
+def test_fork_after_the_last_cosigned_size_is_not_cosigned_via_an_older_size() -> None:
+    """Cosigned 10 and 15 of TREE; FORK shares the first 10 leaves and differs after."""
+    cosigned = {10: TREE.root(10), 15: TREE.root(15)}
+    with pytest.raises(VerificationError):
+        check(cosigned, note(FORK, 20), FORK.consistency_proof(10, 20), 10)
 
 
 def test_checkpoint_signed_by_another_key_is_refused() -> None:
