@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit import merkle
-from broker.audit.leaves import AdminEntry, DeliverEntry, ExpireEntry, RouteEntry, entry_from_bytes
+from broker.audit.leaves import (
+    AdminEntry,
+    DeliverEntry,
+    ExpireEntry,
+    PolicyEntry,
+    RouteEntry,
+    entry_from_bytes,
+)
 from broker.audit.note import (
     SIG_COSIGNATURE_V1,
     Checkpoint,
@@ -52,6 +59,9 @@ from policies.decide import Decision
 from policies.model import NodeCert
 
 Progress = Callable[[int, int], None]
+
+#: How far entry times may step back (clock adjustments) before it counts as backdating.
+MAX_CLOCK_STEP_BACK_MS = 5 * 60 * 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +142,24 @@ class _Replay:
         self.permitted: set[tuple[bytes, str]] = set()
         self.suspended: set[str] = set()
         self.cache = DecisionCache(max_entries=1 << 16)
+        self.active: bytes | None = None  # the bundle of the last ``policy`` entry
+        self.last_ts = 0
+
+    def clock(self, index: int, ts: int) -> None:
+        """Entry times may jitter, but a jump back in time would let a broker backdate a
+        decision into an agreement's window."""
+        if ts < self.last_ts - MAX_CLOCK_STEP_BACK_MS:
+            self.report.add("entries", f"time goes back {self.last_ts - ts} ms", index)
+        self.last_ts = max(self.last_ts, ts)
+
+    def policy(self, entry: PolicyEntry) -> None:
+        self.active = entry.bundle
 
     def route(self, index: int, entry: RouteEntry) -> None:
+        if entry.bundle != self.active:
+            self.report.add("replay", f"decided under bundle {entry.bundle.hex()[:16]}…, but the "
+                            f"bundle in force was {(self.active or b'').hex()[:16] or 'none'}…",
+                            index)
         bundle = self.bundles.get(entry.bundle)
         if bundle is None:
             self.report.add("replay", f"bundle {entry.bundle.hex()} is not in the export "
@@ -206,8 +232,11 @@ def _replay_one(index: int, data: bytes, replay: _Replay, report: Report) -> Non
     except BrokerError as exc:
         report.add("entries", f"not a valid entry: {exc.reason}", index)
         return
+    replay.clock(index, entry.ts)
     if isinstance(entry, RouteEntry):
         replay.route(index, entry)
+    elif isinstance(entry, PolicyEntry):
+        replay.policy(entry)
     elif isinstance(entry, (DeliverEntry, ExpireEntry)):
         replay.deliver(index, entry)
     elif isinstance(entry, AdminEntry):

@@ -210,3 +210,30 @@ def _first_route_id(export: Path) -> str:
         if isinstance(entry, RouteEntry):
             return entry.id.hex()
     raise AssertionError("no route entry")
+
+
+async def test_route_outside_the_bundle_in_force_and_backdated_entries_are_flagged(
+        coalition: Coalition, tmp_path: Path) -> None:
+    bundle = coalition.bundle()
+    data = tmp_path / "backdater"
+    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
+        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+    await audit.start()
+    now = time.time_ns() // 1_000_000
+    lab = label("NATO", "SECRET", "USA", ["GBR"])
+
+    def route(ts: int, message: int) -> RouteEntry:
+        return RouteEntry(ts=ts, id=bytes([message]) * 16, env=envelope_digest(b"x"),
+                          sender="USA-GW1", topic="reports.daily", label=lab, prec=0, ttl=60,
+                          bundle=bundle.hash, sealed=("GBR-GW1",),
+                          decisions={"GBR-GW1": Decision(True, (), "COALITION-DEFAULT@1/all")})
+
+    await audit.append(route(now, 1), bundles=[(bundle.hash, bundle_content(bundle))])
+    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash))
+    await audit.append(route(now, 2))
+    await audit.append(route(now - 3_600_000, 3))  # an hour back: backdated into a window
+    await audit.stop()
+    audit.store.close()
+    report = verify_export(_export(coalition, data, tmp_path / "export"),
+                           pins=[coalition.root_sha256], quorum=0)
+    assert [(p.what, p.index) for p in report.problems] == [("replay", 0), ("entries", 3)]
