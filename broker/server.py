@@ -233,9 +233,13 @@ class BrokerServer:
         self.witnesses = Witnesses(self._audit, self._hub)
         self._audit.on_checkpoint(self.witnesses.broadcast)
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.host, self.port)
+            await site.start()
+        except BaseException:  # e.g. the port is taken: release the log and the store too
+            await self.stop()
+            raise
         self.port = self._runner.addresses[0][1]
         self.ready.set()
         log.info("broker_ready", broker=self.name, url=self.url,

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from broker.errors import ProtocolError
-from broker.store.base import Store
+from broker.store.base import Store, StoredCheckpoint
 from broker.witnesses import cosigned_note
 from clients.witness import write_atomically
 
@@ -47,6 +47,17 @@ def export_store(store: Store, origin: str, out: Path) -> ExportSummary:
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
     (out / "bundles").mkdir(exist_ok=True)
+    with store.snapshot():  # a running broker keeps writing: export one consistent state
+        count, checkpoints, hashes = _write_snapshot(store, out)
+    manifest = {"format": FORMAT, "origin": origin, "size": count,
+                "checkpoints": len(checkpoints), "bundles": len(hashes),
+                "exported_at_ms": time.time_ns() // 1_000_000}
+    write_atomically(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return ExportSummary(out, count, len(checkpoints), len(hashes))
+
+
+def _write_snapshot(store: Store, out: Path) -> tuple[int, list[StoredCheckpoint],
+                                                     list[bytes]]:
     count = 0
     with open(out / "entries.bin", "wb") as entries:
         for index, data in store.iter_entries():
@@ -64,11 +75,7 @@ def export_store(store: Store, origin: str, out: Path) -> ExportSummary:
         content = store.bundle(digest)
         assert content is not None
         write_atomically(out / "bundles" / f"{digest.hex()}.msgpack", content)
-    manifest = {"format": FORMAT, "origin": origin, "size": count,
-                "checkpoints": len(checkpoints), "bundles": len(hashes),
-                "exported_at_ms": time.time_ns() // 1_000_000}
-    write_atomically(out / "manifest.json", json.dumps(manifest, indent=2).encode())
-    return ExportSummary(out, count, len(checkpoints), len(hashes))
+    return count, checkpoints, hashes
 
 
 @dataclasses.dataclass(frozen=True)

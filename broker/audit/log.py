@@ -221,6 +221,15 @@ class AuditLog:
         return nodes
 
     async def _writer(self) -> None:
+        try:
+            await self._write_until_closed()
+        except BaseException as exc:
+            # Whatever broke the writer, no appender may wait forever for it.
+            if self.failed is None:
+                self._fail((), exc)
+            raise
+
+    async def _write_until_closed(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             timeout = self._until_checkpoint(loop.time())
@@ -251,8 +260,8 @@ class AuditLog:
     async def _commit_queued(self) -> bool:
         items = self._queued[: self.policy.max_batch]
         del self._queued[: len(items)]
-        batch, indexes = self._merge(items)
         try:
+            batch, indexes = self._merge(items)
             await asyncio.get_running_loop().run_in_executor(self._executor,
                                                              self.store.commit, batch)
         except BaseException as exc:

@@ -9,6 +9,7 @@ with a :class:`Batch`: all of it becomes durable, or none of it does. Nothing ou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from typing import Protocol
@@ -64,6 +65,9 @@ class Store(Protocol):
 
     def commit(self, batch: Batch) -> None:
         """Make every write of ``batch`` durable, atomically; raise ``StorageError`` if not."""
+
+    def snapshot(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which every read sees the same committed state."""
 
     def size(self) -> int:
         """The number of audit entries."""

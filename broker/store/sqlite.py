@@ -122,6 +122,20 @@ class SqliteStore:
 
     # --- reads --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state (a WAL read transaction), however long they
+        take while the broker keeps writing: an export is then self-consistent."""
+        try:
+            self._reader.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _storage_error("cannot start a read snapshot", exc) from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._reader.execute("COMMIT")
+
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         try:
             return self._reader.execute(sql, args).fetchall()
