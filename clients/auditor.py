@@ -199,9 +199,11 @@ def _show(decision: Decision) -> str:
 
 
 def check_entries(export: Export, replay: _Replay, report: Report,
-                  progress: Progress | None, total: int) -> merkle.MemoryTree:
-    """Walk every entry: order, format, recorded leaf hash, replay. Returns the tree."""
+                  progress: Progress | None, total: int) -> tuple[merkle.MemoryTree, int | None]:
+    """Walk every entry: order, format, recorded leaf hash, replay. Returns the tree and the
+    first index whose entry differs from the leaf hash recorded at append time (if any)."""
     tree = merkle.MemoryTree()
+    first_mismatch: int | None = None
     recorded = export.recorded_leaves()
     try:
         for position, (index, data) in enumerate(export.entries()):
@@ -211,6 +213,7 @@ def check_entries(export: Export, replay: _Replay, report: Report,
                 break
             leaf = merkle.leaf_hash(data)
             if position < len(recorded) and recorded[position] != leaf:
+                first_mismatch = position if first_mismatch is None else first_mismatch
                 report.add("entries", "the entry differs from the one appended at this index "
                            "(its recorded leaf hash does not match)", index)
             tree.append(leaf)
@@ -223,7 +226,9 @@ def check_entries(export: Export, replay: _Replay, report: Report,
     if len(recorded) != tree.size:
         report.add("entries", f"{len(recorded)} leaf hashes recorded for {tree.size} entries",
                    min(len(recorded), tree.size))
-    return tree
+        if len(recorded) < tree.size:
+            first_mismatch = min(first_mismatch or len(recorded), len(recorded))
+    return tree, first_mismatch
 
 
 def _replay_one(index: int, data: bytes, replay: _Replay, report: Report) -> None:
@@ -287,7 +292,7 @@ def _witnesses(note: str, certs: Mapping[str, list[NodeCert]], origin: str) -> d
 
 def check_checkpoints(export: Export, tree: merkle.MemoryTree, bundles: Mapping[bytes, Bundle],
                       saved: Iterable[tuple[str, str]], quorum: int | None,
-                      report: Report) -> None:
+                      report: Report, first_mismatch: int | None = None) -> None:
     """Signatures, roots against the recomputed tree, cosignatures and the quorum."""
     verifiers = log_verifiers(bundles, report.origin)
     certs = _node_certs(bundles)
@@ -306,7 +311,10 @@ def check_checkpoints(export: Export, tree: merkle.MemoryTree, bundles: Mapping[
                        f"the log has {tree.size} (entries were removed)", tree.size)
             continue
         if tree.root(checkpoint.size) != checkpoint.root:
-            first = _first_divergence(export, checkpoint.size)
+            # The entry that no longer matches its recorded leaf, if the recorded leaves are
+            # themselves intact; else only the range up to this checkpoint is known.
+            first = (first_mismatch if first_mismatch is not None
+                     and first_mismatch < checkpoint.size else None)
             report.add("checkpoint", f"{source} {name}: the entries do not hash to its root "
                        f"(the log was rewritten)", first)
             continue
@@ -331,18 +339,6 @@ def check_checkpoints(export: Export, tree: merkle.MemoryTree, bundles: Mapping[
     report.unwitnessed_entries = tree.size - witnessed[0].size
 
 
-def _first_divergence(export: Export, size: int) -> int | None:
-    """The earliest index whose entry differs from the leaf recorded at append time, if the
-    recorded leaves are themselves consistent; else ``None`` (only the range is known)."""
-    recorded = export.recorded_leaves()
-    for position, (_, data) in enumerate(export.entries()):
-        if position >= size:
-            break
-        if position >= len(recorded) or recorded[position] != merkle.leaf_hash(data):
-            return position
-    return None
-
-
 def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = (),
                   quorum: int | None = None, progress: Progress | None = None) -> Report:
     """Verify an export directory; see the module docstring for what is checked."""
@@ -353,9 +349,9 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
         report.add("bundle", "no policy bundle verifies under the pinned trust root(s)")
     replay = _Replay(bundles, report)
     total = _count_hint(path)
-    tree = check_entries(export, replay, report, progress, total)
+    tree, first_mismatch = check_entries(export, replay, report, progress, total)
     saved_notes = [(p.name, p.read_text(encoding="utf-8")) for p in saved]
-    check_checkpoints(export, tree, bundles, saved_notes, quorum, report)
+    check_checkpoints(export, tree, bundles, saved_notes, quorum, report, first_mismatch)
     report.problems.sort(key=lambda p: (p.index is None, p.index or 0))
     return report
 

@@ -28,7 +28,7 @@ import structlog
 
 from broker.audit import merkle
 from broker.audit.leaves import Entry
-from broker.audit.note import Checkpoint, Signer, Verifier, parse_note, sign_note, verify_note
+from broker.audit.note import Checkpoint, Signer, Verifier, sign_note, verify_note
 from broker.errors import BrokerError, StorageError, VerificationError
 from broker.store.base import Batch, QueueRow, Store, StoredCheckpoint
 
@@ -320,7 +320,3 @@ class AuditLog:
                 log.exception("checkpoint_listener_failed")
         return True
 
-
-def checkpoint_of_note(note: str) -> Checkpoint:
-    """The checkpoint in a (not yet verified) note."""
-    return Checkpoint.from_text(parse_note(note).text)

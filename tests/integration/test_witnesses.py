@@ -27,6 +27,12 @@ async def _until(predicate: Callable[[], bool], what: str, timeout: float = 5.0)
             await asyncio.sleep(0.02)
 
 
+def _cosigned_past(server: BrokerServer, index: int, nodes: set[str]) -> bool:
+    """The latest checkpoint covers entry ``index`` and ``nodes`` cosigned it."""
+    latest = server.audit.latest
+    return latest is not None and latest.size > index and nodes <= set(latest.cosignatures)
+
+
 def _client(server: BrokerServer, coalition: Coalition, node: str, state: Path,
             alarms: list[Equivocation] | None = None) -> GatewayClient:
     return GatewayClient(server.url, coalition.nodes[node], coalition.trust_root,
@@ -40,9 +46,7 @@ async def test_gateways_cosign_checkpoints_and_the_broker_keeps_the_cosignatures
             _client(server, coalition, "GBR-GW1", tmp_path / "gbr") as gbr:
         await gbr.subscribe("reports.>")
         receipt = await usa.publish("reports.daily", b"quiet", LABEL)
-        await _until(lambda: server.audit.latest is not None
-                     and server.audit.latest.size > receipt.audit
-                     and {"USA-GW1", "GBR-GW1"} <= set(server.audit.latest.cosignatures),
+        await _until(lambda: _cosigned_past(server, receipt.audit, {"USA-GW1", "GBR-GW1"}),
                      "both gateways cosign the checkpoint that covers the publish")
     latest = server.audit.latest
     assert latest is not None
@@ -94,9 +98,7 @@ async def test_sender_proves_its_message_was_logged(server: BrokerServer, coalit
             _client(server, coalition, "GBR-GW1", tmp_path / "gbr") as gbr:
         await gbr.subscribe("reports.>")
         receipt = await usa.publish("reports.daily", b"quiet", LABEL)
-        await _until(lambda: server.audit.latest is not None
-                     and server.audit.latest.size > receipt.audit
-                     and "USA-GW1" in server.audit.latest.cosignatures,
+        await _until(lambda: _cosigned_past(server, receipt.audit, {"USA-GW1"}),
                      "a checkpoint USA cosigned covers it")
         checkpoint = await usa.prove(receipt)
         assert checkpoint.size > receipt.audit
