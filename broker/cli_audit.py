@@ -119,6 +119,7 @@ def print_report(report: Report, out: Any = None) -> None:
     print(f"  policy bundles     {report.bundles}", file=out)
     print(f"  decisions replayed {report.decisions_replayed}", file=out)
     print(f"  deliveries checked {report.deliveries_checked}", file=out)
+    print(f"  expiries checked   {report.expiries_checked}", file=out)
     print(f"  problems           {len(report.problems)}", file=out)
     for problem in report.problems[:50]:
         where = f"entry {problem.index}: " if problem.index is not None else ""

@@ -41,6 +41,10 @@ class LimitsSection:
     handshake_timeout_seconds: int = 10
     max_outbound_frames: int = 1024
     max_subscriptions_per_node: int = 1024
+    max_queued_bytes_per_node: int = 256 << 20
+    max_store_bytes: int = 64 << 30
+    min_free_disk_bytes: int = 64 << 20
+    expiry_interval_ms: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,10 @@ _RANGES: dict[str, tuple[int, int]] = {
     "limits.handshake_timeout_seconds": (1, 600),
     "limits.max_outbound_frames": (16, 1_000_000),
     "limits.max_subscriptions_per_node": (1, 100_000),
+    "limits.max_queued_bytes_per_node": (1 << 20, 1 << 50),
+    "limits.max_store_bytes": (0, 1 << 60),
+    "limits.min_free_disk_bytes": (0, 1 << 50),
+    "limits.expiry_interval_ms": (10, 3600 * 1000),
     "audit.max_batch": (1, 100_000),
     "audit.max_delay_ms": (0, 1000),
     "audit.checkpoint_interval_ms": (10, 24 * 3600 * 1000),

@@ -1,9 +1,14 @@
-"""Per-recipient delivery queue: precedence order, FIFO within a precedence, in-flight window.
+"""Per-recipient delivery queue: precedence order, FIFO within a precedence, in-flight window,
+TTL expiry and byte accounting.
 
-Pure bookkeeping (no I/O): the hub pushes permitted messages, asks which to send next, and
-records acks; on disconnect everything in flight goes back to pending for redelivery.
-Items are ordered by ``(-precedence, seq)`` where ``seq`` is the recipient's enqueue counter,
-so a FLASH message is never stuck behind a ROUTINE backlog.
+Pure bookkeeping (no I/O, no clock): the hub pushes permitted messages, asks which to send next
+and which have expired, and records acks; on disconnect everything in flight goes back to
+pending for redelivery. Items are ordered by ``(-precedence, seq)`` where ``seq`` is the
+recipient's enqueue counter, so a FLASH message is never stuck behind a ROUTINE backlog.
+
+Removal from the middle of the heaps (an expired message, an ack) is lazy: the dictionaries
+``_pending`` and ``_in_flight`` are the truth, heap entries whose seq is no longer there are
+skipped when they surface. Every operation is O(log n) per message.
 """
 
 from __future__ import annotations
@@ -23,23 +28,45 @@ class QueuedMessage:
     envelope: bytes = dataclasses.field(compare=False, repr=False)
     expires_ms: int = dataclasses.field(compare=False)
 
+    @property
+    def prec(self) -> int:
+        return -self.sort_key[0]
+
 
 class RecipientQueue:
-    """Messages owed to one node: pending (heap) and in flight (sent, not yet acked)."""
+    """Messages owed to one node: pending (by precedence) and in flight (sent, not acked)."""
 
     def __init__(self, window: int = 64) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
         self._next_seq = 1
-        self._pending: list[QueuedMessage] = []
+        self._order: list[QueuedMessage] = []  # heap by (-prec, seq); may hold stale entries
+        self._expiry: list[tuple[int, int]] = []  # heap of (expires_ms, seq); may hold stale
+        self._pending: dict[int, QueuedMessage] = {}
         self._in_flight: dict[int, QueuedMessage] = {}
+        self._reserved: dict[int, int] = {}  # seq -> bytes, for writes not yet durable
+        #: Envelope bytes owed (pending and in flight).
+        self.bytes = 0
 
-    def reserve_seq(self) -> int:
-        """The sequence number of a message about to be queued (once its write is durable)."""
+    # --- intake ---------------------------------------------------------------------------
+
+    def reserve_seq(self, size: int = 0) -> int:
+        """The sequence number of a message about to be queued once its write is durable; its
+        ``size`` counts against the byte limit until :meth:`push` or :meth:`cancel`."""
         seq = self._next_seq
         self._next_seq += 1
+        self._reserved[seq] = size
         return seq
+
+    def cancel(self, seq: int) -> None:
+        """The write of a reserved message failed: it will never be queued."""
+        self._reserved.pop(seq, None)
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes owed plus bytes reserved for writes in progress: what a limit checks."""
+        return self.bytes + sum(self._reserved.values())
 
     def push(self, *, message_id: bytes, sender: str, envelope: bytes, prec: int,
              expires_ms: int, seq: int | None = None) -> QueuedMessage:
@@ -49,28 +76,76 @@ class RecipientQueue:
             seq = self.reserve_seq()
         elif seq >= self._next_seq:
             self._next_seq = seq + 1
+        self._reserved.pop(seq, None)
         item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, expires_ms)
-        heapq.heappush(self._pending, item)
+        self._pending[seq] = item
+        heapq.heappush(self._order, item)
+        heapq.heappush(self._expiry, (expires_ms, seq))
+        self.bytes += len(envelope)
         return item
 
+    # --- delivery -------------------------------------------------------------------------
+
     def take_sendable(self) -> list[QueuedMessage]:
-        """Move as many pending messages in flight as the window allows, best first."""
+        """Move as many pending messages in flight as the window allows, best first.
+
+        Call :meth:`take_expired` first: this method does not look at the clock.
+        """
         out = []
-        while self._pending and len(self._in_flight) < self.window:
-            item = heapq.heappop(self._pending)
+        while self._order and len(self._in_flight) < self.window:
+            item = heapq.heappop(self._order)
+            if self._pending.pop(item.seq, None) is None:
+                continue  # expired (or already in flight) since it was pushed
             self._in_flight[item.seq] = item
             out.append(item)
         return out
 
     def ack(self, seqs: list[int] | tuple[int, ...]) -> list[QueuedMessage]:
         """Forget acknowledged messages; unknown sequence numbers are ignored."""
-        return [item for seq in seqs if (item := self._in_flight.pop(seq, None)) is not None]
+        done = [item for seq in seqs if (item := self._in_flight.pop(seq, None)) is not None]
+        self.bytes -= sum(len(item.envelope) for item in done)
+        return done
 
     def requeue_in_flight(self) -> None:
         """Connection lost: everything unacknowledged goes back to pending, in order."""
         for item in self._in_flight.values():
-            heapq.heappush(self._pending, item)
+            self._pending[item.seq] = item
+            heapq.heappush(self._order, item)
+            heapq.heappush(self._expiry, (item.expires_ms, item.seq))
         self._in_flight.clear()
+
+    # --- expiry ---------------------------------------------------------------------------
+
+    def next_expiry(self) -> int | None:
+        """When the earliest pending message expires (ms), if any is pending."""
+        self._drop_stale_expiry()
+        return self._expiry[0][0] if self._expiry else None
+
+    def take_expired(self, now_ms: int) -> list[QueuedMessage]:
+        """Remove and return the pending messages whose TTL has passed at ``now_ms``.
+
+        A message in flight is not expired: it was handed to the recipient before its TTL and
+        its ack may still come. If it comes back (disconnect), it is checked again.
+        """
+        out = []
+        while self._expiry and self._expiry[0][0] <= now_ms:
+            _, seq = heapq.heappop(self._expiry)
+            item = self._pending.pop(seq, None)
+            if item is not None:
+                out.append(item)
+        self.bytes -= sum(len(item.envelope) for item in out)
+        if len(self._order) > 2 * len(self._pending) + 64:
+            # Expired messages of an offline node would otherwise stay referenced by the
+            # order heap (envelopes included) until the node comes back.
+            self._order = [i for i in self._order if self._pending.get(i.seq) is i]
+            heapq.heapify(self._order)
+        return out
+
+    def _drop_stale_expiry(self) -> None:
+        while self._expiry and self._expiry[0][1] not in self._pending:
+            heapq.heappop(self._expiry)
+
+    # --- state ----------------------------------------------------------------------------
 
     def is_in_flight(self, seq: int) -> bool:
         return seq in self._in_flight
@@ -79,3 +154,14 @@ class RecipientQueue:
     def depth(self) -> int:
         """Messages owed (pending and in flight)."""
         return len(self._pending) + len(self._in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def depth_by_precedence(self) -> dict[int, int]:
+        """Messages owed per precedence (for metrics and the admin view)."""
+        counts: dict[int, int] = {}
+        for item in (*self._pending.values(), *self._in_flight.values()):
+            counts[item.prec] = counts.get(item.prec, 0) + 1
+        return counts

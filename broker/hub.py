@@ -9,26 +9,41 @@ Every publish is decided synchronously, in the order frames arrive, then written
 together with its queue rows. The receipt and the deliveries are released by the log's commit
 callback: nothing leaves before its ``route`` entry is durable, and the connection's read loop
 never waits for a disk.
+
+A publish the broker may not be able to keep is refused (``unavailable``, with the reason)
+before anything is written: a permitted recipient's queue over its byte limit, or the store over
+its size or disk-space limit. Messages past their TTL leave the queue with an ``expire`` entry;
+their sender gets an ``expired`` frame, at once if connected, else at its next connect (the
+notice is stored with the entry).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Callable, Collection
 from typing import Protocol
 
 import structlog
 
 from broker import router, wire
-from broker.audit.leaves import DeliverEntry, Entry, PolicyEntry, RouteEntry, envelope_digest
+from broker.audit.leaves import (
+    DeliverEntry,
+    Entry,
+    ExpireEntry,
+    PolicyEntry,
+    RouteEntry,
+    envelope_digest,
+)
 from broker.audit.log import AuditLog
-from broker.delivery import RecipientQueue
+from broker.capacity import StoreCapacity
+from broker.delivery import QueuedMessage, RecipientQueue
 from broker.envelope import Envelope
 from broker.errors import ProtocolError, StorageError, VerificationError
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
-from broker.store.base import Batch, QueueRow
+from broker.store.base import Batch, Notice, QueueRow
 from policies.bundle import Bundle, bundle_content
 from policies.cache import DecisionCache
 from policies.catalogue import label_catalogue
@@ -70,6 +85,8 @@ class Hub:
         skew_ms: int = 5 * 60 * 1000,
         window: int = 64,
         max_envelope: int = 1 << 20,
+        max_queued_bytes: int = 256 << 20,
+        capacity: StoreCapacity | None = None,
     ) -> None:
         self.bundle = bundle
         self.audit = audit
@@ -81,7 +98,11 @@ class Hub:
         self.inactive: set[str] = set()
         self._window = window
         self._max_envelope = max_envelope
+        self.max_queued_bytes = max_queued_bytes
+        self.capacity = capacity
         self.decisions = DecisionCache()
+        #: Expiry notices owed to senders (durable in the store until sent).
+        self.notices: dict[str, list[Notice]] = {}
 
     # --- state --------------------------------------------------------------------------
 
@@ -94,8 +115,10 @@ class Hub:
             self._queue(row.recipient).push(
                 message_id=row.id, sender=row.sender, envelope=row.envelope, prec=row.prec,
                 expires_ms=row.expires_ms, seq=row.seq)
+        for notice in self.audit.store.notices():
+            self.notices.setdefault(notice.sender, []).append(notice)
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
-                 queued=len(rows))
+                 queued=len(rows), notices=sum(map(len, self.notices.values())))
 
     def activate(self, bundle: Bundle) -> asyncio.Future[int]:
         """Make ``bundle`` the policy in force: the one seam every activation goes through, so
@@ -133,6 +156,7 @@ class Hub:
         self.peers[peer.node] = peer
         log.info("node_connected", node=peer.node)
         self._pump(peer.node)
+        self._send_notices(peer.node)
 
     def detach(self, peer: Peer) -> None:
         """A connection ended: un-acked deliveries go back to pending."""
@@ -214,9 +238,11 @@ class Hub:
                                                  self.subscriptions)
         decisions = {node: self._decide(env.label, sender, node, env.topic, now,
                                         sealed_for=env.keys) for node in candidates}
-        rows = [QueueRow(node, self._queue(node).reserve_seq(), env.prec, env.id, env.sender,
-                         env.raw, now + env.ttl * 1000)
-                for node, decision in decisions.items() if decision.permit]
+        permitted = [node for node, decision in decisions.items() if decision.permit]
+        self._check_room(permitted, len(env.raw), ref)
+        rows = [QueueRow(node, self._queue(node).reserve_seq(len(env.raw)), env.prec, env.id,
+                         env.sender, env.raw, now + env.ttl * 1000)
+                for node in permitted]
         entry = RouteEntry(
             ts=now, id=env.id, env=envelope_digest(env.raw), sender=env.sender, topic=env.topic,
             label=env.label, prec=env.prec, ttl=env.ttl, bundle=self.bundle.hash,
@@ -224,6 +250,7 @@ class Hub:
         try:
             future = self.audit.append(entry, enqueue=rows)
         except StorageError as exc:
+            self._cancel(rows)
             raise StorageError(exc.reason, ref=ref) from None
         self.replay.record(env.id, now)
         pending = _Publish(env, decisions, rows, reply)
@@ -241,13 +268,86 @@ class Hub:
                 log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
         self._pump(node)
 
+    # --- expiry -------------------------------------------------------------------------
+
+    def expire_due(self) -> int:
+        """Drop every pending message past its TTL (each with an ``expire`` entry and a notice
+        for its sender); returns how many. Called periodically by :meth:`run_expiry`."""
+        now = self.clock_ms()
+        count = 0
+        for node, queue in self.queues.items():
+            expired = queue.take_expired(now)
+            if expired:
+                self._expire(node, expired, now)
+                count += len(expired)
+        return count
+
+    async def run_expiry(self, interval_s: float) -> None:
+        """Expire due messages every ``interval_s`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.expire_due()
+
+    def _expire(self, node: str, items: list[QueuedMessage], now: int) -> None:
+        for item in items:
+            notice = Notice(sender=item.sender, id=item.message_id, recipient=node)
+            entry = ExpireEntry(ts=now, id=item.message_id, to=node, sender=item.sender)
+            try:
+                future = self.audit.append(entry, dequeue=[(node, item.seq)], notices=[notice])
+            except StorageError as exc:
+                # Still in the store: restored and expired again after a restart.
+                log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
+                continue
+            future.add_done_callback(functools.partial(self._expired, notice=notice))
+        log.info("messages_expired", node=node, count=len(items))
+
+    def _expired(self, done: asyncio.Future[int], *, notice: Notice) -> None:
+        if done.cancelled() or done.exception() is not None:
+            _log_failure(done)
+            return
+        self.notices.setdefault(notice.sender, []).append(notice)
+        self._send_notices(notice.sender)
+
+    def _send_notices(self, sender: str) -> None:
+        """Tell a connected sender which of its messages expired, then forget the notices."""
+        peer = self.peers.get(sender)
+        if peer is None or sender not in self.notices:
+            return
+        notices = self.notices.pop(sender)
+        for notice in notices:
+            peer.send(wire.Expired(id=notice.id, recipient=notice.recipient))
+        try:
+            self.audit.write(Batch(notices_sent=notices)).add_done_callback(_log_failure)
+        except StorageError as exc:
+            log.error("notices_not_cleared", sender=sender, reason=exc.reason)
+
     # --- internals ----------------------------------------------------------------------
+
+    def _check_room(self, recipients: list[str], size: int, ref: bytes) -> None:
+        """Refuse (``unavailable``) a publish the store or a recipient's queue has no room
+        for: nothing is written, so the publisher may send the same envelope again later."""
+        full = self.capacity.check() if self.capacity is not None else None
+        for node in recipients:
+            if full is not None:
+                break
+            owed = self._queue(node).committed_bytes
+            if owed + size > self.max_queued_bytes:
+                full = (f"the queue of {node} is full: {owed} bytes owed, limit "
+                        f"{self.max_queued_bytes} (limits.max_queued_bytes_per_node)")
+        if full is not None:
+            log.warning("publish_refused_no_room", id=ref.hex(), reason=full)
+            raise StorageError(full, code="unavailable", ref=ref)
+
+    def _cancel(self, rows: list[QueueRow]) -> None:
+        for row in rows:
+            self._queue(row.recipient).cancel(row.seq)
 
     def _published(self, done: asyncio.Future[int], pending: _Publish) -> None:
         env = pending.env
         if done.cancelled() or done.exception() is not None:
             reason = "the broker stopped" if done.cancelled() else str(done.exception())
             log.error("publish_not_durable", id=env.id.hex(), reason=reason)
+            self._cancel(pending.rows)
             pending.reply(wire.Error(code="unavailable", reason="not stored: " + reason,
                                      ref=env.id))
             return
@@ -280,7 +380,11 @@ class Hub:
         peer = self.peers.get(node)
         if peer is None:
             return
-        for item in self._queue(node).take_sendable():
+        queue, now = self._queue(node), self.clock_ms()
+        expired = queue.take_expired(now)
+        if expired:
+            self._expire(node, expired, now)
+        for item in queue.take_sendable():
             peer.send(wire.Deliver(env=item.envelope, seq=item.seq))
 
 

@@ -26,6 +26,7 @@ from broker import wire
 from broker.audit.leaves import SessionEntry
 from broker.audit.log import DEFAULT_COMMIT, AuditLog, CommitPolicy
 from broker.audit.note import Signer
+from broker.capacity import StoreCapacity, StoreLimits
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
 from broker.hub import Hub
@@ -60,6 +61,11 @@ class Limits:
     #: sending requests is disconnected (``rate_limited``) instead of growing broker memory.
     max_outbound_frames: int = 1024
     max_subscriptions_per_node: int = 1024
+    #: Envelope bytes owed to one node (queued or in flight) before publishes to it are refused.
+    max_queued_bytes_per_node: int = 256 << 20
+    store: StoreLimits = dataclasses.field(default_factory=StoreLimits)
+    #: How often queues are swept for messages past their TTL.
+    expiry_interval_s: float = 1.0
 
 
 def read_broker_key(config: Config) -> KeyFile:
@@ -170,6 +176,7 @@ class BrokerServer:
         self._peers: set[_Peer] = set()
         self._hub: Hub | None = None
         self._audit: AuditLog | None = None
+        self._expiry: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
     @classmethod
@@ -183,6 +190,10 @@ class BrokerServer:
             handshake_timeout_s=config.limits.handshake_timeout_seconds,
             max_outbound_frames=config.limits.max_outbound_frames,
             max_subscriptions_per_node=config.limits.max_subscriptions_per_node,
+            max_queued_bytes_per_node=config.limits.max_queued_bytes_per_node,
+            store=StoreLimits(max_store_bytes=config.limits.max_store_bytes,
+                              min_free_bytes=config.limits.min_free_disk_bytes),
+            expiry_interval_s=config.limits.expiry_interval_ms / 1000,
         )
         commit = CommitPolicy(max_batch=config.audit.max_batch,
                               max_delay_s=config.audit.max_delay_ms / 1000,
@@ -223,10 +234,14 @@ class BrokerServer:
             self._hub = Hub(self.bundle, self._audit, clock_ms=self.clock_ms,
                             skew_ms=self.limits.clock_skew_ms,
                             window=self.limits.delivery_window,
-                            max_envelope=self.limits.max_frame_bytes)
+                            max_envelope=self.limits.max_frame_bytes,
+                            max_queued_bytes=self.limits.max_queued_bytes_per_node,
+                            capacity=StoreCapacity(store, self.limits.store))
             self._hub.restore()
             await self._audit.start()
             await self._hub.activate(self.bundle)
+            self._expiry = asyncio.create_task(
+                self._hub.run_expiry(self.limits.expiry_interval_s), name="expiry")
         except BaseException:
             await self._close_audit()
             raise
@@ -253,6 +268,11 @@ class BrokerServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+            self._expiry = None
         await self._close_audit()
         log.info("broker_stopped", broker=self.name)
 

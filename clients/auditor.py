@@ -86,6 +86,7 @@ class Report:
     cosignatures: int = 0
     decisions_replayed: int = 0
     deliveries_checked: int = 0
+    expiries_checked: int = 0
     bundles: int = 0
     latest_checkpoint: int | None = None
     witnessed_size: int | None = None
@@ -139,7 +140,10 @@ class _Replay:
     def __init__(self, bundles: Mapping[bytes, Bundle], report: Report) -> None:
         self.bundles = bundles
         self.report = report
-        self.permitted: set[tuple[bytes, str]] = set()
+        #: (message id, recipient) released → when its TTL ends (ms); and those already
+        #: delivered or expired (each released copy ends exactly once).
+        self.permitted: dict[tuple[bytes, str], int] = {}
+        self.resolved: set[tuple[bytes, str]] = set()
         self.suspended: set[str] = set()
         self.cache = DecisionCache(max_entries=1 << 16)
         self.active: bytes | None = None  # the bundle of the last ``policy`` entry
@@ -179,13 +183,28 @@ class _Replay:
                 self.report.add("replay", f"decision for {node}: logged {_show(recorded)}, "
                                 f"replay gives {_show(replayed)}", index)
             if recorded.permit:
-                self.permitted.add((entry.id, node))
+                self.permitted[(entry.id, node)] = entry.ts + entry.ttl * 1000
 
     def deliver(self, index: int, entry: DeliverEntry | ExpireEntry) -> None:
-        self.report.deliveries_checked += isinstance(entry, DeliverEntry)
-        if (entry.id, entry.to) not in self.permitted:
+        """A released copy ends once: delivered, or expired (never before its TTL, which
+        would be a silent drop dressed up as an expiry)."""
+        key = (entry.id, entry.to)
+        if isinstance(entry, DeliverEntry):
+            self.report.deliveries_checked += 1
+        else:
+            self.report.expiries_checked += 1
+        deadline = self.permitted.get(key)
+        if deadline is None:
             self.report.add(entry.KIND, f"message {entry.id.hex()} went to {entry.to}, which it "
                             "was not released to", index)
+            return
+        if key in self.resolved:
+            self.report.add(entry.KIND, f"message {entry.id.hex()} for {entry.to} was already "
+                            "delivered or expired", index)
+        self.resolved.add(key)
+        if isinstance(entry, ExpireEntry) and entry.ts < deadline:
+            self.report.add("expire", f"message {entry.id.hex()} for {entry.to} expired "
+                            f"{deadline - entry.ts} ms before its TTL", index)
 
     def admin(self, entry: AdminEntry) -> None:
         if entry.outcome == "ok" and entry.action == "suspend":

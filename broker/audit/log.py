@@ -30,7 +30,7 @@ from broker.audit import merkle
 from broker.audit.leaves import Entry
 from broker.audit.note import Checkpoint, Signer, Verifier, sign_note, verify_note
 from broker.errors import BrokerError, StorageError, VerificationError
-from broker.store.base import Batch, QueueRow, Store, StoredCheckpoint
+from broker.store.base import Batch, Notice, QueueRow, Store, StoredCheckpoint
 
 log = structlog.get_logger("broker.audit")
 
@@ -45,6 +45,10 @@ class CommitPolicy:
 
 
 DEFAULT_COMMIT = CommitPolicy()
+
+
+_MERGED = tuple(f.name for f in dataclasses.fields(Batch)
+                if f.name not in ("first_index", "entries", "nodes"))
 
 
 @dataclasses.dataclass
@@ -154,10 +158,12 @@ class AuditLog:
 
     def append(self, entry: Entry, *, enqueue: Sequence[QueueRow] = (),
                dequeue: Sequence[tuple[str, int]] = (),
-               bundles: Sequence[tuple[bytes, bytes]] = ()) -> asyncio.Future[int]:
+               bundles: Sequence[tuple[bytes, bytes]] = (),
+               notices: Sequence[Notice] = ()) -> asyncio.Future[int]:
         """Queue ``entry`` (and the writes that go with it); the future gives its index once
         durable. Raises ``StorageError`` at once if the log has stopped."""
-        batch = Batch(enqueue=list(enqueue), dequeue=list(dequeue), bundles=list(bundles))
+        batch = Batch(enqueue=list(enqueue), dequeue=list(dequeue), bundles=list(bundles),
+                      notices=list(notices))
         return self._submit(entry.to_bytes(), batch)
 
     def write(self, batch: Batch) -> asyncio.Future[int]:
@@ -285,8 +291,7 @@ class AuditLog:
                 size += 1
             else:
                 indexes.append(-1)
-            for name in ("enqueue", "dequeue", "subscribe", "unsubscribe", "bundles",
-                         "checkpoints", "cosignatures"):
+            for name in _MERGED:
                 getattr(batch, name).extend(getattr(item.batch, name))
         return batch, indexes
 

@@ -2,8 +2,9 @@
 
 One :class:`Store` holds the audit entries, the Merkle tree's complete node hashes, every signed
 checkpoint with its cosignatures, the content of every policy bundle that was active, the durable
-per-recipient queues and the durable subscriptions. Every write goes through :meth:`Store.commit`
-with a :class:`Batch`: all of it becomes durable, or none of it does. Nothing outside
+per-recipient queues, the expiry notices owed to senders and the durable subscriptions. Every
+write goes through :meth:`Store.commit` with a :class:`Batch`: all of it becomes durable, or
+none of it does. Nothing outside
 ``broker/store/sqlite.py`` may assume SQLite, so a PostgreSQL store can take its place.
 """
 
@@ -26,6 +27,15 @@ class QueueRow:
     sender: str
     envelope: bytes
     expires_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A sender is owed word that its message expired undelivered for ``recipient``."""
+
+    sender: str
+    id: bytes
+    recipient: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,8 @@ class Batch:
     bundles: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
     checkpoints: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     cosignatures: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+    notices: list[Notice] = dataclasses.field(default_factory=list)
+    notices_sent: list[Notice] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any(dataclasses.astuple(self)[1:])
@@ -104,6 +116,15 @@ class Store(Protocol):
 
     def subscriptions(self) -> list[tuple[str, str]]:
         """Every durable ``(node, pattern)`` subscription."""
+
+    def notices(self) -> list[Notice]:
+        """Every expiry notice not yet sent to its sender."""
+
+    def disk_bytes(self) -> int:
+        """Bytes the store occupies on disk (for the store size limit)."""
+
+    def free_bytes(self) -> int:
+        """Bytes free on the file system that holds the store."""
 
     def close(self) -> None:
         """Release the store's resources."""

@@ -10,6 +10,8 @@ writer. Every SQLite or OS failure is mapped to :class:`~broker.errors.StorageEr
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import StorageError
-from broker.store.base import Batch, QueueRow, StoredCheckpoint
+from broker.store.base import Batch, Notice, QueueRow, StoredCheckpoint
 
 FILE_NAME = "broker.sqlite"
 SCHEMA_VERSION = 1
@@ -37,6 +39,9 @@ CREATE TABLE IF NOT EXISTS queue (
     recipient TEXT NOT NULL, seq INTEGER NOT NULL, prec INTEGER NOT NULL, id BLOB NOT NULL,
     sender TEXT NOT NULL, envelope BLOB NOT NULL, expires_ms INTEGER NOT NULL,
     PRIMARY KEY (recipient, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS notices (
+    sender TEXT NOT NULL, id BLOB NOT NULL, recipient TEXT NOT NULL,
+    PRIMARY KEY (sender, id, recipient)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscriptions (
     node TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (node, pattern)) WITHOUT ROWID;
 """
@@ -119,6 +124,10 @@ class SqliteStore:
         conn.executemany("INSERT INTO checkpoints VALUES (?, ?)", batch.checkpoints)
         conn.executemany("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)",
                          batch.cosignatures)
+        conn.executemany("INSERT OR IGNORE INTO notices VALUES (?, ?, ?)",
+                         ((n.sender, n.id, n.recipient) for n in batch.notices))
+        conn.executemany("DELETE FROM notices WHERE sender = ? AND id = ? AND recipient = ?",
+                         ((n.sender, n.id, n.recipient) for n in batch.notices_sent))
 
     # --- reads --------------------------------------------------------------------------
 
@@ -215,6 +224,20 @@ class SqliteStore:
     def subscriptions(self) -> list[tuple[str, str]]:
         return [(str(n), str(p)) for n, p in
                 self._query("SELECT node, pattern FROM subscriptions ORDER BY node, pattern")]
+
+    def notices(self) -> list[Notice]:
+        return [Notice(str(s), bytes(i), str(r)) for s, i, r in
+                self._query("SELECT sender, id, recipient FROM notices ORDER BY sender")]
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.path.parent).free
 
     def close(self) -> None:
         for conn in (getattr(self, "_reader", None), getattr(self, "_writer", None)):

@@ -13,6 +13,7 @@ import pytest
 
 from broker.audit.leaves import (
     DeliverEntry,
+    ExpireEntry,
     PolicyEntry,
     RouteEntry,
     entry_from_bytes,
@@ -237,3 +238,39 @@ async def test_route_outside_the_bundle_in_force_and_backdated_entries_are_flagg
     report = verify_export(_export(coalition, data, tmp_path / "export"),
                            pins=[coalition.root_sha256], quorum=0)
     assert [(p.what, p.index) for p in report.problems] == [("replay", 0), ("entries", 3)]
+
+
+async def test_early_expiry_and_a_copy_that_ends_twice_are_flagged(
+        coalition: Coalition, tmp_path: Path) -> None:
+    """A broker that drops a message before its TTL and calls it an expiry, or claims both a
+    delivery and an expiry of one copy, is caught; an honest expiry passes."""
+    bundle = coalition.bundle()
+    data = tmp_path / "dropper"
+    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
+        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+    await audit.start()
+    now = time.time_ns() // 1_000_000
+    lab = label("NATO", "SECRET", "USA", ["GBR"])
+    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
+                       bundles=[(bundle.hash, bundle_content(bundle))])
+    for message in (1, 2, 3):
+        await audit.append(RouteEntry(
+            ts=now, id=bytes([message]) * 16, env=envelope_digest(b"x"), sender="USA-GW1",
+            topic="reports.daily", label=lab, prec=0, ttl=60, bundle=bundle.hash,
+            sealed=("GBR-GW1",),
+            decisions={"GBR-GW1": Decision(True, (), "COALITION-DEFAULT@1/all")}))
+    await audit.append(ExpireEntry(ts=now + 60_000, id=b"\x01" * 16, to="GBR-GW1",
+                                   sender="USA-GW1"))  # honest: at its TTL
+    await audit.append(ExpireEntry(ts=now + 1_000, id=b"\x02" * 16, to="GBR-GW1",
+                                   sender="USA-GW1"))  # 59 s early
+    await audit.append(DeliverEntry(ts=now + 2_000, id=b"\x03" * 16, to="GBR-GW1", seq=3))
+    await audit.append(ExpireEntry(ts=now + 61_000, id=b"\x03" * 16, to="GBR-GW1",
+                                   sender="USA-GW1"))  # delivered, then "expired"
+    await audit.stop()
+    audit.store.close()
+    report = verify_export(_export(coalition, data, tmp_path / "export"),
+                           pins=[coalition.root_sha256], quorum=0)
+    assert [(p.what, p.index) for p in report.problems] == [("expire", 5), ("expire", 7)]
+    assert "before its TTL" in report.problems[0].detail
+    assert "already" in report.problems[1].detail
+    assert (report.expiries_checked, report.deliveries_checked) == (3, 1)

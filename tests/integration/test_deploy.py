@@ -24,6 +24,11 @@ async def test_example_config_serves_its_demo_coalition(tmp_path: Path) -> None:
     keys = DEPLOY / "demo-coalition" / "keys"
     async with BrokerServer.from_config(config) as server:
         root = server.hub.bundle.trust_root
+        # The example's store limits reach the hub as written in the file.
+        assert server.hub.max_queued_bytes == config.limits.max_queued_bytes_per_node
+        assert server.limits.store.max_store_bytes == config.limits.max_store_bytes
+        assert server.limits.store.min_free_bytes == config.limits.min_free_disk_bytes
+        assert server.limits.expiry_interval_s == config.limits.expiry_interval_ms / 1000
 
         def client(node: str) -> GatewayClient:
             return GatewayClient(server.url, KeyFile.read(keys / f"{node}.key"), root,

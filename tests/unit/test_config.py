@@ -49,6 +49,10 @@ def test_valid_config_resolves_paths_against_the_config_directory(tmp_path: Path
         ("limits", "max_frame_bytes", 10, "limits.max_frame_bytes must be between"),
         ("limits", "delivery_window", 0, "limits.delivery_window must be between"),
         ("limits", "frame_limit", 5, "[limits]: unknown key(s): frame_limit"),
+        ("limits", "max_queued_bytes_per_node", 1000,
+         "limits.max_queued_bytes_per_node must be between"),
+        ("limits", "max_store_bytes", -1, "limits.max_store_bytes must be between"),
+        ("limits", "expiry_interval_ms", 0, "limits.expiry_interval_ms must be between"),
     ],
 )
 def test_bad_field_is_named(section: str, key: str, value: object, message: str,

@@ -150,3 +150,101 @@ def test_seq_numbers_keep_increasing_after_acks() -> None:
     queue.ack([item.seq])
     new = queue.push(message_id=b"n" * 16, sender="x", envelope=b"", prec=ROUTINE, expires_ms=0)
     assert new.seq == 2
+
+
+# --- TTL expiry -------------------------------------------------------------------------
+
+
+def _push(queue: RecipientQueue, i: int, *, prec: int = ROUTINE, expires_ms: int = 10_000,
+          size: int = 10) -> int:
+    return queue.push(message_id=i.to_bytes(2, "big") * 8, sender="USA-GW1",
+                      envelope=b"e" * size, prec=prec, expires_ms=expires_ms).seq
+
+
+def test_take_expired_returns_only_pending_messages_past_their_ttl() -> None:
+    queue = RecipientQueue()
+    for i, expires in enumerate([300, 100, 200, 400]):
+        _push(queue, i, expires_ms=expires)
+    assert queue.take_expired(99) == []
+    assert _ids(queue.take_expired(200)) == [1, 2]  # by expiry time, boundary included
+    assert queue.depth == 2
+    assert _ids(queue.take_sendable()) == [0, 3]  # the expired ones are never sent
+    assert queue.take_expired(10_000) == []  # both are in flight now
+
+
+def test_in_flight_message_is_not_expired_until_it_comes_back() -> None:
+    queue = RecipientQueue()
+    _push(queue, 0, expires_ms=100)
+    (sent,) = queue.take_sendable()
+    assert queue.take_expired(500) == []  # handed to the recipient before its TTL
+    queue.requeue_in_flight()  # the connection dropped without an ack
+    assert queue.next_expiry() == 100
+    assert queue.take_expired(500) == [sent]
+    assert queue.depth == 0 and queue.take_sendable() == []
+
+
+def test_acked_message_never_expires_later() -> None:
+    queue = RecipientQueue()
+    _push(queue, 0, expires_ms=100)
+    (sent,) = queue.take_sendable()
+    queue.ack([sent.seq])
+    queue.requeue_in_flight()
+    assert queue.take_expired(500) == [] and queue.next_expiry() is None
+
+
+def test_flash_expiring_does_not_disturb_the_order_of_the_rest() -> None:
+    queue = RecipientQueue(window=10)
+    _push(queue, 0, expires_ms=1000)
+    _push(queue, 1, prec=FLASH, expires_ms=50)
+    _push(queue, 2, prec=IMMEDIATE, expires_ms=1000)
+    _push(queue, 3, expires_ms=1000)
+    assert _ids(queue.take_expired(60)) == [1]
+    assert _ids(queue.take_sendable()) == [2, 0, 3]
+
+
+def test_expired_messages_of_an_offline_node_are_not_kept_in_memory() -> None:
+    queue = RecipientQueue()
+    for i in range(1000):
+        _push(queue, i, expires_ms=i)
+    _push(queue, 1000, expires_ms=10_000)
+    assert len(queue.take_expired(999)) == 1000
+    # The order heap is compacted: it no longer references 1000 dropped envelopes.
+    assert len(queue._order) <= 64 + 2
+    assert _ids(queue.take_sendable()) == [1000]
+
+
+# --- byte accounting ---------------------------------------------------------------------
+
+
+def test_bytes_count_what_is_owed_until_acked_or_expired() -> None:
+    queue = RecipientQueue(window=1)
+    _push(queue, 0, size=100, expires_ms=50)
+    _push(queue, 1, size=30)
+    assert queue.bytes == 130
+    (sent,) = queue.take_sendable()  # in flight still counts
+    assert queue.bytes == 130
+    queue.ack([sent.seq])
+    assert queue.bytes == 30
+    queue.requeue_in_flight()
+    assert len(queue.take_expired(20_000)) == 1
+    assert queue.bytes == 0
+
+
+def test_reserved_bytes_count_until_pushed_or_cancelled() -> None:
+    queue = RecipientQueue()
+    first, second = queue.reserve_seq(100), queue.reserve_seq(50)
+    assert (first, second) == (1, 2)
+    assert queue.committed_bytes == 150 and queue.bytes == 0
+    queue.push(message_id=b"a" * 16, sender="x", envelope=b"e" * 100, prec=ROUTINE,
+               expires_ms=1, seq=first)
+    assert queue.committed_bytes == 150 and queue.bytes == 100  # reservation became bytes
+    queue.cancel(second)  # its write failed
+    assert queue.committed_bytes == 100
+    assert queue.reserve_seq() == 3  # a cancelled seq is never reused
+
+
+def test_depth_by_precedence_counts_pending_and_in_flight() -> None:
+    queue = _queue([ROUTINE, FLASH, ROUTINE, PRIORITY], window=2)
+    queue.take_sendable()
+    assert queue.depth_by_precedence() == {ROUTINE: 2, FLASH: 1, PRIORITY: 1}
+    assert queue.in_flight == 2
