@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -39,11 +41,19 @@ class BrokerProcess:
         return code
 
 
-async def start_broker(config: Path) -> BrokerProcess:
-    """Start ``coalition broker serve`` and return once it logged ``broker_ready``."""
+async def start_broker(config: Path, *, max_file_bytes: int | None = None) -> BrokerProcess:
+    """Start ``coalition broker serve`` and return once it logged ``broker_ready``.
+
+    ``max_file_bytes`` sets RLIMIT_FSIZE on the process: a write that would make any file
+    larger fails with EFBIG (Python ignores SIGXFSZ), a real disk-full for that process.
+    """
+    def limit_file_size() -> None:
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker.cli", "broker", "serve", "--config", str(config),
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, preexec_fn=limit_file_size,
     )
     assert process.stderr is not None
     lines = []
@@ -60,27 +70,38 @@ async def start_broker(config: Path) -> BrokerProcess:
                 return BrokerProcess(process, str(event["url"]))
 
 
-def write_broker_config(tmp_path: Path, coalition: Coalition) -> Path:
-    """A config for ``coalition`` on a free port, data in ``tmp_path/data``, fast checkpoints."""
+def free_port() -> int:
+    """A loopback port free right now (for a broker that must come back on the same port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_broker_config(tmp_path: Path, coalition: Coalition, *, port: int = 0,
+                        limits: str = "") -> Path:
+    """A config for ``coalition`` (on ``port``, 0: any free one), data in ``tmp_path/data``,
+    fast checkpoints; ``limits`` is extra TOML for the ``[limits]`` section."""
     path = tmp_path / "broker.toml"
     path.write_text(
         "[broker]\n"
         f'name = "{coalition.broker_name}"\n'
         f'data_dir = "{tmp_path / "data"}"\n'
         f'key = "{coalition.keys_dir / "broker.key"}"\n'
-        '[listen]\nhost = "127.0.0.1"\nport = 0\n'
+        f'[listen]\nhost = "127.0.0.1"\nport = {port}\n'
         "[policy]\n"
         f'dir = "{coalition.policy_dir}"\n'
         f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'
         "[audit]\nmax_batch = 64\nmax_delay_ms = 1\ncheckpoint_interval_ms = 50\n"
+        f"[limits]\n{limits}\n"
     )
     return path
 
 
 @contextlib.asynccontextmanager
-async def running_broker(config: Path) -> AsyncIterator[BrokerProcess]:
+async def running_broker(config: Path, *,
+                         max_file_bytes: int | None = None) -> AsyncIterator[BrokerProcess]:
     """A broker process killed (if still running) when the block ends."""
-    broker = await start_broker(config)
+    broker = await start_broker(config, max_file_bytes=max_file_bytes)
     try:
         yield broker
     finally:
