@@ -6,6 +6,11 @@ async iteration over :meth:`~GatewayClient.messages`. It trusts the broker for n
 check itself: recipients' encryption keys come from node certificates verified against the
 pinned trust root (never from the broker's ``routes`` answer), and every delivery is checked
 (certificate, signature, label binding, decryption) before the application sees it.
+
+Delivery is exactly once for the application: the broker delivers at least once, and the
+client drops the ids the application already finished (:mod:`clients.dedup`, durable with a
+``state_dir``). The connection (:mod:`clients.connection`) is re-established with backoff when
+it drops; the client is also a witness of the broker's audit log (:mod:`clients.witness`).
 """
 
 from __future__ import annotations
@@ -15,52 +20,47 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import aiohttp
 import structlog
 
 from broker import canonical, wire
-from broker.audit.leaves import RouteEntry, entry_from_bytes
-from broker.audit.merkle import leaf_hash, verify_inclusion
-from broker.audit.note import Checkpoint, Cosigner, Verifier
-from broker.audit.witness import Equivocation, check_offered_checkpoint, verify_log_checkpoint
+from broker.audit.note import Checkpoint
+from broker.audit.witness import Equivocation
 from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
-from broker.errors import BrokerError, PolicyDocumentError, ProtocolError, VerificationError
-from broker.session import make_hello
+from broker.errors import BrokerError, PolicyDocumentError, ProtocolError
+from clients.connection import (
+    DEFAULT_BACKOFF,
+    AuthenticationError,
+    Backoff,
+    Connection,
+    ConnectionClosed,
+    Endpoint,
+    GatewayError,
+    Link,
+    RequestRejected,
+    RequestTimeout,
+)
+from clients.dedup import SeenIds, StateWriteFailed
 from clients.identity import KeyFile
-from clients.witness import WitnessState
+from clients.witness import LogWitness, WitnessState
 from policies.documents import SignedDocument, verify_node_cert
 from policies.model import Label, NodeCert, TrustRoot
+
+__all__ = [
+    "AuthenticationError", "Backoff", "ConnectionClosed", "Expired", "GatewayClient",
+    "GatewayError", "Message", "Receipt", "RequestRejected", "RequestTimeout", "RoutePlan",
+    "StateWriteFailed", "label",
+]
 
 log = structlog.get_logger("clients.gateway")
 
 
-class GatewayError(BrokerError):
-    """Base of the client library's errors."""
-
-    code = "gateway"
-
-
-class AuthenticationError(GatewayError):
-    """The broker refused the handshake (``code`` says why), or is not the expected broker."""
-
-
-class RequestRejected(GatewayError):
-    """The broker answered a request with an ``error`` frame."""
-
-
-class ConnectionClosed(GatewayError):
-    """The connection ended while a request was waiting."""
-
-    code = "closed"
-
-
-class RequestTimeout(GatewayError):
-    code = "timeout"
+#: How many expiry notices :attr:`GatewayClient.expired` keeps.
+EXPIRED_KEPT = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +115,21 @@ class RoutePlan:
         return sorted(n for n, s in self.recipients.items() if s == "permit")
 
 
+@dataclasses.dataclass(frozen=True)
+class Expired:
+    """The broker's notice that a message this gateway sent expired before ``recipient`` got
+    it."""
+
+    id: bytes
+    recipient: str
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
 class GatewayClient:
-    """A gateway node's connection to a broker."""
+    """A gateway node's connection to a broker, re-established by itself when it drops."""
 
     def __init__(
         self,
@@ -134,7 +143,15 @@ class GatewayClient:
         dedup_capacity: int = 100_000,
         state_dir: Path | None = None,
         on_alarm: Callable[[Equivocation], None] | None = None,
+        reconnect: Backoff | None = DEFAULT_BACKOFF,
+        heartbeat: float | None = 15.0,
+        on_expired: Callable[[Expired], None] | None = None,
     ) -> None:
+        """``state_dir`` keeps the witness state and the last ``dedup_capacity`` ids of the
+        messages the application finished (memory only without it). ``reconnect``: the backoff
+        to reconnect with when the connection drops (see :mod:`clients.connection` for when it
+        does not); ``None``: the first drop ends the client. ``heartbeat``: seconds between
+        WebSocket pings. ``timeout`` bounds each request, including a wait for reconnection."""
         if identity.kind != "node" or identity.enc_key is None:
             raise ValueError("a gateway needs a node key file")
         self.url = url
@@ -146,23 +163,51 @@ class GatewayClient:
         self.max_frame = max_frame
         self.certs: dict[str, NodeCert] = {}
         self.welcome: wire.Welcome | None = None
-        self._http: aiohttp.ClientSession | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._control = asyncio.Lock()
-        self._control_waiter: asyncio.Future[wire.Frame] | None = None
-        self._receipts: dict[bytes, asyncio.Future[wire.Frame]] = {}
-        self._deliveries: asyncio.Queue[wire.Deliver | None] = asyncio.Queue()
-        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self._dedup_capacity = dedup_capacity
-        self._closed_reason: str | None = None
+        #: Ids of the messages the application finished (durable with ``state_dir``).
+        self.seen = SeenIds(state_dir, dedup_capacity)
         #: The gateway is a witness of the broker's audit log (state kept in ``state_dir``).
-        self.witness = WitnessState(state_dir)
-        self.on_alarm = on_alarm
-        self.alarms: list[Equivocation] = []
-        self.cosigned = 0  # checkpoints cosigned on this connection
-        self._log_key = self._broker_log_key()
-        self._background: set[asyncio.Task[None]] = set()
+        self.log_witness = LogWitness(trust_root, broker_name, identity, state_dir,
+                                      send_cosignature=self._send_cosignature, on_alarm=on_alarm)
+        #: Patterns subscribed to through this client: re-sent after every reconnect.
+        self.subscriptions: set[str] = set()
+        #: The latest notices that a message this gateway sent expired undelivered.
+        self.expired: collections.deque[Expired] = collections.deque(maxlen=EXPIRED_KEPT)
+        self.on_expired = on_expired
+        self._deliveries: asyncio.Queue[wire.Deliver | None] = asyncio.Queue()
+        self._connection = Connection(
+            Endpoint(url, identity, broker_name, timeout, max_frame, heartbeat),
+            reconnect=reconnect, on_frame=self._dispatch, on_link=self._on_link,
+            on_end=self._on_end)
+
+    @property
+    def witness(self) -> WitnessState:
+        """The checkpoints this gateway cosigned."""
+        return self.log_witness.state
+
+    @property
+    def alarms(self) -> list[Equivocation]:
+        """Evidence, so far, that the broker equivocated."""
+        return self.log_witness.alarms
+
+    @property
+    def cosigned(self) -> int:
+        """How many checkpoints this client cosigned."""
+        return self.log_witness.cosigned
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up right now."""
+        return self._connection.link is not None
+
+    @property
+    def failure(self) -> GatewayError | None:
+        """Why the client cannot be used (not connected yet, closed, replaced, refused on
+        reconnection); ``None`` while it is connected or reconnecting."""
+        return self._connection.failure
+
+    @property
+    def reconnections(self) -> int:
+        return self._connection.reconnections
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -175,61 +220,36 @@ class GatewayClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Open the WebSocket and authenticate; raise :class:`AuthenticationError` if refused."""
-        self._http = aiohttp.ClientSession()
-        try:
-            self._ws = await self._http.ws_connect(self.url, max_msg_size=2 * self.max_frame,
-                                                   autoping=True)
-            challenge = await self._receive_handshake_frame()
-            if not isinstance(challenge, wire.Challenge):
-                raise AuthenticationError(f"expected challenge, got '{challenge.T}'",
-                                          code="handshake_failed")
-            if challenge.broker != self.broker_name:
-                raise AuthenticationError(f"broker is {challenge.broker!r}, expected "
-                                          f"{self.broker_name!r}", code="wrong_broker")
-            hello = make_hello(challenge, self.node, self.identity.signing_key, _now_ms())
-            await self._ws.send_bytes(wire.encode_frame(hello))
-            answer = await self._receive_handshake_frame()
-            if isinstance(answer, wire.Error):
-                raise AuthenticationError(answer.reason, code=answer.code)
-            if not isinstance(answer, wire.Welcome) or answer.node != self.node:
-                raise AuthenticationError("broker did not welcome this node",
-                                          code="handshake_failed")
-            self.welcome = answer
-            if answer.checkpoint is not None:
-                self._check_checkpoint(answer.checkpoint, None, 0, cosign=False)
-        except BaseException:
-            await self.close()
-            raise
-        self._reader = asyncio.create_task(self._read_loop(), name=f"gateway-{self.node}")
-        log.info("gateway_connected", node=self.node, broker=challenge.broker)
+        """Open the WebSocket and authenticate; raise :class:`AuthenticationError` if refused
+        (this first connection is not retried; later drops are, in the background)."""
+        await self._connection.open()
+        log.info("gateway_connected", node=self.node, broker=self.broker_name)
 
     async def close(self) -> None:
-        """Close the connection and release everything (idempotent)."""
-        if self._ws is not None:
-            await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        self._fail_pending("client closed")
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        """Close the connection for good and release everything (idempotent)."""
+        await self._connection.close()
+        self._deliveries.put_nowait(None)  # also if it never connected
 
     # --- requests -----------------------------------------------------------------------
 
     async def subscribe(self, pattern: str) -> None:
-        """Add a durable subscription; returns once the broker has processed it."""
-        await self._confirmed(wire.Sub(topic=pattern))
+        """Add a durable subscription; returns once the broker has processed it. It is kept
+        (and re-sent after reconnects) unless the broker rejects it."""
+        self.subscriptions.add(pattern)  # first, so a reconnect during the request re-sends it
+        try:
+            await self._connection.confirmed(wire.Sub(topic=pattern))
+        except RequestRejected:
+            self.subscriptions.discard(pattern)
+            raise
 
     async def unsubscribe(self, pattern: str) -> None:
-        await self._confirmed(wire.Unsub(topic=pattern))
+        """Remove a subscription (no longer re-sent after reconnects)."""
+        self.subscriptions.discard(pattern)
+        await self._connection.confirmed(wire.Unsub(topic=pattern))
 
     async def directory(self) -> dict[str, NodeCert]:
         """Fetch node certificates and keep those that verify against the trust root."""
-        answer = await self._control_request(wire.Directory())
+        answer = await self._connection.control(wire.Directory())
         if not isinstance(answer, wire.Directory) or answer.certs is None:
             raise RequestRejected("unexpected answer to directory", code="bad_frame")
         certs: dict[str, NodeCert] = {}
@@ -261,7 +281,7 @@ class GatewayClient:
         frame = wire.Route(topic=topic, label=label.to_map(),
                            to=tuple(canonical.canonical_set(list(to))) or None,
                            catalogue=True if catalogue else None)
-        answer = await self._control_request(frame)
+        answer = await self._connection.control(frame)
         if not isinstance(answer, wire.Routes):
             raise RequestRejected(f"unexpected answer '{answer.T}' to route", code="bad_frame")
         return RoutePlan(recipients=dict(answer.recipients), keys=dict(answer.keys),
@@ -277,7 +297,8 @@ class GatewayClient:
         ttl: int = 3600,
         to: tuple[str, ...] = (),
     ) -> Receipt:
-        """Encrypt for the recipients the policy permits, sign, publish, await the receipt."""
+        """Encrypt for the recipients the policy permits, sign, publish, await the receipt
+        (see :meth:`publish_envelope` for a connection lost meanwhile)."""
         prec = PRECEDENCE_BY_NAME[precedence] if isinstance(precedence, str) else precedence
         plan = await self.route(topic, label, to)
         keys = await self._verified_keys(plan, label)
@@ -290,15 +311,15 @@ class GatewayClient:
         return await self.publish_envelope(env)
 
     async def publish_envelope(self, env: bytes) -> Receipt:
-        """Publish pre-built envelope bytes; await the receipt."""
+        """Publish pre-built envelope bytes; await the receipt.
+
+        If the connection drops before the receipt arrives, this raises
+        :class:`ConnectionClosed` and the outcome is unknown: the broker may have accepted the
+        envelope. Publishing the same bytes again (within the broker's clock skew of the
+        envelope's ``ts``) settles it: an envelope already accepted is rejected as ``replay``,
+        one never received is accepted."""
         message_id = Envelope.from_bytes(env, max_bytes=self.max_frame).id
-        future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
-        self._receipts[message_id] = future
-        try:
-            await self._send(wire.Pub(env=env))
-            answer = await self._wait(future)
-        finally:
-            self._receipts.pop(message_id, None)
+        answer = await self._connection.request(wire.Pub(env=env), key=message_id)
         assert isinstance(answer, wire.Receipt)
         return Receipt(id=answer.id, audit=answer.audit, recipients=dict(answer.recipients))
 
@@ -306,66 +327,61 @@ class GatewayClient:
         """Prove that the broker logged this publish: fetch the inclusion proof of the
         receipt's audit entry and verify it against a checkpoint signed by the broker's key
         (and consistent with what this gateway cosigned). Returns that checkpoint."""
-        answer = await self._control_request(wire.Prove(index=receipt.audit))
+        answer = await self._connection.control(wire.Prove(index=receipt.audit))
         if not isinstance(answer, wire.Proof) or answer.index != receipt.audit:
             raise RequestRejected("unexpected answer to prove", code="bad_frame")
-        if self._log_key is None:
-            raise VerificationError(f"the trust root lists no key for {self.broker_name}")
-        checkpoint = verify_log_checkpoint(answer.checkpoint, self._log_key)
-        if checkpoint.size != answer.size:
-            raise VerificationError("the proof is for another tree size", code="bad_proof")
-        known = self.witness.cosigned.get(checkpoint.size)
-        if known is None:
-            # Only a checkpoint this gateway checked for consistency proves anything to it.
-            raise VerificationError(f"the checkpoint of size {checkpoint.size} is not one this "
-                                    "gateway cosigned yet; retry after it is", code="bad_proof")
-        if known != checkpoint.root:
-            alarm = Equivocation(f"two different roots for size {checkpoint.size}",
-                                 previous=self.witness.latest_note, offered=answer.checkpoint)
-            self._raise_alarm(alarm, list(answer.proof))
-            raise alarm
-        entry = entry_from_bytes(answer.entry)
-        if not isinstance(entry, RouteEntry) or entry.id != receipt.id or entry.sender != self.node:
-            raise VerificationError("the proven entry is not this message's route entry",
-                                    code="bad_proof")
-        verify_inclusion(answer.index, answer.size, leaf_hash(answer.entry), answer.proof,
-                         checkpoint.root)
-        return checkpoint
+        return self.log_witness.verify_proof(answer, receipt.id)
 
     async def ack(self, seqs: list[int]) -> None:
-        """Acknowledge deliveries by sequence number."""
-        await self._send(wire.Ack(seqs=tuple(seqs)))
+        """Acknowledge deliveries by sequence number, on the current connection only:
+        :class:`ConnectionClosed` if there is none right now (the broker then redelivers them
+        after the reconnect)."""
+        await self._connection.send_now(wire.Ack(seqs=tuple(seqs)))
 
     async def messages(self) -> AsyncGenerator[Message, None]:
-        """Verified, decrypted, de-duplicated messages. A message is acknowledged once the
-        consumer asks for the next one (so a crash mid-processing means redelivery)."""
+        """Verified, decrypted messages, each yielded once, across reconnects and restarts.
+
+        A message is finished when the consumer asks for the next one or leaves the loop (the
+        generator is closed; ``contextlib.aclosing`` makes that immediate). Its id is then made
+        durable in :attr:`seen` (or :class:`StateWriteFailed`, and no ack), then acknowledged:
+        a crash mid-processing means redelivery; a redelivered finished message (also after a
+        restart with the same ``state_dir``) is acknowledged, not yielded. Raises
+        :class:`ConnectionClosed` once the client ended for good."""
         while True:
             frame = await self._deliveries.get()
             if frame is None:
-                raise ConnectionClosed(self._closed_reason or "connection closed")
+                self._deliveries.put_nowait(None)  # ends the next iterator too
+                raise self._connection.closed_error()
             try:
                 message = await self._accept(frame)
-                if message is not None:
-                    yield message
+            except GatewayError as exc:
+                # The sender's certificate could not be fetched: leave the delivery un-acked;
+                # the broker delivers it again after the next reconnect.
+                log.warning("delivery_deferred", seq=frame.seq, code=exc.code)
+                continue
+            if message is None:
+                await self._ack_quietly(frame.seq)
+                continue
+            try:
+                yield message
             finally:
-                # Also when the consumer breaks out of its loop: an un-acked delivery would
-                # hold a slot of the in-flight window until the next reconnect.
-                with contextlib.suppress(GatewayError):
-                    await self.ack([frame.seq])
+                self.seen.add_durably([message.id])
+                await self._ack_quietly(frame.seq)
 
     # --- internals ----------------------------------------------------------------------
 
     async def _accept(self, frame: wire.Deliver) -> Message | None:
-        """Verify and open a delivery; ``None`` for a duplicate or a delivery that fails."""
+        """Verify and open a delivery; ``None`` for a duplicate or a delivery that fails its
+        checks. Raises :class:`GatewayError` if the sender's certificate cannot be fetched."""
         try:
             env = Envelope.from_bytes(frame.env, max_bytes=self.max_frame)
         except ProtocolError as exc:
             log.error("delivery_rejected", seq=frame.seq, code=exc.code, reason=exc.reason)
             return None
-        if env.id in self._seen:
+        if env.id in self.seen:
             return None
+        cert = self.certs.get(env.sender) or (await self.directory()).get(env.sender)
         try:
-            cert = self.certs.get(env.sender) or (await self.directory()).get(env.sender)
             if cert is None or not cert.is_valid_at(_now_ms()):
                 raise ProtocolError(f"no valid certificate for sender {env.sender}",
                                     code="unknown_node")
@@ -379,15 +395,15 @@ class GatewayClient:
             log.error("delivery_rejected", id=env.id.hex(), sender=env.sender, code=exc.code,
                       reason=exc.reason)
             return None
-        self._remember(env.id)
         return Message(id=env.id, sender=env.sender, nation=cert.nation, topic=env.topic,
                        label=env.label, precedence=env.prec, ts=env.ts, payload=payload,
                        seq=frame.seq)
 
-    def _remember(self, message_id: bytes) -> None:
-        self._seen[message_id] = None
-        while len(self._seen) > self._dedup_capacity:
-            self._seen.popitem(last=False)
+    async def _ack_quietly(self, seq: int) -> None:
+        # An ack that cannot be sent now is not needed: the broker redelivers un-acked
+        # messages after the reconnect, and the seen ids drop them then.
+        with contextlib.suppress(GatewayError):
+            await self.ack([seq])
 
     async def _verified_keys(self, plan: RoutePlan, label: Label) -> dict[str, bytes]:
         """Encryption keys for the permitted recipients, from verified certificates only, and
@@ -409,153 +425,39 @@ class GatewayClient:
             keys[node] = cert.enc_key
         return keys
 
-    async def _confirmed(self, frame: wire.Frame) -> None:
-        """Send a frame that has no answer, then a ping: the pong confirms it was processed."""
-        async with self._control:
-            await self._send(frame)
-            answer = await self._control_roundtrip(wire.Ping())
-        if not isinstance(answer, wire.Pong):
-            raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
-
-    async def _control_request(self, frame: wire.Frame) -> wire.Frame:
-        async with self._control:
-            return await self._control_roundtrip(frame)
-
-    async def _control_roundtrip(self, frame: wire.Frame) -> wire.Frame:
-        future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
-        self._control_waiter = future
-        try:
-            await self._send(frame)
-            return await self._wait(future)
-        finally:
-            self._control_waiter = None
-
-    async def _wait(self, future: asyncio.Future[wire.Frame]) -> wire.Frame:
-        try:
-            answer = await asyncio.wait_for(future, timeout=self.timeout)
-        except TimeoutError as exc:
-            raise RequestTimeout(f"no answer within {self.timeout} s") from exc
-        if isinstance(answer, wire.Error):
-            raise RequestRejected(answer.reason, code=answer.code, ref=answer.ref)
-        return answer
-
-    async def _send(self, frame: wire.Frame) -> None:
-        if self._ws is None or self._ws.closed:
-            raise ConnectionClosed(self._closed_reason or "not connected")
-        await self._ws.send_bytes(wire.encode_frame(frame))
-
-    async def _receive_handshake_frame(self) -> wire.Frame:
-        assert self._ws is not None
-        msg = await self._ws.receive(timeout=self.timeout)
-        if msg.type is not aiohttp.WSMsgType.BINARY:
-            raise AuthenticationError(f"connection ended during handshake ({msg.type.name})",
-                                      code="handshake_failed")
-        return wire.decode_frame(msg.data, max_bytes=self.max_frame)
-
-    async def _read_loop(self) -> None:
-        assert self._ws is not None
-        try:
-            async for msg in self._ws:
-                if msg.type is not aiohttp.WSMsgType.BINARY:
-                    continue
-                try:
-                    frame = wire.decode_frame(msg.data, max_bytes=2 * self.max_frame)
-                except ProtocolError as exc:
-                    log.error("bad_frame_from_broker", code=exc.code, reason=exc.reason)
-                    continue
-                self._dispatch(frame)
-        finally:
-            code = self._ws.close_code
-            self._closed_reason = f"connection closed by broker (code {code})"
-            self._fail_pending(self._closed_reason)
+    async def _on_link(self, link: Link) -> None:
+        """A new authenticated connection: check the welcome's checkpoint and re-send the
+        subscriptions (before any request: the broker processes a node's frames in order)."""
+        self.welcome = link.welcome
+        if link.welcome.checkpoint is not None:
+            self.log_witness.check(link.welcome.checkpoint, None, 0, cosign=False)
+        for pattern in sorted(self.subscriptions):
+            await link.send(wire.Sub(topic=pattern))
 
     def _dispatch(self, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Deliver):
             self._deliveries.put_nowait(frame)
         elif isinstance(frame, wire.Checkpoint):
-            self._check_checkpoint(frame.note, list(frame.proof), frame.old, cosign=True)
-        elif isinstance(frame, wire.Receipt):
-            self._resolve(self._receipts.get(frame.id), frame)
-        elif isinstance(frame, wire.Error) and frame.ref in self._receipts:
-            assert frame.ref is not None
-            self._resolve(self._receipts.get(frame.ref), frame)
-        elif isinstance(frame, (wire.Routes, wire.Directory, wire.Proof, wire.Pong, wire.Error)):
-            if isinstance(frame, wire.Error) and self._control_waiter is None:
-                log.error("broker_error", code=frame.code, reason=frame.reason)
-            self._resolve(self._control_waiter, frame)
+            self.log_witness.check(frame.note, list(frame.proof), frame.old, cosign=True)
+        elif isinstance(frame, wire.Expired):
+            self._note_expired(Expired(id=frame.id, recipient=frame.recipient))
         else:
             log.debug("frame_ignored", frame=frame.T)
 
-    # --- witness ------------------------------------------------------------------------
+    def _note_expired(self, notice: Expired) -> None:
+        self.expired.append(notice)
+        log.info("message_expired", id=notice.id.hex(), recipient=notice.recipient)
+        if self.on_expired is not None:
+            try:
+                self.on_expired(notice)
+            except Exception:  # the application's bug must not end the connection
+                log.exception("on_expired_failed")
 
-    def _broker_log_key(self) -> Verifier | None:
-        for broker in self.trust_root.brokers:
-            if broker.name == self.broker_name:
-                return Verifier(broker.name, broker.key)
-        return None
+    def _send_cosignature(self, line: str) -> None:
+        self._connection.send_soon(wire.Cosign(line=line))
 
-    def _check_checkpoint(self, note: str, proof: list[bytes] | None, old: int, *,
-                          cosign: bool) -> None:
-        """Check an offered checkpoint against the ones this gateway cosigned; cosign it if it
-        is consistent, raise the alarm if it is evidence of a forked log."""
-        if self._log_key is None:
-            log.error("checkpoint_not_cosigned", reason="the trust root lists no key for broker "
-                      f"{self.broker_name}")
-            return
-        try:
-            checkpoint = check_offered_checkpoint(
-                self.witness.cosigned, note, proof, old, self._log_key,
-                previous_note=self.witness.latest_note)
-        except Equivocation as alarm:
-            self._raise_alarm(alarm, proof or [])
-            return
-        except BrokerError as exc:
-            log.warning("checkpoint_not_cosigned", code=exc.code, reason=exc.reason)
-            if cosign and self.witness.latest_note is not None and proof is not None:
-                # The broker proves from an older size (it lost our last cosignature): tell it
-                # again which checkpoint we cosigned last, so the next proof starts there.
-                self._send_cosignature(verify_log_checkpoint(self.witness.latest_note,
-                                                             self._log_key))
-            return
-        if not cosign:
-            return
-        self.witness.record(checkpoint, note)
-        self.cosigned += 1
-        self._send_cosignature(checkpoint)
-
-    def _send_cosignature(self, checkpoint: Checkpoint) -> None:
-        cosigner = Cosigner.from_seed(self.node, bytes(self.identity.signing_key))
-        line = cosigner.cosign(checkpoint.to_text(), _now_ms() // 1000).to_line()
-        self._in_background(self._send(wire.Cosign(line=line)))
-
-    def _raise_alarm(self, alarm: Equivocation, proof: list[bytes]) -> None:
-        evidence = self.witness.save_evidence(alarm, proof, _now_ms())
-        log.error("broker_equivocation", broker=self.broker_name, reason=alarm.reason,
-                  evidence=None if evidence is None else str(evidence))
-        self.alarms.append(alarm)
-        if self.on_alarm is not None:
-            self.on_alarm(alarm)
-
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background_send_failed", reason=str(task.exception()))
-
-    @staticmethod
-    def _resolve(future: asyncio.Future[wire.Frame] | None, frame: wire.Frame) -> None:
-        if future is not None and not future.done():
-            future.set_result(frame)
-
-    def _fail_pending(self, reason: str) -> None:
-        for future in [*self._receipts.values(), self._control_waiter]:
-            if future is not None and not future.done():
-                future.set_exception(ConnectionClosed(reason))
-        self._deliveries.put_nowait(None)
+    def _on_end(self, failure: GatewayError) -> None:
+        self._deliveries.put_nowait(None)  # messages() raises ConnectionClosed
 
 
 def label(policy: str, cls: str, orig: str, rel: list[str] | tuple[str, ...] = (),

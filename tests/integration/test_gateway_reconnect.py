@@ -1,0 +1,379 @@
+"""The gateway client's side of reliable store-and-forward: it reconnects by itself after a
+broker restart, never hands the application a finished message twice (also across its own
+restarts), stops for good when replaced or refused, and reports expired messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import WSMsgType, web
+from structlog.testing import capture_logs
+
+from broker import wire
+from broker.audit.leaves import DeliverEntry, entry_from_bytes
+from broker.coalition import Coalition
+from broker.server import BrokerServer, Limits
+from clients.connection import Backoff
+from clients.gateway import (
+    AuthenticationError,
+    ConnectionClosed,
+    Expired,
+    GatewayClient,
+    RequestTimeout,
+    label,
+)
+from tests.integration.conftest import FAST_COMMIT
+
+TO_GBR = label("NATO", "SECRET", "USA", ["GBR"])
+#: Reconnect at once in tests: the backoff itself is unit-tested.
+FAST = Backoff(initial=0.01, maximum=0.05)
+F = TypeVar("F", bound=wire.Frame)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def broker_at(coalition: Coalition, port: int) -> BrokerServer:
+    """A broker on a fixed port and data directory, so that it can be restarted as the same."""
+    return BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                        key=coalition.broker_key, data_dir=coalition.base / "broker-data",
+                        port=port, limits=Limits(max_frame_bytes=64 * 1024),
+                        commit=FAST_COMMIT)
+
+
+def client(url: str, coalition: Coalition, node: str, state: Path | None = None,
+           cls: type[GatewayClient] = GatewayClient, **kwargs: Any) -> GatewayClient:
+    options: dict[str, Any] = {"timeout": 5, "reconnect": FAST, **kwargs}
+    return cls(url, coalition.nodes[node], coalition.trust_root,
+               broker_name=coalition.broker_name, max_frame=64 * 1024, state_dir=state,
+               **options)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def acked(server: BrokerServer, message_id: bytes, node: str) -> bool:
+    """The broker logged ``node``'s ack of ``message_id``."""
+    entries = (entry_from_bytes(e) for e in server.audit.store.entries(0, server.audit.size))
+    return any(isinstance(e, DeliverEntry) and e.id == message_id and e.to == node
+               for e in entries)
+
+
+@pytest.fixture
+async def restartable(coalition: Coalition) -> AsyncIterator[list[BrokerServer]]:
+    """A running broker on a fixed port; the test may replace it (the last one is stopped)."""
+    servers = [broker_at(coalition, free_port())]
+    await servers[0].start()
+    try:
+        yield servers
+    finally:
+        await servers[-1].stop()
+
+
+async def restart(servers: list[BrokerServer], coalition: Coalition) -> BrokerServer:
+    await servers[-1].stop()
+    servers.append(broker_at(coalition, servers[-1].port))
+    await servers[-1].start()
+    return servers[-1]
+
+
+# --- against the real broker ------------------------------------------------------------
+
+
+async def test_client_reconnects_after_a_broker_restart_and_its_messages_continue(
+        restartable: list[BrokerServer], coalition: Coalition) -> None:
+    url = restartable[0].url
+    with capture_logs() as logs:
+        async with client(url, coalition, "GBR-GW1") as gbr, \
+                client(url, coalition, "USA-GW1") as usa:
+            await gbr.subscribe("maritime.>")
+            stream = gbr.messages()
+            await usa.publish("maritime.tracks", b"before", TO_GBR)
+            assert (await asyncio.wait_for(anext(stream), 5)).payload == b"before"
+            await restart(restartable, coalition)
+            await until(lambda: gbr.reconnections == 1 and usa.reconnections == 1)
+            receipt = await usa.publish("maritime.tracks", b"after", TO_GBR)
+            assert receipt.recipients == {"GBR-GW1": "delivered"}  # online and subscribed
+            assert (await asyncio.wait_for(anext(stream), 5)).payload == b"after"
+            await stream.aclose()
+    reconnected = [e for e in logs if e["event"] == "gateway_reconnected"]
+    assert {e["node"] for e in reconnected} == {"GBR-GW1", "USA-GW1"}
+    assert all(e["attempt"] >= 1 for e in reconnected)
+
+
+async def test_requests_while_disconnected_wait_for_the_reconnection_or_time_out(
+        restartable: list[BrokerServer], coalition: Coalition) -> None:
+    async with client(restartable[0].url, coalition, "GBR-GW1", timeout=1) as gbr:
+        await restartable[0].stop()
+        await until(lambda: not gbr.connected)
+        with pytest.raises(RequestTimeout):
+            await gbr.directory()
+        # Without waiting, this would fail at once: there is no broker to send it to.
+        pending = asyncio.create_task(gbr.subscribe("maritime.>"))
+        restartable.append(broker_at(coalition, restartable[0].port))
+        await restartable[-1].start()
+        await asyncio.wait_for(pending, 5)
+        assert gbr.connected and gbr.failure is None
+
+
+class AcksLost(GatewayClient):
+    """A gateway whose acks never reach the broker: as if it crashed just after making a
+    finished message's id durable, before the ack left."""
+
+    async def ack(self, seqs: list[int]) -> None:
+        return None
+
+
+async def test_unfinished_message_is_redelivered_after_a_crash_and_a_finished_one_is_not(
+        server: BrokerServer, coalition: Coalition, tmp_path: Path) -> None:
+    state = tmp_path / "gbr-state"
+    async with client(server.url, coalition, "USA-GW1") as usa:
+        first = client(server.url, coalition, "GBR-GW1", state)
+        await first.connect()
+        await first.subscribe("maritime.>")
+        crashed = first.messages()
+        one = await usa.publish("maritime.tracks", b"one", TO_GBR)
+        assert (await asyncio.wait_for(anext(crashed), 5)).id == one.id
+        await first.close()  # crashes while processing "one": not finished, not acked
+
+        async with client(server.url, coalition, "GBR-GW1", state, cls=AcksLost) as second:
+            lost_acks = second.messages()
+            # Not finished before the crash: handed out again.
+            assert (await asyncio.wait_for(anext(lost_acks), 5)).id == one.id
+            two = await usa.publish("maritime.tracks", b"two", TO_GBR)
+            # Asking for the next one finishes "one": durable now, but its ack is lost.
+            assert (await asyncio.wait_for(anext(lost_acks), 5)).id == two.id
+        assert not acked(server, one.id, "GBR-GW1")  # so the broker will deliver it again
+
+        async with client(server.url, coalition, "GBR-GW1", state) as third:
+            stream = third.messages()
+            # "one" comes first again (FIFO) but is only acknowledged; "two" was unfinished.
+            assert (await asyncio.wait_for(anext(stream), 5)).id == two.id
+            await until(lambda: acked(server, one.id, "GBR-GW1"))
+            await stream.aclose()
+        # The abandoned iterators are closed only now, after every check.
+        await crashed.aclose()
+        await lost_acks.aclose()
+
+
+async def test_connection_replaced_by_a_newer_one_of_the_same_node_is_not_reconnected(
+        server: BrokerServer, coalition: Coalition) -> None:
+    async with client(server.url, coalition, "GBR-GW1") as old:
+        stream = old.messages()
+        async with client(server.url, coalition, "GBR-GW1") as new:
+            with pytest.raises(ConnectionClosed) as caught:
+                await asyncio.wait_for(anext(stream), 5)
+            assert caught.value.code == "replaced"
+            assert old.failure is not None and old.failure.code == "replaced"
+            with pytest.raises(ConnectionClosed):
+                await old.directory()  # at once: nothing to wait for
+            await new.subscribe("maritime.>")  # the newer connection is left alone
+            assert new.connected and new.reconnections == 0 and old.reconnections == 0
+
+
+async def test_refused_authentication_on_reconnect_ends_the_client_with_the_reason(
+        restartable: list[BrokerServer], coalition: Coalition) -> None:
+    async with client(restartable[0].url, coalition, "GBR-GW1") as gbr:
+        stream = gbr.messages()
+        await restartable[0].stop()
+        restartable.append(broker_at(coalition, restartable[0].port))
+        await restartable[-1].start()
+        restartable[-1].hub.inactive.add("GBR-GW1")  # suspended while it was away
+        with pytest.raises(ConnectionClosed) as caught:
+            await asyncio.wait_for(anext(stream), 10)
+        assert caught.value.code == "node_inactive"
+        assert isinstance(gbr.failure, AuthenticationError)
+        assert not gbr.connected and gbr.reconnections == 0
+
+
+# --- against a scripted broker -----------------------------------------------------------
+
+
+class FakeConnection:
+    """One node connection to :class:`FakeBroker`: what the node sent, in order."""
+
+    def __init__(self, ws: web.WebSocketResponse, node: str) -> None:
+        self.ws = ws
+        self.node = node
+        self.received: asyncio.Queue[wire.Frame] = asyncio.Queue()
+
+    async def send(self, frame: wire.Frame) -> None:
+        await self.ws.send_bytes(wire.encode_frame(frame))
+
+    async def close(self, reason: bytes) -> None:
+        await self.ws.close(message=reason)
+
+    async def until(self, kind: type[F]) -> tuple[list[wire.Frame], F]:
+        """The frames received before the next ``kind`` frame, and that frame."""
+        before: list[wire.Frame] = []
+        while True:
+            frame = await asyncio.wait_for(self.received.get(), 5)
+            if isinstance(frame, kind):
+                return before, frame
+            before.append(frame)
+
+
+class FakeBroker:
+    """A scripted broker on loopback: welcomes any hello (or refuses it with ``refuse``),
+    answers pings, records the rest, and closes only when the test says so."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.refuse: str | None = None
+        self.autoping = True
+        self.connections: asyncio.Queue[FakeConnection] = asyncio.Queue()
+        self._open: set[web.WebSocketResponse] = set()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> FakeBroker:
+        app = web.Application()
+        app.router.add_get("/v1/node", self._handler)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"ws://127.0.0.1:{self._runner.addresses[0][1]}/v1/node"
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        for ws in list(self._open):
+            await ws.close()
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def next_connection(self) -> FakeConnection:
+        return await asyncio.wait_for(self.connections.get(), 5)
+
+    async def _handler(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=self.autoping)
+        await ws.prepare(request)
+        self._open.add(ws)
+        try:
+            await ws.send_bytes(wire.encode_frame(wire.Challenge(
+                v=wire.PROTOCOL_VERSION, broker=self.name, nonce=os.urandom(32))))
+            msg = await ws.receive()
+            if msg.type is not WSMsgType.BINARY:
+                return ws
+            hello = wire.decode_frame(msg.data)
+            assert isinstance(hello, wire.Hello)
+            if self.refuse is not None:
+                await ws.send_bytes(wire.encode_frame(wire.Error(code=self.refuse,
+                                                                 reason="refused")))
+                await ws.close(message=self.refuse.encode())
+                return ws
+            await ws.send_bytes(wire.encode_frame(wire.Welcome(node=hello.node)))
+            connection = FakeConnection(ws, hello.node)
+            self.connections.put_nowait(connection)
+            async for msg in ws:
+                if msg.type is WSMsgType.BINARY:
+                    frame = wire.decode_frame(msg.data)
+                    if isinstance(frame, wire.Ping):
+                        await connection.send(wire.Pong())
+                    connection.received.put_nowait(frame)
+        finally:
+            self._open.discard(ws)
+        return ws
+
+
+@pytest.fixture
+async def fake(coalition: Coalition) -> AsyncIterator[FakeBroker]:
+    async with FakeBroker(coalition.broker_name) as running:
+        yield running
+
+
+async def test_subscriptions_are_sent_again_after_a_reconnect_and_unsubscribed_ones_not(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        first = await fake.next_connection()
+        await gbr.subscribe("maritime.>")
+        await gbr.subscribe("intel.*")
+        await gbr.subscribe("logistics.>")
+        await gbr.unsubscribe("intel.*")
+        await first.close(b"unavailable")  # the broker goes away: not a final reason
+        second = await fake.next_connection()
+        await gbr.subscribe("reports.>")
+        sent, _ = await second.until(wire.Ping)
+        # The old subscriptions first, before any new request.
+        assert sent == [wire.Sub(topic="logistics.>"), wire.Sub(topic="maritime.>"),
+                        wire.Sub(topic="reports.>")]
+
+
+async def test_request_in_flight_when_the_connection_drops_fails_and_the_client_reconnects(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        first = await fake.next_connection()
+        request = asyncio.create_task(gbr.directory())
+        await first.until(wire.Directory)  # sent; the fake never answers
+        await first.close(b"internal")
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(request, 5)
+        await fake.next_connection()
+        assert gbr.failure is None
+
+
+async def test_retryable_refusal_is_retried_and_a_wrong_broker_ends_the_client(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        stream = gbr.messages()
+        first = await fake.next_connection()
+        fake.refuse = "unavailable"
+        with capture_logs() as logs:
+            await first.close(b"unavailable")
+            await until(lambda: sum(e["event"] == "gateway_reconnect_failed" for e in logs) >= 2)
+        fake.refuse = None
+        second = await fake.next_connection()  # it kept trying
+        fake.name = "impostor.example"
+        await second.close(b"unavailable")
+        with pytest.raises(ConnectionClosed) as caught:
+            await asyncio.wait_for(anext(stream), 5)
+        assert caught.value.code == "wrong_broker"
+        assert fake.connections.empty()
+
+
+async def test_without_reconnect_the_first_drop_ends_the_client(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    async with client(fake.url, coalition, "GBR-GW1", reconnect=None) as gbr:
+        stream = gbr.messages()
+        await (await fake.next_connection()).close(b"unavailable")
+        with pytest.raises(ConnectionClosed) as caught:
+            await asyncio.wait_for(anext(stream), 5)
+        assert caught.value.code == "closed" and gbr.failure is not None
+
+
+async def test_silent_dead_link_is_noticed_by_the_heartbeat(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    fake.autoping = False  # the first connection never answers WebSocket pings
+    async with client(fake.url, coalition, "GBR-GW1", heartbeat=0.1) as gbr:
+        await fake.next_connection()
+        fake.autoping = True
+        await fake.next_connection()  # the client gave up on the silent one by itself
+        await until(lambda: gbr.reconnections == 1)
+
+
+async def test_expired_notices_are_kept_logged_and_handed_to_the_callback(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    told: asyncio.Queue[Expired] = asyncio.Queue()
+    async with client(fake.url, coalition, "USA-GW1", on_expired=told.put_nowait) as usa:
+        connection = await fake.next_connection()
+        with capture_logs() as logs:
+            await connection.send(wire.Expired(id=b"\x01" * 16, recipient="GBR-GW1"))
+            notice = await asyncio.wait_for(told.get(), 5)
+    assert notice == Expired(id=b"\x01" * 16, recipient="GBR-GW1")
+    assert list(usa.expired) == [notice]
+    assert [(e["id"], e["recipient"]) for e in logs if e["event"] == "message_expired"] == [
+        ("01" * 16, "GBR-GW1")]
