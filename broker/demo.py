@@ -25,7 +25,7 @@ from broker.audit.log import CommitPolicy
 from broker.cli_audit import print_report
 from broker.coalition import Coalition
 from broker.envelope import Envelope, build_envelope
-from broker.server import BrokerServer
+from broker.server import BrokerServer, Limits
 from broker.store.sqlite import SqliteStore
 from clients.auditor import verify_export
 from clients.export import export_store
@@ -195,6 +195,7 @@ class Demo:
             for step in publish_steps():
                 await self.publish(gateways[step.sender], step)
             await self.attack_steps(gateways["USA-GW1"], gateways["FRA-GW1"])
+            await self.ttl_step(gateways["GBR-GW1"])
             await asyncio.gather(*(self.collect(gw, self.owed(node))
                                    for node, gw in gateways.items()))
             async with self.client(examples.OFFLINE_NODE) as offline:  # back: gets its queue
@@ -250,8 +251,29 @@ class Demo:
             self.outcomes.append(Outcome(key, node, status, via))
 
     def owed(self, node: str) -> int:
-        """How many messages the receipts said were delivered or queued for ``node``."""
-        return sum(o.node == node and o.status in ("delivered", "queued") for o in self.outcomes)
+        """How many messages the receipts said were delivered or queued for ``node`` (and did
+        not expire while it was offline)."""
+        return sum(o.node == node and o.status in ("delivered", "queued") and not o.via
+                   .startswith("then EXPIRED") for o in self.outcomes)
+
+    async def ttl_step(self, gbr: GatewayClient) -> None:
+        """A ROUTINE report with a 1 s TTL: the offline node's copy expires before it returns,
+        and the sender is told (an ``expire`` audit entry, an ``expired`` frame)."""
+        step = Step(f"TTL: 1 s; {examples.OFFLINE_NODE} is offline longer than that", "GBR-GW1",
+                    "maritime.reports", label("GBR", "OFFICIAL-SENSITIVE", "GBR", ["NATO"]),
+                    "ROUTINE")
+        key, now = self.next_key(), _now_ms()
+        receipt = await gbr.publish(step.topic, b"short-lived", step.label, ttl=1)
+        self.header(key, f"{step.title}\n        {step.sender} -> {step.topic} {step.prec}: "
+                    f"{describe_label(step.label, self.bundle)}")
+        self.record(key, gbr.node, step.topic, step.label, receipt, now)
+        async with asyncio.timeout(10):
+            while not any(e.id == receipt.id for e in gbr.expired):
+                await asyncio.sleep(0.05)
+        told = [e.recipient for e in gbr.expired if e.id == receipt.id]
+        self.outcomes = [dataclasses.replace(o, via=f"then EXPIRED after {_now_ms() - now} ms; "
+                                             f"{gbr.node} was told")
+                         if o.step == key and o.node in told else o for o in self.outcomes]
 
     async def collect(self, gw: GatewayClient, expected: int) -> None:
         got = self.received.setdefault(gw.node, [])
@@ -406,7 +428,7 @@ async def run_demo(out: TextIO, *, workdir: Path | None = None,
                       "keeps it)\n")
         async with BrokerServer(name=coalition.broker_name, bundle=bundle,
                                 key=coalition.broker_key, data_dir=base / "broker-data",
-                                commit=DEMO_COMMIT) as server:
+                                commit=DEMO_COMMIT, limits=DEMO_LIMITS) as server:
             out.write(f"Broker {coalition.broker_name} listening on {server.url}\n")
             demo = Demo(coalition, bundle, server, out)
             await demo.run()
@@ -418,6 +440,8 @@ async def run_demo(out: TextIO, *, workdir: Path | None = None,
 
 #: Checkpoints every 100 ms, so the short demo gets several, cosigned while gateways are online.
 DEMO_COMMIT = CommitPolicy(checkpoint_interval_s=0.1)
+#: Queues swept for expired messages every 100 ms, so the TTL step takes about its 1 s TTL.
+DEMO_LIMITS = Limits(expiry_interval_s=0.1)
 
 
 def audit_step(coalition: Coalition, base: Path, out: TextIO) -> bool:

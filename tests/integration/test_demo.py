@@ -83,9 +83,26 @@ def test_audience_missing_key_and_rejected_envelopes(report: str) -> None:
 
 
 def test_every_release_in_a_receipt_is_received_and_decrypted(report: str) -> None:
-    owed = Counter(r["node"] for r in rows(report) if r["status"] in ("delivered", "queued"))
+    owed = Counter(r["node"] for r in rows(report) if r["status"] in ("delivered", "queued")
+                   and "EXPIRED" not in r["via"])
     received = Counter(m["node"] for m in RECEIVED.finditer(report))
     assert owed == received and len(owed) == 5
+
+
+def test_message_past_its_ttl_expires_for_the_offline_gateway_and_the_sender_is_told(
+        report: str) -> None:
+    expired = [r for r in rows(report) if "EXPIRED" in r["via"]]
+    assert [(r["node"], r["status"]) for r in expired] == [(examples.OFFLINE_NODE, "queued")]
+    assert "GBR-GW1 was told" in expired[0]["via"]
+    step = expired[0]["step"]
+    # The other recipients, online, got it; the offline one never does.
+    assert {r["node"] for r in rows(report) if r["step"] == step and r["status"] == "delivered"}
+    offline_got = [line for line in report.splitlines()
+                   if line.startswith(f"  {examples.OFFLINE_NODE} ") and " <- " in line]
+    assert offline_got and not any("short-lived" in line for line in offline_got)
+    assert any("short-lived" in line for line in report.splitlines() if " <- " in line)
+    audit = report.split("Audit: export the log")[1]
+    assert re.search(r"expiries checked\s+1\b", audit)
 
 
 def test_offline_gateway_gets_its_queue_in_precedence_order(report: str) -> None:
