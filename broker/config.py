@@ -55,20 +55,54 @@ class AuditSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class TlsSection:
+    """TLS on the node listener (absent: plain WebSocket, for loopback trials only)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    #: Require client certificates signed by this CA (mutual TLS) when set.
+    client_ca: Path | None = None
+
+
+ROLES = ("viewer", "auditor", "operator")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminToken:
+    """One bearer token of the admin API: who, which role, and the SHA-256 of the token."""
+
+    name: str
+    role: str
+    sha256: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminSection:
+    """The operator's HTTP API, on its own listener (``port = -1`` turns it off)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8471
+    tokens: tuple[AdminToken, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     broker: BrokerSection
     listen: ListenSection
     policy: PolicySection
     limits: LimitsSection
     audit: AuditSection = AuditSection()
+    tls: TlsSection = TlsSection()
+    admin: AdminSection = AdminSection()
 
 
 _SECTIONS: dict[str, type] = {
     "broker": BrokerSection, "listen": ListenSection, "policy": PolicySection,
-    "limits": LimitsSection, "audit": AuditSection,
+    "limits": LimitsSection, "audit": AuditSection, "tls": TlsSection, "admin": AdminSection,
 }
 _RANGES: dict[str, tuple[int, int]] = {
     "listen.port": (0, 65535),
+    "admin.port": (-1, 65535),
     "limits.max_frame_bytes": (1024, 64 << 20),
     "limits.clock_skew_seconds": (1, 24 * 3600),
     "limits.delivery_window": (1, 100_000),
@@ -105,6 +139,11 @@ def parse_config(table: dict[str, Any], *, base: Path) -> Config:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
     sections = {name: _section(name, cls, table.get(name, {}), base)
                 for name, cls in _SECTIONS.items()}
+    tls = sections["tls"]
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError("tls.cert and tls.key go together")
+    if tls.client_ca is not None and tls.cert is None:
+        raise ConfigError("tls.client_ca (mutual TLS) needs tls.cert and tls.key")
     return Config(**sections)
 
 
@@ -128,6 +167,10 @@ def _section(name: str, cls: type, raw: Any, base: Path) -> Any:
 
 
 def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
+    if kind == "tuple[AdminToken, ...]":
+        return _tokens(where, value)
+    if kind == "Path | None":
+        kind = "Path"
     if kind in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer")
@@ -148,3 +191,36 @@ def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
             raise ConfigError(f"{where} must be a SHA-256 (64 hex digits)")
         return raw
     return value
+
+
+def _tokens(where: str, value: Any) -> tuple[AdminToken, ...]:
+    """``[[admin.tokens]]`` entries: ``name``, ``role``, ``sha256`` (hex of the token's SHA-256;
+    the token itself never appears in the configuration)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be an array of tables ([[admin.tokens]])")
+    tokens = []
+    for i, raw in enumerate(value):
+        here = f"{where}[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{here} must be a table")
+        unknown = set(raw) - {"name", "role", "sha256"}
+        if unknown:
+            raise ConfigError(f"{here}: unknown key(s): {', '.join(sorted(unknown))}")
+        for key in ("name", "role", "sha256"):
+            if not isinstance(raw.get(key), str) or not raw[key]:
+                raise ConfigError(f"{here}.{key} is required (a non-empty string)")
+        if raw["role"] not in ROLES:
+            raise ConfigError(f"{here}.role must be one of {', '.join(ROLES)}")
+        try:
+            digest = bytes.fromhex(raw["sha256"])
+        except ValueError as exc:
+            raise ConfigError(f"{here}.sha256 must be hex") from exc
+        if len(digest) != 32:
+            raise ConfigError(f"{here}.sha256 must be a SHA-256 (64 hex digits)")
+        tokens.append(AdminToken(raw["name"], raw["role"], digest))
+    names = [t.name for t in tokens]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: token names must be unique")
+    if len({t.sha256 for t in tokens}) != len(tokens):
+        raise ConfigError(f"{where}: two tokens have the same hash")
+    return tuple(tokens)
