@@ -27,6 +27,7 @@ class QueuedMessage:
     sender: str = dataclasses.field(compare=False)
     envelope: bytes = dataclasses.field(compare=False, repr=False)
     expires_ms: int = dataclasses.field(compare=False)
+    queued_ms: int = dataclasses.field(compare=False, default=0)
 
     @property
     def prec(self) -> int:
@@ -69,7 +70,7 @@ class RecipientQueue:
         return self.bytes + sum(self._reserved.values())
 
     def push(self, *, message_id: bytes, sender: str, envelope: bytes, prec: int,
-             expires_ms: int, seq: int | None = None) -> QueuedMessage:
+             expires_ms: int, seq: int | None = None, queued_ms: int = 0) -> QueuedMessage:
         """Queue a message under ``seq`` (reserved earlier, or restored from the store; a new
         one if ``None``); returns it."""
         if seq is None:
@@ -77,7 +78,8 @@ class RecipientQueue:
         elif seq >= self._next_seq:
             self._next_seq = seq + 1
         self._reserved.pop(seq, None)
-        item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, expires_ms)
+        item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, expires_ms,
+                             queued_ms)
         self._pending[seq] = item
         heapq.heappush(self._order, item)
         heapq.heappush(self._expiry, (expires_ms, seq))
@@ -165,3 +167,11 @@ class RecipientQueue:
         for item in (*self._pending.values(), *self._in_flight.values()):
             counts[item.prec] = counts.get(item.prec, 0) + 1
         return counts
+
+    def oldest_by_precedence(self) -> dict[int, int]:
+        """When the oldest copy owed was queued (ms), per precedence."""
+        oldest: dict[int, int] = {}
+        for item in (*self._pending.values(), *self._in_flight.values()):
+            if item.prec not in oldest or item.queued_ms < oldest[item.prec]:
+                oldest[item.prec] = item.queued_ms
+        return oldest

@@ -29,6 +29,7 @@ import structlog
 
 from broker import router, wire
 from broker.audit.leaves import (
+    AdminEntry,
     DeliverEntry,
     Entry,
     ExpireEntry,
@@ -40,7 +41,8 @@ from broker.audit.log import AuditLog
 from broker.capacity import StoreCapacity
 from broker.delivery import QueuedMessage, RecipientQueue
 from broker.envelope import Envelope
-from broker.errors import ProtocolError, StorageError, VerificationError
+from broker.errors import BrokerError, ProtocolError, StorageError, VerificationError
+from broker.metrics import Metrics
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
 from broker.store.base import Batch, Notice, QueueRow
@@ -87,6 +89,7 @@ class Hub:
         max_envelope: int = 1 << 20,
         max_queued_bytes: int = 256 << 20,
         capacity: StoreCapacity | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.bundle = bundle
         self.audit = audit
@@ -103,6 +106,11 @@ class Hub:
         self.decisions = DecisionCache()
         #: Expiry notices owed to senders (durable in the store until sent).
         self.notices: dict[str, list[Notice]] = {}
+        #: Nodes an operator suspended or revoked (also in ``inactive``; durable).
+        self.statuses: dict[str, str] = {}
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self, clock_ms)
+        audit.commit_observers.append(self.metrics.committed)
 
     # --- state --------------------------------------------------------------------------
 
@@ -114,7 +122,9 @@ class Hub:
         for row in rows:
             self._queue(row.recipient).push(
                 message_id=row.id, sender=row.sender, envelope=row.envelope, prec=row.prec,
-                expires_ms=row.expires_ms, seq=row.seq)
+                expires_ms=row.expires_ms, seq=row.seq, queued_ms=row.queued_ms)
+        self.statuses = self.audit.store.node_statuses()
+        self.inactive |= set(self.statuses)
         for notice in self.audit.store.notices():
             self.notices.setdefault(notice.sender, []).append(notice)
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
@@ -214,12 +224,22 @@ class Hub:
                          for nation in sorted(nations)}
         return wire.Routes(recipients=recipients, keys=keys, catalogue=catalogue)
 
+    def audit_size(self) -> int:
+        return self.audit.size
+
     def publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
         """Verify and decide now; ``reply`` gets the receipt once the route entry is durable.
 
         Raises ``BrokerError`` on a bad envelope (nothing of it is routed or logged) and
-        ``StorageError`` when the audit log no longer accepts entries.
+        ``StorageError`` when the audit log no longer accepts entries or has no room.
         """
+        try:
+            self._publish(sender, env_bytes, reply)
+        except BrokerError as exc:
+            self.metrics.refused(exc.code)
+            raise
+
+    def _publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
         now = self.clock_ms()
         env = Envelope.from_bytes(env_bytes, max_bytes=self._max_envelope)
         ref = env.id
@@ -241,7 +261,7 @@ class Hub:
         permitted = [node for node, decision in decisions.items() if decision.permit]
         self._check_room(permitted, len(env.raw), ref)
         rows = [QueueRow(node, self._queue(node).reserve_seq(len(env.raw)), env.prec, env.id,
-                         env.sender, env.raw, now + env.ttl * 1000)
+                         env.sender, env.raw, now + env.ttl * 1000, now)
                 for node in permitted]
         entry = RouteEntry(
             ts=now, id=env.id, env=envelope_digest(env.raw), sender=env.sender, topic=env.topic,
@@ -260,6 +280,7 @@ class Hub:
         """Acknowledged deliveries leave the queue (durably, with a ``deliver`` entry)."""
         now = self.clock_ms()
         for item in self._queue(node).ack(seqs):
+            self.metrics.deliveries.inc()
             entry = DeliverEntry(ts=now, id=item.message_id, to=node, seq=item.seq)
             try:
                 self.audit.append(entry, dequeue=[(node, item.seq)]).add_done_callback(
@@ -267,6 +288,29 @@ class Hub:
             except StorageError as exc:
                 log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
         self._pump(node)
+
+    # --- operator actions ---------------------------------------------------------------
+
+    def set_status(self, node: str, status: str, *, operator: str) -> asyncio.Future[int]:
+        """Suspend (``suspended``), resume (``active``) or revoke (``revoked``) ``node``: in
+        force at once (a suspended node is disconnected and denied as a recipient), recorded
+        as an ``admin`` entry appended in the same tick, so every decision logged after the
+        entry was taken under the new status. The caller checks the transition is allowed."""
+        action = _ACTIONS[status]
+        entry = AdminEntry(ts=self.clock_ms(), operator=operator, action=action, target=node,
+                           outcome="ok")
+        future = self.audit.append(entry, node_status=[(node, status)])
+        if status == "active":
+            self.inactive.discard(node)
+            self.statuses.pop(node, None)
+        else:
+            self.inactive.add(node)
+            self.statuses[node] = status
+            peer = self.peers.get(node)
+            if peer is not None:
+                peer.close("node_inactive", f"{status} by an operator")
+        log.warning("node_status_changed", node=node, status=status, operator=operator)
+        return future
 
     # --- expiry -------------------------------------------------------------------------
 
@@ -289,6 +333,7 @@ class Hub:
             self.expire_due()
 
     def _expire(self, node: str, items: list[QueuedMessage], now: int) -> None:
+        self.metrics.expiries.inc(len(items))
         for item in items:
             notice = Notice(sender=item.sender, id=item.message_id, recipient=node)
             entry = ExpireEntry(ts=now, id=item.message_id, to=node, sender=item.sender)
@@ -347,6 +392,7 @@ class Hub:
         if done.cancelled() or done.exception() is not None:
             reason = "the broker stopped" if done.cancelled() else str(done.exception())
             log.error("publish_not_durable", id=env.id.hex(), reason=reason)
+            self.metrics.refused("unavailable")
             self._cancel(pending.rows)
             pending.reply(wire.Error(code="unavailable", reason="not stored: " + reason,
                                      ref=env.id))
@@ -357,11 +403,13 @@ class Hub:
         for row in pending.rows:
             queue = self._queue(row.recipient)
             queue.push(message_id=row.id, sender=row.sender, envelope=row.envelope,
-                       prec=row.prec, expires_ms=row.expires_ms, seq=row.seq)
+                       prec=row.prec, expires_ms=row.expires_ms, seq=row.seq,
+                       queued_ms=row.queued_ms)
             self._pump(row.recipient)
             statuses[row.recipient] = "delivered" if queue.is_in_flight(row.seq) else "queued"
         log.info("published", id=env.id.hex(), sender=env.sender, topic=env.topic,
                  prec=env.prec, audit=index, recipients=statuses)
+        self.metrics.published(pending.decisions)
         pending.reply(wire.Receipt(id=env.id, audit=index, recipients=statuses))
 
     def _decide(self, label: Label, sender: NodeCert, node: str, topic: str, now: int, *,
@@ -386,6 +434,9 @@ class Hub:
             self._expire(node, expired, now)
         for item in queue.take_sendable():
             peer.send(wire.Deliver(env=item.envelope, seq=item.seq))
+
+
+_ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}
 
 
 def _log_failure(done: asyncio.Future[int]) -> None:

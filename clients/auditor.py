@@ -145,6 +145,7 @@ class _Replay:
         self.permitted: dict[tuple[bytes, str], int] = {}
         self.resolved: set[tuple[bytes, str]] = set()
         self.suspended: set[str] = set()
+        self.revoked: set[str] = set()
         self.cache = DecisionCache(max_entries=1 << 16)
         self.active: bytes | None = None  # the bundle of the last ``policy`` entry
         self.last_ts = 0
@@ -207,9 +208,14 @@ class _Replay:
                             f"{deadline - entry.ts} ms before its TTL", index)
 
     def admin(self, entry: AdminEntry) -> None:
-        if entry.outcome == "ok" and entry.action == "suspend":
+        """Operator suspensions and revocations change later decisions (node_inactive)."""
+        if entry.outcome != "ok":
+            return
+        if entry.action in ("suspend", "revoke"):
             self.suspended.add(entry.target)
-        elif entry.outcome == "ok" and entry.action == "resume":
+        if entry.action == "revoke":
+            self.revoked.add(entry.target)
+        elif entry.action == "resume" and entry.target not in self.revoked:
             self.suspended.discard(entry.target)
 
 

@@ -86,6 +86,8 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
         self._listeners: list[CheckpointListener] = []
+        #: Called with (seconds, entries) after each durable commit (metrics).
+        self.commit_observers: list[Callable[[float, int], None]] = []
         self._last_checkpoint_at = 0.0
         self._opened = False
         self._closing = False
@@ -159,11 +161,12 @@ class AuditLog:
     def append(self, entry: Entry, *, enqueue: Sequence[QueueRow] = (),
                dequeue: Sequence[tuple[str, int]] = (),
                bundles: Sequence[tuple[bytes, bytes]] = (),
-               notices: Sequence[Notice] = ()) -> asyncio.Future[int]:
+               notices: Sequence[Notice] = (),
+               node_status: Sequence[tuple[str, str]] = ()) -> asyncio.Future[int]:
         """Queue ``entry`` (and the writes that go with it); the future gives its index once
         durable. Raises ``StorageError`` at once if the log has stopped."""
         batch = Batch(enqueue=list(enqueue), dequeue=list(dequeue), bundles=list(bundles),
-                      notices=list(notices))
+                      notices=list(notices), node_status=list(node_status))
         return self._submit(entry.to_bytes(), batch)
 
     def write(self, batch: Batch) -> asyncio.Future[int]:
@@ -268,11 +271,14 @@ class AuditLog:
         del self._queued[: len(items)]
         try:
             batch, indexes = self._merge(items)
+            started = time.perf_counter()
             await asyncio.get_running_loop().run_in_executor(self._executor,
                                                              self.store.commit, batch)
         except BaseException as exc:
             self._fail(items, exc)
             return False
+        for observe in self.commit_observers:
+            observe(time.perf_counter() - started, len(batch.entries))
         self.size += len(batch.entries)
         for item, index in zip(items, indexes, strict=True):
             if not item.future.done():

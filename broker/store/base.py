@@ -27,6 +27,7 @@ class QueueRow:
     sender: str
     envelope: bytes
     expires_ms: int
+    queued_ms: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,8 @@ class Batch:
     cosignatures: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
     notices: list[Notice] = dataclasses.field(default_factory=list)
     notices_sent: list[Notice] = dataclasses.field(default_factory=list)
+    #: ``(node, status)``: ``suspended`` or ``revoked`` by an operator; ``active`` clears it.
+    node_status: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any(dataclasses.astuple(self)[1:])
@@ -119,6 +122,9 @@ class Store(Protocol):
 
     def notices(self) -> list[Notice]:
         """Every expiry notice not yet sent to its sender."""
+
+    def node_statuses(self) -> dict[str, str]:
+        """Nodes an operator suspended or revoked, with that status."""
 
     def disk_bytes(self) -> int:
         """Bytes the store occupies on disk (for the store size limit)."""

@@ -22,7 +22,7 @@ from broker.errors import StorageError
 from broker.store.base import Batch, Notice, QueueRow, StoredCheckpoint
 
 FILE_NAME = "broker.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS bundles (hash BLOB PRIMARY KEY, content BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS queue (
     recipient TEXT NOT NULL, seq INTEGER NOT NULL, prec INTEGER NOT NULL, id BLOB NOT NULL,
     sender TEXT NOT NULL, envelope BLOB NOT NULL, expires_ms INTEGER NOT NULL,
-    PRIMARY KEY (recipient, seq)) WITHOUT ROWID;
+    queued_ms INTEGER NOT NULL, PRIMARY KEY (recipient, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS node_status (node TEXT PRIMARY KEY, status TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS notices (
     sender TEXT NOT NULL, id BLOB NOT NULL, recipient TEXT NOT NULL,
     PRIMARY KEY (sender, id, recipient)) WITHOUT ROWID;
@@ -113,9 +114,9 @@ class SqliteStore:
                              ((batch.first_index + i, data) for i, data in
                               enumerate(batch.entries)))
         conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)
-        conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         ((r.recipient, r.seq, r.prec, r.id, r.sender, r.envelope, r.expires_ms)
-                          for r in batch.enqueue))
+        conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         ((r.recipient, r.seq, r.prec, r.id, r.sender, r.envelope, r.expires_ms,
+                           r.queued_ms) for r in batch.enqueue))
         conn.executemany("DELETE FROM queue WHERE recipient = ? AND seq = ?", batch.dequeue)
         conn.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?, ?)", batch.subscribe)
         conn.executemany("DELETE FROM subscriptions WHERE node = ? AND pattern = ?",
@@ -128,6 +129,10 @@ class SqliteStore:
                          ((n.sender, n.id, n.recipient) for n in batch.notices))
         conn.executemany("DELETE FROM notices WHERE sender = ? AND id = ? AND recipient = ?",
                          ((n.sender, n.id, n.recipient) for n in batch.notices_sent))
+        conn.executemany("INSERT OR REPLACE INTO node_status VALUES (?, ?)",
+                         ((n, st) for n, st in batch.node_status if st != "active"))
+        conn.executemany("DELETE FROM node_status WHERE node = ?",
+                         ((n,) for n, st in batch.node_status if st == "active"))
 
     # --- reads --------------------------------------------------------------------------
 
@@ -216,10 +221,10 @@ class SqliteStore:
         return [bytes(h) for (h,) in self._query("SELECT hash FROM bundles ORDER BY hash")]
 
     def queue_rows(self) -> list[QueueRow]:
-        rows = self._query("SELECT recipient, seq, prec, id, sender, envelope, expires_ms "
-                           "FROM queue ORDER BY recipient, seq")
-        return [QueueRow(str(r), int(s), int(p), bytes(i), str(f), bytes(e), int(x))
-                for r, s, p, i, f, e, x in rows]
+        rows = self._query("SELECT recipient, seq, prec, id, sender, envelope, expires_ms, "
+                           "queued_ms FROM queue ORDER BY recipient, seq")
+        return [QueueRow(str(r), int(s), int(p), bytes(i), str(f), bytes(e), int(x), int(q))
+                for r, s, p, i, f, e, x, q in rows]
 
     def subscriptions(self) -> list[tuple[str, str]]:
         return [(str(n), str(p)) for n, p in
@@ -228,6 +233,10 @@ class SqliteStore:
     def notices(self) -> list[Notice]:
         return [Notice(str(s), bytes(i), str(r)) for s, i, r in
                 self._query("SELECT sender, id, recipient FROM notices ORDER BY sender")]
+
+    def node_statuses(self) -> dict[str, str]:
+        return {str(n): str(st) for n, st in
+                self._query("SELECT node, status FROM node_status ORDER BY node")}
 
     def disk_bytes(self) -> int:
         total = 0

@@ -163,7 +163,7 @@ async def test_failed_commit_stops_intake_and_writes_nothing_half(tmp_path: Path
 async def test_queue_rows_commit_with_their_entry_and_leave_with_the_ack(tmp_path: Path) -> None:
     audit = _log(tmp_path)
     await audit.start()
-    row = QueueRow("USA-GW2", 1, 3, b"\x01" * 16, "GBR-GW1", b"envelope", 10**13)
+    row = QueueRow("USA-GW2", 1, 3, b"\x01" * 16, "GBR-GW1", b"envelope", 10**13, 10**12)
     try:
         await audit.append(PolicyEntry(ts=1, bundle=b"\x02" * 32), enqueue=[row],
                            bundles=[(b"\x02" * 32, b"content")])

@@ -1,0 +1,179 @@
+"""The admin listener: an aiohttp application on its own port, around the broker it steers.
+
+Three middlewares, outermost first: a request id (bound into every log line of the request and
+echoed as ``X-Request-Id``), authentication and role check (each route declares the permission
+it needs), and the mapping of every failure to a JSON ``{error, detail}`` body with the right
+status — 401 with ``WWW-Authenticate`` for a missing or unknown token, 403 for a wrong role,
+503 when storage refuses, 500 (logged, detail withheld) for a bug.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from broker.admin.auth import TokenTable
+from broker.config import AdminToken
+from broker.errors import BrokerError, StorageError
+from policies.bundle import Bundle
+
+if TYPE_CHECKING:
+    from broker.server import BrokerServer
+
+log = structlog.get_logger("broker.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclasses.dataclass
+class AdminContext:
+    """What the handlers reach: the broker, and how to reload its policy from disk."""
+
+    broker: BrokerServer
+    reload: Callable[[], Awaitable[Bundle]] | None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+CONTEXT = web.AppKey("context", AdminContext)
+TOKEN = web.RequestKey("admin_token", AdminToken)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, machine ``error`` code, human ``detail``."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def requires(permission: str | None) -> Callable[[Handler], Handler]:
+    """Declare the permission a route needs (``None``: public, e.g. health checks)."""
+    def mark(handler: Handler) -> Handler:
+        handler.permission = permission  # type: ignore[attr-defined]
+        return handler
+    return mark
+
+
+def json_error(status: int, error: str, detail: str) -> web.Response:
+    response = web.json_response({"error": error, "detail": detail}, status=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="coalition-admin"'
+    return response
+
+
+def token_of(request: web.Request) -> AdminToken:
+    """The authenticated token of a request (routes that need a permission have one)."""
+    return request[TOKEN]
+
+
+@web.middleware
+async def _request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.match(given) else "req-" + secrets.token_hex(6)
+    started = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        response = await handler(request)
+        token = request.get(TOKEN)
+        log.info("admin_request", method=request.method, path=request.path,
+                 status=response.status, token=token.name if token else None,
+                 ms=round((time.perf_counter() - started) * 1000, 1))
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _auth(tokens: TokenTable) -> Middleware:
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route_handler = request.match_info.handler
+        permission = getattr(route_handler, "permission", "unrouted")
+        if permission is None or permission == "unrouted":
+            return await handler(request)  # public, or a 404/405 aiohttp answers itself
+        token = tokens.identify(request.headers.get("Authorization"))
+        if token is None:
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        if not tokens.allows(token, permission):
+            raise ApiError(403, "forbidden", f"role {token.role} may not {permission}")
+        request[TOKEN] = token
+        return await handler(request)
+    return authenticate
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_error(exc.status, exc.error, exc.detail)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
+    except StorageError as exc:
+        return json_error(503, exc.code, exc.reason)
+    except BrokerError as exc:
+        return json_error(400, exc.code, exc.reason)
+    except Exception:
+        log.exception("admin_request_failed", path=request.path)
+        return json_error(500, "internal", "the broker failed on this request (logged)")
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
+               400: "bad_request"}
+
+
+def make_app(context: AdminContext, tokens: TokenTable) -> web.Application:
+    """The admin application, every route registered."""
+    from broker.admin import audit_views, views  # the views import this module
+
+    app = web.Application(middlewares=[_request_ids, _errors, _auth(tokens)],
+                          client_max_size=64 * 1024)
+    app[CONTEXT] = context
+    views.register(app.router)
+    audit_views.register(app.router)
+    return app
+
+
+class AdminServer:
+    """The admin listener of one broker: ``start`` returns once it accepts connections."""
+
+    def __init__(self, context: AdminContext, tokens: TokenTable, *, host: str = "127.0.0.1",
+                 port: int = 8471) -> None:
+        self.app = make_app(context, tokens)
+        self.host, self.port = host, port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = self._runner.addresses[0][1]
+        log.info("admin_ready", url=self.url)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> AdminServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
