@@ -37,11 +37,14 @@ class QueuedMessage:
 class RecipientQueue:
     """Messages owed to one node: pending (by precedence) and in flight (sent, not acked)."""
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 64, *, first_seq: int = 1) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
-        self._next_seq = 1
+        #: Sequence numbers never repeat for a recipient, also across broker restarts (the
+        #: hub starts new queues above the store's high-water mark): a late ack of an old
+        #: delivery can then never acknowledge a different message.
+        self._next_seq = first_seq
         self._order: list[QueuedMessage] = []  # heap by (-prec, seq); may hold stale entries
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_ms, seq); may hold stale
         self._pending: dict[int, QueuedMessage] = {}
@@ -106,6 +109,7 @@ class RecipientQueue:
         """Forget acknowledged messages; unknown sequence numbers are ignored."""
         done = [item for seq in seqs if (item := self._in_flight.pop(seq, None)) is not None]
         self.bytes -= sum(len(item.envelope) for item in done)
+        self._compact_expiry()
         return done
 
     def requeue_in_flight(self) -> None:
@@ -142,6 +146,17 @@ class RecipientQueue:
             self._order = [i for i in self._order if self._pending.get(i.seq) is i]
             heapq.heapify(self._order)
         return out
+
+    def _compact_expiry(self) -> None:
+        # Acked copies leave their (expires_ms, seq) behind until the TTL passes: at high
+        # throughput and long TTLs that would grow without bound, so drop them in one pass
+        # once they outnumber the copies owed (amortised O(1) per ack).
+        owed = len(self._pending) + len(self._in_flight)
+        if len(self._expiry) > 2 * owed + 64:
+            live = {seq: when for when, seq in self._expiry
+                    if seq in self._pending or seq in self._in_flight}  # one per seq
+            self._expiry = [(when, seq) for seq, when in live.items()]
+            heapq.heapify(self._expiry)
 
     def _drop_stale_expiry(self) -> None:
         while self._expiry and self._expiry[0][1] not in self._pending:

@@ -32,6 +32,9 @@ NONCE_BYTES = 24
 CONTENT_KEY_BYTES = 32
 MAX_RECIPIENTS = 1024
 
+#: The longest a broker may be asked to hold a message.
+MAX_TTL_SECONDS = 366 * 24 * 3600
+
 _BODY_KEYS = {"v", "id", "from", "ts", "topic", "prec", "ttl", "label", "enc"}
 _OPTIONAL_BODY_KEYS = {"to"}
 _ENC_KEYS = {"alg", "nonce", "ct", "keys"}
@@ -130,6 +133,7 @@ def build_envelope(
     validate_topic(topic)
     if prec not in PRECEDENCES:
         raise ProtocolError(f"precedence must be one of {sorted(PRECEDENCES)}", code="bad_frame")
+    _check_ttl(ttl)
     msg_id = message_id if message_id is not None else new_message_id(now_ms)
     label_map = label.to_map()
     label_bytes = canonical.encode(label_map)
@@ -172,6 +176,8 @@ def _from_body(raw: bytes, body_bytes: bytes, sig: bytes, body: Any) -> Envelope
     prec = _typed(body, "prec", int)
     if prec not in PRECEDENCES:
         raise ProtocolError(f"precedence {prec} is not 0..3", code="bad_frame")
+    ttl = _typed(body, "ttl", int)
+    _check_ttl(ttl)
     to = body.get("to", [])
     if "to" in body and to == []:
         raise ProtocolError("an empty 'to' must be omitted, not sent", code="non_canonical")
@@ -186,9 +192,16 @@ def _from_body(raw: bytes, body_bytes: bytes, sig: bytes, body: Any) -> Envelope
         raw=raw, body=body_bytes, sig=sig, id=msg_id,
         sender=_typed(body, "from", str), ts=_typed(body, "ts", int),
         topic=validate_topic(_typed(body, "topic", str)), prec=prec,
-        ttl=_typed(body, "ttl", int), to=tuple(to), label=label,
+        ttl=ttl, to=tuple(to), label=label,
         label_bytes=canonical.encode(label_map), nonce=nonce, ct=ct, keys=keys,
     )
+
+
+def _check_ttl(ttl: int) -> None:
+    # Unbounded, a TTL overflows the store's 64-bit expiry time; a year is beyond any use.
+    if not 0 <= ttl <= MAX_TTL_SECONDS:
+        raise ProtocolError(f"ttl must be 0..{MAX_TTL_SECONDS} seconds (366 days)",
+                            code="bad_frame")
 
 
 def _parse_enc(enc: Any) -> tuple[bytes, bytes, dict[str, bytes]]:

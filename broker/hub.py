@@ -61,6 +61,8 @@ class Peer(Protocol):
     """A live, authenticated connection as the hub sees it."""
 
     node: str
+    #: Set once the connection is being closed: frames sent now are dropped.
+    closing: bool
 
     def send(self, frame: wire.Frame) -> None: ...
 
@@ -100,6 +102,7 @@ class Hub:
         self.peers: dict[str, Peer] = {}
         self.inactive: set[str] = set()
         self._window = window
+        self._first_seq = 1
         self._max_envelope = max_envelope
         self.max_queued_bytes = max_queued_bytes
         self.capacity = capacity
@@ -118,6 +121,7 @@ class Hub:
         """Reload durable subscriptions and queued messages from the store (at start)."""
         for node, pattern in self.audit.store.subscriptions():
             self.subscriptions.setdefault(node, set()).add(pattern)
+        self._first_seq = self.audit.store.seq_high() + 1
         rows = self.audit.store.queue_rows()
         for row in rows:
             self._queue(row.recipient).push(
@@ -356,8 +360,8 @@ class Hub:
     def _send_notices(self, sender: str) -> None:
         """Tell a connected sender which of its messages expired, then forget the notices."""
         peer = self.peers.get(sender)
-        if peer is None or sender not in self.notices:
-            return
+        if peer is None or peer.closing or sender not in self.notices:
+            return  # kept (durably) for the sender's next connection
         notices = self.notices.pop(sender)
         for notice in notices:
             peer.send(wire.Expired(id=notice.id, recipient=notice.recipient))
@@ -421,7 +425,7 @@ class Hub:
     def _queue(self, node: str) -> RecipientQueue:
         queue = self.queues.get(node)
         if queue is None:
-            queue = self.queues[node] = RecipientQueue(self._window)
+            queue = self.queues[node] = RecipientQueue(self._window, first_seq=self._first_seq)
         return queue
 
     def _pump(self, node: str) -> None:

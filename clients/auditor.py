@@ -140,10 +140,10 @@ class _Replay:
     def __init__(self, bundles: Mapping[bytes, Bundle], report: Report) -> None:
         self.bundles = bundles
         self.report = report
-        #: (message id, recipient) released → when its TTL ends (ms); and those already
-        #: delivered or expired (each released copy ends exactly once).
-        self.permitted: dict[tuple[bytes, str], int] = {}
-        self.resolved: set[tuple[bytes, str]] = set()
+        #: (message id, recipient) released → the TTL ends (ms) of its copies not yet ended.
+        #: Usually one; the same envelope routed again (sent again after a broker restart)
+        #: makes a second copy. Each copy ends exactly once: delivered or expired.
+        self.outstanding: dict[tuple[bytes, str], list[int]] = {}
         self.suspended: set[str] = set()
         self.revoked: set[str] = set()
         self.cache = DecisionCache(max_entries=1 << 16)
@@ -184,7 +184,9 @@ class _Replay:
                 self.report.add("replay", f"decision for {node}: logged {_show(recorded)}, "
                                 f"replay gives {_show(replayed)}", index)
             if recorded.permit:
-                self.permitted[(entry.id, node)] = entry.ts + entry.ttl * 1000
+                copies = self.outstanding.setdefault((entry.id, node), [])
+                copies.append(entry.ts + entry.ttl * 1000)
+                copies.sort()
 
     def deliver(self, index: int, entry: DeliverEntry | ExpireEntry) -> None:
         """A released copy ends once: delivered, or expired (never before its TTL, which
@@ -194,15 +196,16 @@ class _Replay:
             self.report.deliveries_checked += 1
         else:
             self.report.expiries_checked += 1
-        deadline = self.permitted.get(key)
-        if deadline is None:
+        copies = self.outstanding.get(key)
+        if copies is None:
             self.report.add(entry.KIND, f"message {entry.id.hex()} went to {entry.to}, which it "
                             "was not released to", index)
             return
-        if key in self.resolved:
+        if not copies:
             self.report.add(entry.KIND, f"message {entry.id.hex()} for {entry.to} was already "
                             "delivered or expired", index)
-        self.resolved.add(key)
+            return
+        deadline = copies.pop(0)  # the copy whose TTL ends first
         if isinstance(entry, ExpireEntry) and entry.ts < deadline:
             self.report.add("expire", f"message {entry.id.hex()} for {entry.to} expired "
                             f"{deadline - entry.ts} ms before its TTL", index)

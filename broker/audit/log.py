@@ -287,6 +287,7 @@ class AuditLog:
 
     def _merge(self, items: Iterable[_Item]) -> tuple[Batch, list[int]]:
         batch = Batch(first_index=self.size)
+        subscribed: dict[tuple[str, str], bool] = {}
         indexes = []
         size = self.size
         for item in items:
@@ -299,6 +300,15 @@ class AuditLog:
                 indexes.append(-1)
             for name in _MERGED:
                 getattr(batch, name).extend(getattr(item.batch, name))
+            for key in item.batch.unsubscribe:
+                subscribed[key] = False
+            for key in item.batch.subscribe:
+                subscribed[key] = True
+        # The store applies subscribes before unsubscribes: only the last request per
+        # (node, pattern) in this batch may reach it, or `unsub X` then `sub X` would lose X.
+        batch.subscribe = [key for key, on in subscribed.items() if on]
+        batch.unsubscribe = [key for key, on in subscribed.items() if not on]
+        batch.node_status = list(dict(batch.node_status).items())  # likewise: the last wins
         return batch, indexes
 
     def _fail(self, items: Sequence[_Item], exc: BaseException) -> None:

@@ -126,6 +126,9 @@ class Store(Protocol):
     def node_statuses(self) -> dict[str, str]:
         """Nodes an operator suspended or revoked, with that status."""
 
+    def seq_high(self) -> int:
+        """The highest delivery sequence number ever queued (0 if none)."""
+
     def disk_bytes(self) -> int:
         """Bytes the store occupies on disk (for the store size limit)."""
 

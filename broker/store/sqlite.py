@@ -117,6 +117,10 @@ class SqliteStore:
         conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          ((r.recipient, r.seq, r.prec, r.id, r.sender, r.envelope, r.expires_ms,
                            r.queued_ms) for r in batch.enqueue))
+        if batch.enqueue:
+            conn.execute("INSERT INTO meta VALUES ('seq_high', ?) ON CONFLICT (key) DO UPDATE "
+                         "SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS "
+                         "INTEGER))", (str(max(r.seq for r in batch.enqueue)),))
         conn.executemany("DELETE FROM queue WHERE recipient = ? AND seq = ?", batch.dequeue)
         conn.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?, ?)", batch.subscribe)
         conn.executemany("DELETE FROM subscriptions WHERE node = ? AND pattern = ?",
@@ -233,6 +237,10 @@ class SqliteStore:
     def notices(self) -> list[Notice]:
         return [Notice(str(s), bytes(i), str(r)) for s, i, r in
                 self._query("SELECT sender, id, recipient FROM notices ORDER BY sender")]
+
+    def seq_high(self) -> int:
+        rows = self._query("SELECT value FROM meta WHERE key = 'seq_high'")
+        return int(rows[0][0]) if rows else 0
 
     def node_statuses(self) -> dict[str, str]:
         return {str(n): str(st) for n, st in

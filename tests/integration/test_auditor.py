@@ -4,6 +4,7 @@ and deliveries, and a rewritten history are each reported with the index."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -274,3 +275,33 @@ async def test_early_expiry_and_a_copy_that_ends_twice_are_flagged(
     assert "before its TTL" in report.problems[0].detail
     assert "already" in report.problems[1].detail
     assert (report.expiries_checked, report.deliveries_checked) == (3, 1)
+
+
+async def test_an_envelope_routed_twice_may_end_twice_without_a_false_alarm(
+        coalition: Coalition, tmp_path: Path) -> None:
+    """Sent again after a broker restart (the replay guard starts empty), one envelope makes two
+    copies for one recipient; each ends once, and a third end is still flagged."""
+    bundle = coalition.bundle()
+    data = tmp_path / "twice"
+    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
+        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+    await audit.start()
+    now = time.time_ns() // 1_000_000
+    lab = label("NATO", "SECRET", "USA", ["GBR"])
+    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
+                       bundles=[(bundle.hash, bundle_content(bundle))])
+    route = RouteEntry(
+        ts=now, id=b"\x01" * 16, env=envelope_digest(b"x"), sender="USA-GW1",
+        topic="reports.daily", label=lab, prec=0, ttl=60, bundle=bundle.hash,
+        sealed=("GBR-GW1",), decisions={"GBR-GW1": Decision(True, (), "COALITION-DEFAULT@1/all")})
+    await audit.append(route)
+    await audit.append(dataclasses.replace(route, ts=now + 30_000))
+    await audit.append(ExpireEntry(ts=now + 60_000, id=b"\x01" * 16, to="GBR-GW1",
+                                   sender="USA-GW1"))  # the first copy, at its TTL
+    await audit.append(DeliverEntry(ts=now + 61_000, id=b"\x01" * 16, to="GBR-GW1", seq=2))
+    await audit.append(DeliverEntry(ts=now + 62_000, id=b"\x01" * 16, to="GBR-GW1", seq=3))
+    await audit.stop()
+    audit.store.close()
+    report = verify_export(_export(coalition, data, tmp_path / "export"),
+                           pins=[coalition.root_sha256], quorum=0)
+    assert [(p.what, p.index) for p in report.problems] == [("deliver", 5)]

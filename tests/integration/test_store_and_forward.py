@@ -268,3 +268,19 @@ async def test_broker_restart_redelivers_unacked_in_precedence_order(
         await stream.aclose()
     assert [m.precedence for m in got] == [3, 2, 1, 0, 0]
     assert [m.id for m in got][-2:] == [sent[0].id, sent[4].id]
+
+
+async def test_sequence_numbers_never_repeat_across_a_restart(
+        coalition: Coalition, clock: Clock, gateway: Gateway) -> None:
+    """With its queue empty at restart, a recipient must not get seq 1 again: a late ack of an
+    old delivery would then acknowledge a different message."""
+    limits = Limits(max_frame_bytes=64 * 1024)
+    seqs = []
+    for _ in range(2):
+        async with _broker(coalition, clock, limits) as server, \
+                gateway(server, "GBR-GW1") as gbr, gateway(server, "USA-GW1") as usa:
+            await gbr.subscribe("maritime.>")
+            await usa.publish("maritime.tracks", b"x", TO_GBR)
+            seqs.append((await _first(gbr)).seq)
+            await _until(lambda s=server: s.hub.queues["GBR-GW1"].depth == 0)
+    assert seqs[1] > seqs[0]

@@ -248,3 +248,26 @@ def test_depth_by_precedence_counts_pending_and_in_flight() -> None:
     queue.take_sendable()
     assert queue.depth_by_precedence() == {ROUTINE: 2, FLASH: 1, PRIORITY: 1}
     assert queue.in_flight == 2
+
+
+def test_expiry_bookkeeping_of_acked_copies_stays_bounded() -> None:
+    queue = RecipientQueue(window=8)
+    for i in range(10_000):
+        _push(queue, i, expires_ms=10**12)  # long TTL: nothing expires by time
+        for item in queue.take_sendable():
+            queue.ack([item.seq])
+    assert queue.depth == 0
+    assert len(queue._expiry) <= 64 + 2 * 8
+    for _ in range(100):  # reconnect churn does not pile up entries either
+        _push(queue, 0, expires_ms=10**12)
+        queue.take_sendable()
+        queue.requeue_in_flight()
+        queue.take_sendable()
+        queue.ack([queue._next_seq - 1])
+    assert len(queue._expiry) <= 64 + 2 * 8
+
+
+def test_first_seq_lets_a_restarted_broker_never_reuse_a_seq() -> None:
+    queue = RecipientQueue(first_seq=1_001)
+    assert _push(queue, 0) == 1_001
+    assert queue.reserve_seq() == 1_002

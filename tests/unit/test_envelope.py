@@ -389,6 +389,8 @@ BODY_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("ts as str", _set("ts", "1800000000000"), "bad_frame"),
     ("ts as bool", _set("ts", True), "bad_frame"),
     ("ttl negative", _set("ttl", -1), "bad_frame"),
+    ("ttl above a year", _set("ttl", 366 * 24 * 3600 + 1), "bad_frame"),
+    ("ttl overflowing the store", _set("ttl", 2**62), "bad_frame"),
     ("ttl as bool", _set("ttl", True), "bad_frame"),
     # prec
     ("prec 4", _set("prec", 4), "bad_frame"),
