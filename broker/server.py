@@ -14,8 +14,9 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -32,6 +33,7 @@ from broker.errors import BrokerError, ConfigError
 from broker.hub import Hub
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
 from broker.store.sqlite import SqliteStore
+from broker.tls import server_context_for
 from broker.witnesses import Witnesses
 from clients.identity import KeyFile
 from policies.bundle import Bundle
@@ -160,7 +162,10 @@ class BrokerServer:
         limits: Limits = Limits(),
         commit: CommitPolicy = DEFAULT_COMMIT,
         clock_ms: Callable[[], int] = wall_clock_ms,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``ssl_context`` (see :mod:`broker.tls`): serve ``wss://``; ``None``: plain ``ws://``,
+        for loopback trials and tests only."""
         self.name = name
         self.bundle = bundle
         self.key = key
@@ -170,6 +175,7 @@ class BrokerServer:
         self.limits = limits
         self.commit = commit
         self.clock_ms = clock_ms
+        self.ssl_context = ssl_context
         self.app = web.Application()
         self.app.router.add_get(NODE_PATH, self._node_endpoint)
         self._runner: web.AppRunner | None = None
@@ -200,7 +206,8 @@ class BrokerServer:
                               checkpoint_interval_s=config.audit.checkpoint_interval_ms / 1000)
         return cls(name=config.broker.name, bundle=bundle, key=read_broker_key(config),
                    data_dir=config.broker.data_dir, host=config.listen.host,
-                   port=config.listen.port, limits=limits, commit=commit)
+                   port=config.listen.port, limits=limits, commit=commit,
+                   ssl_context=server_context_for(config.tls))
 
     @property
     def hub(self) -> Hub:
@@ -218,8 +225,9 @@ class BrokerServer:
 
     @property
     def url(self) -> str:
-        """The node endpoint URL (with the port actually bound)."""
-        return f"ws://{self.host}:{self.port}{NODE_PATH}"
+        """The node endpoint URL (with the port actually bound); ``wss://`` with TLS."""
+        scheme = "ws" if self.ssl_context is None else "wss"
+        return f"{scheme}://{self.host}:{self.port}{NODE_PATH}"
 
     async def start(self) -> None:
         """Open the store and the audit log, then listen; returns once the socket accepts
@@ -250,7 +258,7 @@ class BrokerServer:
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         try:
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self.port)
+            site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
             await site.start()
         except BaseException:  # e.g. the port is taken: release the log and the store too
             await self.stop()
@@ -430,6 +438,28 @@ class BrokerServer:
 PID_FILE = "broker.pid"
 
 
+@contextlib.asynccontextmanager
+async def _admin_listener(server: BrokerServer, config: Config) -> AsyncIterator[None]:
+    """The admin API on its own listener, unless ``admin.port`` is -1."""
+    from broker.admin.app import AdminContext, AdminServer
+    from broker.admin.auth import TokenTable
+
+    if config.admin.port < 0:
+        yield
+        return
+    if not config.admin.tokens:
+        log.warning("admin_without_tokens", detail="only /healthz, /readyz and /v1/openapi.json "
+                    "answer; add [[admin.tokens]] (coalition admin token)")
+
+    async def reload() -> Bundle:
+        return await server.reload(config.policy.dir,
+                                   pinned_root_sha256=config.policy.trust_root_sha256)
+
+    async with AdminServer(AdminContext(server, reload), TokenTable(config.admin.tokens),
+                           host=config.admin.host, port=config.admin.port):
+        yield
+
+
 async def serve(config: Config, *, stop: asyncio.Event | None = None,
                 reload: asyncio.Event | None = None) -> None:
     """Run a broker from configuration until ``stop`` is set (or forever); each time
@@ -438,7 +468,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
     pid_file = config.broker.data_dir / PID_FILE
-    async with server:
+    async with server, _admin_listener(server, config):
         pid_file.write_text(f"{os.getpid()}\n")
         try:
             while not stop.is_set():

@@ -19,6 +19,7 @@ import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from ssl import SSLContext
 
 import aiohttp
 import structlog
@@ -114,6 +115,9 @@ class Endpoint:
     max_frame: int
     #: Seconds between WebSocket pings; a missing pong ends the link (a silent dead network).
     heartbeat: float | None
+    #: TLS for ``wss://`` URLs (:func:`broker.tls.client_context`: the coalition's CA, and a
+    #: client certificate for mutual TLS); ``None``: the system's CAs.
+    ssl: SSLContext | None = None
 
 
 class Link:
@@ -165,7 +169,8 @@ async def authenticate(http: aiohttp.ClientSession, endpoint: Endpoint) -> Link:
     own errors (``OSError``, ``aiohttp.ClientError``, ``TimeoutError``)."""
     async with asyncio.timeout(endpoint.timeout):
         ws = await http.ws_connect(endpoint.url, max_msg_size=2 * endpoint.max_frame,
-                                   autoping=True, heartbeat=endpoint.heartbeat)
+                                   autoping=True, heartbeat=endpoint.heartbeat,
+                                   ssl=endpoint.ssl if endpoint.ssl is not None else True)
         try:
             welcome = await _handshake(ws, endpoint)
         except BaseException:

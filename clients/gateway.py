@@ -22,6 +22,7 @@ import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any
 
@@ -146,12 +147,18 @@ class GatewayClient:
         reconnect: Backoff | None = DEFAULT_BACKOFF,
         heartbeat: float | None = 15.0,
         on_expired: Callable[[Expired], None] | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         """``state_dir`` keeps the witness state and the last ``dedup_capacity`` ids of the
         messages the application finished (memory only without it). ``reconnect``: the backoff
         to reconnect with when the connection drops (see :mod:`clients.connection` for when it
         does not); ``None``: the first drop ends the client. ``heartbeat``: seconds between
-        WebSocket pings. ``timeout`` bounds each request, including a wait for reconnection."""
+        WebSocket pings. ``timeout`` bounds each request, including a wait for reconnection.
+        ``ssl``: for a ``wss://`` URL, the context that says which CA the broker's certificate
+        must chain to (and, for mutual TLS, this gateway's client certificate): see
+        :func:`broker.tls.client_context`; ``None`` trusts the system's CAs. A broker
+        certificate that does not verify makes :meth:`connect` raise (an
+        ``aiohttp.ClientConnectorCertificateError``), like any other failed first connection."""
         if identity.kind != "node" or identity.enc_key is None:
             raise ValueError("a gateway needs a node key file")
         self.url = url
@@ -175,7 +182,7 @@ class GatewayClient:
         self.on_expired = on_expired
         self._deliveries: asyncio.Queue[wire.Deliver | None] = asyncio.Queue()
         self._connection = Connection(
-            Endpoint(url, identity, broker_name, timeout, max_frame, heartbeat),
+            Endpoint(url, identity, broker_name, timeout, max_frame, heartbeat, ssl),
             reconnect=reconnect, on_frame=self._dispatch, on_link=self._on_link,
             on_end=self._on_end)
 

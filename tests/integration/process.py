@@ -78,9 +78,10 @@ def free_port() -> int:
 
 
 def write_broker_config(tmp_path: Path, coalition: Coalition, *, port: int = 0,
-                        limits: str = "") -> Path:
+                        limits: str = "", admin: str = "") -> Path:
     """A config for ``coalition`` (on ``port``, 0: any free one), data in ``tmp_path/data``,
-    fast checkpoints; ``limits`` is extra TOML for the ``[limits]`` section."""
+    fast checkpoints, the admin API on a free port; ``limits`` and ``admin`` are extra TOML for
+    those sections."""
     path = tmp_path / "broker.toml"
     path.write_text(
         "[broker]\n"
@@ -93,6 +94,7 @@ def write_broker_config(tmp_path: Path, coalition: Coalition, *, port: int = 0,
         f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'
         "[audit]\nmax_batch = 64\nmax_delay_ms = 1\ncheckpoint_interval_ms = 50\n"
         f"[limits]\n{limits}\n"
+        f"[admin]\nport = 0\n{admin}\n"
     )
     return path
 
