@@ -244,6 +244,7 @@ class Connection:
         #: Set while a link is up or the connection ended for good: what :meth:`ready` waits for.
         self._settled = asyncio.Event()
         self.reconnections = 0
+        self.generation = 0
         # Who waits for an answer: a message id for a receipt, ``None`` for the control channel.
         self._waiters: dict[bytes | None, asyncio.Future[wire.Frame]] = {}
         self._control = asyncio.Lock()
@@ -349,6 +350,14 @@ class Connection:
         if not isinstance(answer, wire.Pong):
             raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
 
+    async def recycle(self, reason: str) -> None:
+        """Drop the current link so that a new one is made (the broker takes back what it had
+        in flight on it and sends it again); nothing happens without reconnection."""
+        if self.link is not None and self.reconnect is not None:
+            log.warning("gateway_recycling_link", node=self.endpoint.identity.name,
+                        reason=reason)
+            await self.link.ws.close()
+
     async def send_now(self, frame: wire.Frame) -> None:
         """Send on the current link, without waiting for a reconnection."""
         if self.link is None:
@@ -394,6 +403,9 @@ class Connection:
 
     def _up(self, link: Link) -> None:
         self.link = link
+        #: Which link frames came on: deliveries of an earlier link are stale (the broker
+        #: took them back when it ended and sends them again on this one).
+        self.generation += 1
         self._settled.set()
 
     def _down(self, link: Link) -> None:
@@ -475,6 +487,12 @@ class Connection:
                             reason=str(exc))
                 await link.ws.close()
                 continue
+            except Exception as exc:  # the owner's handler failed (say, its witness state)
+                log.exception("gateway_failed", node=node)
+                await link.ws.close()
+                self._end(ConnectionClosed(f"the client failed: {exc}",
+                                           code=getattr(exc, "code", "internal")))
+                return None
             self._up(link)
             self.reconnections += 1
             log.info("gateway_reconnected", node=node, attempt=attempt)

@@ -180,7 +180,8 @@ class GatewayClient:
         #: The latest notices that a message this gateway sent expired undelivered.
         self.expired: collections.deque[Expired] = collections.deque(maxlen=EXPIRED_KEPT)
         self.on_expired = on_expired
-        self._deliveries: asyncio.Queue[wire.Deliver | None] = asyncio.Queue()
+        #: Deliveries with the generation of the link they came on; ``None`` ends.
+        self._deliveries: asyncio.Queue[tuple[int, wire.Deliver] | None] = asyncio.Queue()
         self._connection = Connection(
             Endpoint(url, identity, broker_name, timeout, max_frame, heartbeat, ssl),
             reconnect=reconnect, on_frame=self._dispatch, on_link=self._on_link,
@@ -355,16 +356,22 @@ class GatewayClient:
         restart with the same ``state_dir``) is acknowledged, not yielded. Raises
         :class:`ConnectionClosed` once the client ended for good."""
         while True:
-            frame = await self._deliveries.get()
-            if frame is None:
+            item = await self._deliveries.get()
+            if item is None:
                 self._deliveries.put_nowait(None)  # ends the next iterator too
                 raise self._connection.closed_error()
+            generation, frame = item
+            if generation != self._connection.generation:
+                # From a link that ended: the broker took it back and sends it again on this
+                # one (or it expired meanwhile, and its sender was told so).
+                continue
             try:
                 message = await self._accept(frame)
             except GatewayError as exc:
-                # The sender's certificate could not be fetched: leave the delivery un-acked;
-                # the broker delivers it again after the next reconnect.
+                # The sender's certificate could not be fetched: not acked, and a new link
+                # makes the broker send it again (it would otherwise hold a window slot).
                 log.warning("delivery_deferred", seq=frame.seq, code=exc.code)
+                await self._connection.recycle("a delivery could not be checked")
                 continue
             if message is None:
                 await self._ack_quietly(frame.seq)
@@ -443,7 +450,7 @@ class GatewayClient:
 
     def _dispatch(self, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Deliver):
-            self._deliveries.put_nowait(frame)
+            self._deliveries.put_nowait((self._connection.generation, frame))
         elif isinstance(frame, wire.Checkpoint):
             self.log_witness.check(frame.note, list(frame.proof), frame.old, cosign=True)
         elif isinstance(frame, wire.Expired):

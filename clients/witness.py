@@ -208,4 +208,7 @@ class LogWitness:
                   evidence=None if evidence is None else str(evidence))
         self.alarms.append(alarm)
         if self.on_alarm is not None:
-            self.on_alarm(alarm)
+            try:
+                self.on_alarm(alarm)
+            except Exception:  # the application's bug must not silence the alarm or the link
+                log.exception("on_alarm_failed")

@@ -377,3 +377,54 @@ async def test_expired_notices_are_kept_logged_and_handed_to_the_callback(
     assert list(usa.expired) == [notice]
     assert [(e["id"], e["recipient"]) for e in logs if e["event"] == "message_expired"] == [
         ("01" * 16, "GBR-GW1")]
+
+
+async def test_delivery_that_cannot_be_checked_is_sent_again_on_a_new_link(
+        coalition: Coalition) -> None:
+    """The sender's certificate cannot be fetched once (a slow directory answer): the delivery
+    is not acked and not lost — the client takes a new link and the broker sends it again."""
+    async with broker_at(coalition, free_port()) as server, \
+            client(server.url, coalition, "USA-GW1") as usa, \
+            client(server.url, coalition, "GBR-GW1") as gbr:
+        await gbr.subscribe("maritime.>")
+        real, calls = gbr.directory, []
+
+        async def flaky() -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RequestTimeout("no answer within 5 s")
+            return await real()
+
+        gbr.directory = flaky  # type: ignore[method-assign]
+        first = await usa.publish("maritime.tracks", b"M1", TO_GBR)
+        second = await usa.publish("maritime.tracks", b"M2", TO_GBR)
+        stream = gbr.messages()
+        got = [(await asyncio.wait_for(anext(stream), 5)).id for _ in range(2)]
+        await stream.aclose()
+        assert sorted(got) == sorted([first.id, second.id])
+        assert gbr.reconnections == 1
+        await until(lambda: server.hub.queues["GBR-GW1"].depth == 0)
+
+
+async def test_a_failing_handler_on_reconnect_ends_the_client_instead_of_hanging(
+        coalition: Coalition) -> None:
+    port = free_port()
+    server = broker_at(coalition, port)
+    await server.start()
+    gbr = client(server.url, coalition, "GBR-GW1", timeout=1)
+    await gbr.connect()
+    try:
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")  # say, the witness state
+
+        gbr.log_witness.check = broken  # type: ignore[method-assign]
+        await server.stop()
+        server = broker_at(coalition, port)
+        await server.start()
+        await until(lambda: gbr.failure is not None, timeout=5)
+        assert "No space left" in gbr.failure.reason
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(anext(gbr.messages()), 3)
+    finally:
+        await gbr.close()
+        await server.stop()
