@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from broker.admin.app import AdminContext, AdminServer
 from broker.admin.auth import TokenTable, hash_token, new_token
@@ -273,3 +275,22 @@ async def test_export_is_a_tar_the_auditor_verifies(
     report = verify_export(tmp_path / "audit-export", pins=[coalition.root_sha256], quorum=0)
     assert report.ok, report.problems
     assert report.entries >= 3
+
+
+async def test_logs_carry_request_ids_and_the_token_name_never_the_token(
+        admin: Admin, gateway: Callable[[str], GatewayClient]) -> None:
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        await admin.call("POST", "/v1/nodes/GBR-GW1/suspend",
+                         headers={"X-Request-Id": "ops-7"})
+        await admin.call("GET", "/v1/status", role="viewer")
+        await admin.call("GET", "/v1/status", role=None,
+                         headers={"Authorization": "Bearer cbt_wrong-secret"})
+    text = repr(logs)
+    assert not any(token in text for token in TOKENS.values())
+    assert "cbt_wrong-secret" not in text
+    requests = [e for e in logs if e["event"] == "admin_request"]
+    assert [(e["path"], e["status"], e["token"]) for e in requests] == [
+        ("/v1/nodes/GBR-GW1/suspend", 200, "operator-token"),
+        ("/v1/status", 200, "viewer-token"), ("/v1/status", 401, None)]
+    changed = next(e for e in logs if e["event"] == "node_status_changed")
+    assert changed["request_id"] == "ops-7"  # bound for every line of the request
