@@ -85,8 +85,12 @@ async def test_a_broker_showing_two_logs_is_caught_by_the_witness(
     await _fork(coalition, tmp_path / "fork-a", lambda s: traffic(s, b"fork a"))
     assert not alarms
     await _fork(coalition, tmp_path / "fork-b", lambda s: traffic(s, b"fork b"))
-    # Without the alarm, the witness would have cosigned a contradicting checkpoint.
-    assert alarms and "two different roots" in alarms[0].reason
+    # Without the alarm, the witness would have cosigned a contradicting checkpoint. Which
+    # contradiction it sees first depends on timing: fork b's checkpoint has the size of one
+    # the witness cosigned on fork a (two roots), or a smaller one if fork a's log had grown
+    # by the witness's own session entries meanwhile (a rollback). Either is the fork.
+    assert alarms
+    assert "two different roots" in alarms[0].reason or "(rollback)" in alarms[0].reason
     evidence = sorted(state.glob("evidence-*"))
     assert evidence and (evidence[0] / "cosigned.note").exists()
     assert (evidence[0] / "offered.note").read_text() == alarms[0].offered
