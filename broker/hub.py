@@ -305,8 +305,13 @@ class Hub:
                            outcome="ok")
         future = self.audit.append(entry, node_status=[(node, status)])
         if status == "active":
+            previous = self.statuses.pop(node, "suspended")
             self.inactive.discard(node)
-            self.statuses.pop(node, None)
+            # At once, like every status change, so the decisions logged after the entry are
+            # the ones its replay expects; undone if the entry does not become durable (the
+            # store and the log still say suspended).
+            future.add_done_callback(functools.partial(self._undo_resume, node=node,
+                                                       previous=previous))
         else:
             self.inactive.add(node)
             self.statuses[node] = status
@@ -315,6 +320,16 @@ class Hub:
                 peer.close("node_inactive", f"{status} by an operator")
         log.warning("node_status_changed", node=node, status=status, operator=operator)
         return future
+
+    def _undo_resume(self, done: asyncio.Future[int], *, node: str, previous: str) -> None:
+        if not done.cancelled() and done.exception() is None:
+            return
+        self.inactive.add(node)
+        self.statuses[node] = previous
+        peer = self.peers.get(node)
+        if peer is not None:
+            peer.close("node_inactive", "the resume was not recorded")
+        log.error("node_resume_undone", node=node, reason="its admin entry is not durable")
 
     # --- expiry -------------------------------------------------------------------------
 

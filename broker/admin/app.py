@@ -45,6 +45,7 @@ class AdminContext:
 
 CONTEXT = web.AppKey("context", AdminContext)
 TOKEN = web.RequestKey("admin_token", AdminToken)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 class ApiError(Exception):
@@ -78,25 +79,41 @@ def token_of(request: web.Request) -> AdminToken:
 @web.middleware
 async def _request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID.match(given) else "req-" + secrets.token_hex(6)
+    request[REQUEST_ID] = given if _REQUEST_ID.match(given) else "req-" + secrets.token_hex(6)
     started = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
+    with structlog.contextvars.bound_contextvars(request_id=request[REQUEST_ID]):
         response = await handler(request)
         token = request.get(TOKEN)
         log.info("admin_request", method=request.method, path=request.path,
                  status=response.status, token=token.name if token else None,
                  ms=round((time.perf_counter() - started) * 1000, 1))
-    response.headers["X-Request-Id"] = request_id
     return response
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Set ``X-Request-Id`` as the headers go out: a streamed answer (the export) has sent
+    them before the middleware sees it return."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+
+
+_UNDECLARED = object()
 
 
 def _auth(tokens: TokenTable) -> Middleware:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route_handler = request.match_info.handler
-        permission = getattr(route_handler, "permission", "unrouted")
-        if permission is None or permission == "unrouted":
-            return await handler(request)  # public, or a 404/405 aiohttp answers itself
+        if request.match_info.http_exception is not None:
+            return await handler(request)  # no route: the 404/405 aiohttp answers itself
+        # Fail closed: a route whose handler declares no permission is refused, not public.
+        permission = getattr(request.match_info.handler, "permission", _UNDECLARED)
+        if permission is _UNDECLARED:
+            log.error("admin_route_without_permission", path=request.path)
+            raise ApiError(403, "forbidden", "this route declares no permission")
+        if permission is None:
+            return await handler(request)  # public by declaration (health, OpenAPI)
+        assert isinstance(permission, str)
         token = tokens.identify(request.headers.get("Authorization"))
         if token is None:
             raise ApiError(401, "unauthorized", "a valid bearer token is required")
@@ -116,7 +133,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
+        response = json_error(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
+        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110 §15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except StorageError as exc:
         return json_error(503, exc.code, exc.reason)
     except BrokerError as exc:
@@ -132,13 +152,15 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
 
 def make_app(context: AdminContext, tokens: TokenTable) -> web.Application:
     """The admin application, every route registered."""
-    from broker.admin import audit_views, views  # the views import this module
+    from broker.admin import audit_views, openapi, views  # the views import this module
 
     app = web.Application(middlewares=[_request_ids, _errors, _auth(tokens)],
                           client_max_size=64 * 1024)
     app[CONTEXT] = context
+    app.on_response_prepare.append(_echo_request_id)
     views.register(app.router)
     audit_views.register(app.router)
+    openapi.register(app.router)
     return app
 
 
@@ -156,7 +178,10 @@ class AdminServer:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        # A client that stops reading (a stalled export) must not hold up the broker's
+        # shutdown past the service manager's stop timeout.
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=2.0)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, self.host, self.port).start()

@@ -57,7 +57,7 @@ def _int_param(request: web.Request, name: str, default: int | None = None) -> i
         if default is None:
             raise ApiError(400, "bad_request", f"query parameter {name} is required")
         return default
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise ApiError(400, "bad_request", f"{name} must be a non-negative integer")
     return int(raw)
 
@@ -129,10 +129,21 @@ async def consistency(request: web.Request) -> web.Response:
 async def export(request: web.Request) -> web.StreamResponse:
     """The whole log as a tar of the export directory (`coalition audit verify` reads it)."""
     broker = request.app[CONTEXT].broker
+    if _EXPORTING.locked():
+        raise ApiError(409, "conflict", "an export is already running; retry when it is done")
+    async with _EXPORTING:
+        return await _send_export(request, broker.data_dir, broker.name)
+
+
+#: One export at a time: each writes a copy of the log to a temporary directory.
+_EXPORTING = asyncio.Lock()
+
+
+async def _send_export(request: web.Request, data_dir: Path, origin: str) -> web.StreamResponse:
     work = Path(tempfile.mkdtemp(prefix="coalition-export-"))
     try:
         tar = await asyncio.get_running_loop().run_in_executor(
-            None, _export_tar, broker.data_dir, broker.name, work)
+            None, _export_tar, data_dir, origin, work)
         response = web.StreamResponse(headers={
             "Content-Type": "application/x-tar",
             "Content-Disposition": 'attachment; filename="audit-export.tar"'})

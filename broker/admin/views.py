@@ -292,8 +292,9 @@ async def policy_reload(request: web.Request) -> web.Response:
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
-        raise ApiError(400, "bad_request", "the body must be JSON") from None
+    except (ValueError, LookupError, RecursionError):  # bad JSON, charset, or nesting
+        raise ApiError(400, "bad_request", "the body must be JSON (UTF-8, not too deep)") \
+            from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")
     return body

@@ -61,8 +61,9 @@ class SqliteStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect()
-            self._writer.executescript(_SCHEMA)
+            # The version first: a store of another version must be refused untouched.
             self._check_schema_version()
+            self._writer.executescript(_SCHEMA)
             self._reader = self._connect()
         except (sqlite3.Error, OSError) as exc:
             raise _storage_error(f"cannot open the store {path}", exc) from exc
@@ -81,12 +82,18 @@ class SqliteStore:
         return conn
 
     def _check_schema_version(self) -> None:
-        row = self._writer.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        conn = self._writer
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                "name = 'meta'").fetchone()
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() \
+            if has_meta else None
         if row is None:
-            self._writer.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                         (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
             raise StorageError(f"{self.path} has schema version {row[0]}; this broker reads "
-                               f"version {SCHEMA_VERSION}")
+                               f"version {SCHEMA_VERSION} (nothing was changed)")
 
     # --- writes -------------------------------------------------------------------------
 
@@ -266,25 +273,32 @@ def backup_store(data_dir: Path, dest: Path) -> None:
     """Copy a broker's store to ``dest``, also while the broker runs: SQLite's backup API in one
     step from its own read connection, so the copy is one committed state (WAL mode: the
     broker's writer is not blocked) and is checked with ``PRAGMA integrity_check``."""
-    source_path = data_dir / FILE_NAME
+    source_path = (data_dir / FILE_NAME).resolve()
     if not source_path.is_file():
         raise StorageError(f"no store at {source_path}")
     if dest.exists():
         raise StorageError(f"{dest} exists; a backup never overwrites")
+    # Written under a temporary name (mode 0600, like the store) and renamed when complete and
+    # checked: an interrupted backup never leaves a file that looks like a good one.
+    partial = dest.with_name(f".{dest.name}.partial")
     try:
-        source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
-        target = sqlite3.connect(dest)
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        source = sqlite3.connect(source_path.as_uri() + "?mode=ro", uri=True)
+        target = sqlite3.connect(partial)
         try:
             source.backup(target)
             (verdict,) = target.execute("PRAGMA integrity_check").fetchone()
             if verdict != "ok":
-                raise StorageError(f"the backup {dest} fails its integrity check: {verdict}")
+                raise StorageError(f"the backup fails its integrity check: {verdict}")
         finally:
             target.close()
             source.close()
+        if dest.exists():
+            raise StorageError(f"{dest} appeared meanwhile; a backup never overwrites")
+        os.replace(partial, dest)
     except (sqlite3.Error, OSError) as exc:
-        dest.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise _storage_error(f"backup to {dest} failed", exc) from exc
-    except StorageError:
-        dest.unlink(missing_ok=True)
+    except BaseException:
+        partial.unlink(missing_ok=True)
         raise

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import pytest
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
@@ -22,6 +23,7 @@ from broker.audit.leaves import AdminEntry, RouteEntry, entry_from_bytes
 from broker.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
 from broker.coalition import Coalition
 from broker.config import AdminToken
+from broker.errors import StorageError
 from broker.server import BrokerServer, Limits
 from clients.auditor import verify_export
 from clients.gateway import AuthenticationError, GatewayClient, label
@@ -294,3 +296,36 @@ async def test_logs_carry_request_ids_and_the_token_name_never_the_token(
         ("/v1/status", 200, "viewer-token"), ("/v1/status", 401, None)]
     changed = next(e for e in logs if e["event"] == "node_status_changed")
     assert changed["request_id"] == "ops-7"  # bound for every line of the request
+
+
+async def test_a_route_that_declares_no_permission_is_refused_not_public(
+        broker: BrokerServer, coalition: Coalition) -> None:
+    server = _admin_server(broker, coalition)
+
+    async def naked(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"secret": True})
+
+    server.app.router.add_get("/v1/naked", naked)
+    async with server, aiohttp.ClientSession() as http:
+        admin = Admin(server.url, http)
+        for role in (None, "operator"):
+            status, body = await admin.call("GET", "/v1/naked", role=role)
+            assert (status, body["error"]) == (403, "forbidden")
+
+
+async def test_a_resume_that_is_not_recorded_is_undone(admin: Admin, broker: BrokerServer) -> None:
+    assert (await admin.call("POST", "/v1/nodes/GBR-GW1/suspend"))[0] == 200
+    real = broker.audit.append
+
+    def failing(entry: Any, **kwargs: Any) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.set_exception(StorageError("commit failed: disk I/O error"))
+        return future
+
+    broker.audit.append = failing  # type: ignore[method-assign]
+    try:
+        status, body = await admin.call("POST", "/v1/nodes/GBR-GW1/resume")
+    finally:
+        broker.audit.append = real  # type: ignore[method-assign]
+    assert (status, body["error"]) == (503, "unavailable")
+    assert broker.hub.is_inactive("GBR-GW1") and broker.hub.statuses["GBR-GW1"] == "suspended"

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from broker.admin.auth import hash_token, new_token
 from broker.coalition import Coalition
 from tests.integration.process import BrokerProcess, running_broker, write_broker_config
@@ -74,3 +76,34 @@ async def test_operator_cli_against_a_served_broker(coalition: Coalition, tmp_pa
         assert copy.execute("SELECT status FROM node_status WHERE node = 'GBR-GW1'"
                             ).fetchone() == ("suspended",)
         assert copy.execute("SELECT count(*) FROM entries").fetchone()[0] >= 2
+
+
+def test_backup_is_private_complete_or_absent(coalition: Coalition, tmp_path: Path) -> None:
+    from broker.errors import StorageError
+    from broker.store.sqlite import SqliteStore, backup_store
+
+    data = tmp_path / "data?odd#name"  # characters that would cut a file: URI short
+    SqliteStore.in_dir(data).close()
+    backup_store(data, tmp_path / "copy.sqlite")
+    assert (tmp_path / "copy.sqlite").stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.glob(".*partial"))
+    with sqlite3.connect(tmp_path / "copy.sqlite") as copy:
+        assert copy.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    with pytest.raises(StorageError, match="no store"):
+        backup_store(tmp_path / "nowhere", tmp_path / "other.sqlite")
+    assert not (tmp_path / "other.sqlite").exists()
+
+
+def test_a_store_of_another_schema_version_is_refused_untouched(tmp_path: Path) -> None:
+    from broker.errors import StorageError
+    from broker.store.sqlite import SqliteStore
+
+    path = tmp_path / "broker.sqlite"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        old.execute("INSERT INTO meta VALUES ('schema', '1')")
+    with pytest.raises(StorageError, match="schema version 1"):
+        SqliteStore(path)
+    with sqlite3.connect(path) as old:
+        tables = {r[0] for r in old.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"meta"}
