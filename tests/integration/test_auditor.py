@@ -4,7 +4,6 @@ and deliveries, and a rewritten history are each reported with the index."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import sqlite3
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from broker.audit.leaves import (
     DeliverEntry,
+    Entry,
     ExpireEntry,
     PolicyEntry,
     RouteEntry,
@@ -26,7 +26,7 @@ from broker.cli import main
 from broker.coalition import Coalition
 from broker.server import BrokerServer
 from broker.store.sqlite import SqliteStore
-from clients.auditor import verify_export
+from clients.auditor import Report, verify_export
 from clients.export import Export, export_store
 from clients.gateway import GatewayClient, label
 from policies.bundle import bundle_content
@@ -241,36 +241,52 @@ async def test_route_outside_the_bundle_in_force_and_backdated_entries_are_flagg
     assert [(p.what, p.index) for p in report.problems] == [("replay", 0), ("entries", 3)]
 
 
+async def _verified_forgery(coalition: Coalition, tmp_path: Path,
+                            entries: list[Entry]) -> Report:
+    """Sign ``entries`` (after a policy entry) with the broker's key, export, verify."""
+    bundle = coalition.bundle()
+    data = tmp_path / "forged"
+    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
+        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+    await audit.start()
+    await audit.append(PolicyEntry(ts=entries[0].ts, bundle=bundle.hash),
+                       bundles=[(bundle.hash, bundle_content(bundle))])
+    for entry in entries:
+        await audit.append(entry)
+    await audit.stop()
+    audit.store.close()
+    return verify_export(_export(coalition, data, tmp_path / "export"),
+                         pins=[coalition.root_sha256], quorum=0)
+
+
+def _released_to_gbr(coalition: Coalition, ts: int, message: int) -> RouteEntry:
+    return RouteEntry(
+        ts=ts, id=bytes([message]) * 16, env=envelope_digest(b"x"), sender="USA-GW1",
+        topic="reports.daily", label=label("NATO", "SECRET", "USA", ["GBR"]), prec=0, ttl=60,
+        bundle=coalition.bundle().hash, sealed=("GBR-GW1",),
+        decisions={"GBR-GW1": Decision(True, (), "COALITION-DEFAULT@1/all")})
+
+
+def _expired(ts: int, message: int) -> ExpireEntry:
+    return ExpireEntry(ts=ts, id=bytes([message]) * 16, to="GBR-GW1", sender="USA-GW1")
+
+
+def _delivered(ts: int, message: int, seq: int) -> DeliverEntry:
+    return DeliverEntry(ts=ts, id=bytes([message]) * 16, to="GBR-GW1", seq=seq)
+
+
 async def test_early_expiry_and_a_copy_that_ends_twice_are_flagged(
         coalition: Coalition, tmp_path: Path) -> None:
     """A broker that drops a message before its TTL and calls it an expiry, or claims both a
     delivery and an expiry of one copy, is caught; an honest expiry passes."""
-    bundle = coalition.bundle()
-    data = tmp_path / "dropper"
-    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
-        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
-    await audit.start()
     now = time.time_ns() // 1_000_000
-    lab = label("NATO", "SECRET", "USA", ["GBR"])
-    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
-                       bundles=[(bundle.hash, bundle_content(bundle))])
-    for message in (1, 2, 3):
-        await audit.append(RouteEntry(
-            ts=now, id=bytes([message]) * 16, env=envelope_digest(b"x"), sender="USA-GW1",
-            topic="reports.daily", label=lab, prec=0, ttl=60, bundle=bundle.hash,
-            sealed=("GBR-GW1",),
-            decisions={"GBR-GW1": Decision(True, (), "COALITION-DEFAULT@1/all")}))
-    await audit.append(ExpireEntry(ts=now + 60_000, id=b"\x01" * 16, to="GBR-GW1",
-                                   sender="USA-GW1"))  # honest: at its TTL
-    await audit.append(ExpireEntry(ts=now + 1_000, id=b"\x02" * 16, to="GBR-GW1",
-                                   sender="USA-GW1"))  # 59 s early
-    await audit.append(DeliverEntry(ts=now + 2_000, id=b"\x03" * 16, to="GBR-GW1", seq=3))
-    await audit.append(ExpireEntry(ts=now + 61_000, id=b"\x03" * 16, to="GBR-GW1",
-                                   sender="USA-GW1"))  # delivered, then "expired"
-    await audit.stop()
-    audit.store.close()
-    report = verify_export(_export(coalition, data, tmp_path / "export"),
-                           pins=[coalition.root_sha256], quorum=0)
+    report = await _verified_forgery(coalition, tmp_path, [
+        *(_released_to_gbr(coalition, now, message) for message in (1, 2, 3)),
+        _expired(now + 60_000, 1),  # honest: at its TTL
+        _expired(now + 1_000, 2),  # 59 s early
+        _delivered(now + 2_000, 3, seq=3),
+        _expired(now + 61_000, 3),  # delivered, then "expired"
+    ])
     assert [(p.what, p.index) for p in report.problems] == [("expire", 5), ("expire", 7)]
     assert "before its TTL" in report.problems[0].detail
     assert "already" in report.problems[1].detail
@@ -281,27 +297,12 @@ async def test_an_envelope_routed_twice_may_end_twice_without_a_false_alarm(
         coalition: Coalition, tmp_path: Path) -> None:
     """Sent again after a broker restart (the replay guard starts empty), one envelope makes two
     copies for one recipient; each ends once, and a third end is still flagged."""
-    bundle = coalition.bundle()
-    data = tmp_path / "twice"
-    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
-        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
-    await audit.start()
     now = time.time_ns() // 1_000_000
-    lab = label("NATO", "SECRET", "USA", ["GBR"])
-    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
-                       bundles=[(bundle.hash, bundle_content(bundle))])
-    route = RouteEntry(
-        ts=now, id=b"\x01" * 16, env=envelope_digest(b"x"), sender="USA-GW1",
-        topic="reports.daily", label=lab, prec=0, ttl=60, bundle=bundle.hash,
-        sealed=("GBR-GW1",), decisions={"GBR-GW1": Decision(True, (), "COALITION-DEFAULT@1/all")})
-    await audit.append(route)
-    await audit.append(dataclasses.replace(route, ts=now + 30_000))
-    await audit.append(ExpireEntry(ts=now + 60_000, id=b"\x01" * 16, to="GBR-GW1",
-                                   sender="USA-GW1"))  # the first copy, at its TTL
-    await audit.append(DeliverEntry(ts=now + 61_000, id=b"\x01" * 16, to="GBR-GW1", seq=2))
-    await audit.append(DeliverEntry(ts=now + 62_000, id=b"\x01" * 16, to="GBR-GW1", seq=3))
-    await audit.stop()
-    audit.store.close()
-    report = verify_export(_export(coalition, data, tmp_path / "export"),
-                           pins=[coalition.root_sha256], quorum=0)
+    report = await _verified_forgery(coalition, tmp_path, [
+        _released_to_gbr(coalition, now, 1),
+        _released_to_gbr(coalition, now + 30_000, 1),
+        _expired(now + 60_000, 1),  # the first copy, at its TTL
+        _delivered(now + 61_000, 1, seq=2),
+        _delivered(now + 62_000, 1, seq=3),
+    ])
     assert [(p.what, p.index) for p in report.problems] == [("deliver", 5)]
