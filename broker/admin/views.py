@@ -92,11 +92,11 @@ async def metrics(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     broker, hub = ctx.broker, ctx.broker.hub
-    latest = broker.audit.latest
+    latest, not_ready = broker.audit.latest, not_ready_reason(ctx)
     return web.json_response({
         "broker": broker.name, "url": broker.url, "bundle": hub.bundle.hash.hex(),
         "uptime_s": round(time.monotonic() - ctx.started, 3),
-        "ready": not_ready_reason(ctx) is None, "not_ready": not_ready_reason(ctx),
+        "ready": not_ready is None, "not_ready": not_ready,
         "audit": {"size": broker.audit.size, "checkpoint": latest.size if latest else None},
         "connections": len(hub.peers), "nodes": len(hub.bundle.nodes),
         "queued": sum(q.depth for q in hub.queues.values()),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -30,18 +29,12 @@ from clients.gateway import (
     label,
 )
 from tests.integration.conftest import FAST_COMMIT
+from tests.integration.process import free_port
 
 TO_GBR = label("NATO", "SECRET", "USA", ["GBR"])
 #: Reconnect at once in tests: the backoff itself is unit-tested.
 FAST = Backoff(initial=0.01, maximum=0.05)
 F = TypeVar("F", bound=wire.Frame)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def broker_at(coalition: Coalition, port: int) -> BrokerServer:
