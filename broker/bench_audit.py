@@ -1,14 +1,16 @@
 """Audit log benchmarks: group-commit throughput and auditor verify/replay rate.
 
-Run ``python -m broker.bench_audit [--entries N]``. Everything is real: a throwaway coalition
-with signed documents, a SQLite store with ``synchronous=FULL`` in a temporary directory, the
-production :class:`~broker.audit.log.AuditLog`, and :func:`clients.auditor.verify_export`.
+Run ``python -m broker.bench_audit [--entries N]`` (``coalition bench --scenario auditor``
+runs :func:`measure` too). Everything is real: a throwaway coalition with signed documents, a
+SQLite store with ``synchronous=FULL`` in a temporary directory, the production
+:class:`~broker.audit.log.AuditLog`, and :func:`clients.auditor.verify_export`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import tempfile
 import time
@@ -61,31 +63,60 @@ async def _fill(data: Path, signer: Signer, bundle: Bundle, count: int, now: int
     return len(entries) / elapsed
 
 
+@dataclasses.dataclass(frozen=True)
+class AuditFigures:
+    """What :func:`measure` found."""
+
+    entries: int
+    commit_per_s: float
+    verify_s: float
+    decisions_replayed: int
+    problems: int
+
+    @property
+    def verify_per_s(self) -> float:
+        """Entries verified per second (including the decision replay)."""
+        return self.entries / self.verify_s
+
+    @property
+    def replay_per_s(self) -> float:
+        """Decisions replayed per second of the verification."""
+        return self.decisions_replayed / self.verify_s
+
+
+def measure(base: Path, entries: int) -> AuditFigures:
+    """Write ``entries`` entries through the group commit under ``base``, export the store and
+    verify the export (offline, pinning the trust root, as ``coalition audit verify`` does)."""
+    now = time.time_ns() // 1_000_000
+    nodes = [NodeSpec("USA-GW1", "USA"), NodeSpec("USA-GW2", "USA"),
+             NodeSpec("GBR-GW1", "GBR"), NodeSpec("FRA-GW1", "FRA")]
+    coalition = build_coalition(base / "coalition", nations=["FRA", "GBR", "USA"], nodes=nodes,
+                                now_ms=now - DAY_MS)
+    bundle = coalition.bundle()
+    signer = Signer.from_seed(coalition.broker_name, bytes(coalition.broker_key.signing_key))
+    rate = asyncio.run(_fill(base / "data", signer, bundle, entries, now))
+    store = SqliteStore(base / "data" / "broker.sqlite")
+    export_store(store, coalition.broker_name, base / "export")
+    store.close()
+    start = time.perf_counter()
+    report = verify_export(base / "export", pins=[coalition.root_sha256], quorum=0)
+    elapsed = time.perf_counter() - start
+    return AuditFigures(entries=report.entries, commit_per_s=rate, verify_s=elapsed,
+                        decisions_replayed=report.decisions_replayed,
+                        problems=len(report.problems))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--entries", type=int, default=100_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        now = time.time_ns() // 1_000_000
-        nodes = [NodeSpec("USA-GW1", "USA"), NodeSpec("USA-GW2", "USA"),
-                 NodeSpec("GBR-GW1", "GBR"), NodeSpec("FRA-GW1", "FRA")]
-        coalition = build_coalition(base / "coalition", nations=["FRA", "GBR", "USA"], nodes=nodes,
-                                    now_ms=now - DAY_MS)
-        bundle = coalition.bundle()
-        signer = Signer.from_seed(coalition.broker_name, bytes(coalition.broker_key.signing_key))
-        rate = asyncio.run(_fill(base / "data", signer, bundle, args.entries, now))
-        print(f"group commit   {rate:10,.0f} entries/s (SQLite WAL, synchronous=FULL, "
-              f"{args.entries} entries)")
-        store = SqliteStore(base / "data" / "broker.sqlite")
-        export_store(store, coalition.broker_name, base / "export")
-        store.close()
-        start = time.perf_counter()
-        report = verify_export(base / "export", pins=[coalition.root_sha256], quorum=0)
-        elapsed = time.perf_counter() - start
-        print(f"audit verify   {report.entries / elapsed:10,.0f} entries/s "
-              f"({report.decisions_replayed} decisions replayed, {len(report.problems)} "
-              f"problems, {elapsed:.2f} s)")
+        figures = measure(Path(tmp), args.entries)
+    print(f"group commit   {figures.commit_per_s:10,.0f} entries/s (SQLite WAL, "
+          f"synchronous=FULL, {args.entries} entries)")
+    print(f"audit verify   {figures.verify_per_s:10,.0f} entries/s "
+          f"({figures.decisions_replayed} decisions replayed, {figures.problems} "
+          f"problems, {figures.verify_s:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from broker import router
-from broker.coalition import DAY_MS, NodeSpec, coalition_documents, default_common_scheme
+from broker.coalition import (
+    DAY_MS,
+    CoalitionDocuments,
+    NodeSpec,
+    coalition_documents,
+    default_common_scheme,
+)
 from broker.release import decide_recipient
 from clients.gateway import label
 from policies.bundle import Bundle
@@ -69,7 +75,8 @@ def nation_codes(count: int) -> list[str]:
     return [f"N{i:03d}" for i in range(count)]
 
 
-def synthetic_agreements(nations: Sequence[str], count: int, seed: int = 7) -> list[Agreement]:
+def synthetic_agreements(nations: Sequence[str], count: int, seed: int = 7, *,
+                         now_ms: int = NOW) -> list[Agreement]:
     """``count`` agreements of a few parties each (an inner tier up to SECRET for most, a
     partner tier up to RESTRICTED without NTK for the rest). The first two cover the benchmark's
     sender (``nations[0]``), its peer (``nations[1]``, inner tier) and a partner
@@ -88,7 +95,7 @@ def synthetic_agreements(nations: Sequence[str], count: int, seed: int = 7) -> l
             inner, partners = list(nations[:2]), [nations[2]]
         out.append(Agreement(
             id=f"DSA-{index:04d}", version=1, purpose="synthetic", parties=tuple(sorted(parties)),
-            not_before=NOW - DAY_MS, not_after=NOW + 365 * DAY_MS,
+            not_before=now_ms - DAY_MS, not_after=now_ms + 365 * DAY_MS,
             tiers=(Tier("inner", tuple(sorted(inner)), "SECRET", topics=("maritime.>",)),
                    Tier("partners", tuple(sorted(partners)), "RESTRICTED",
                         categories={"NTK": ()})),
@@ -96,16 +103,22 @@ def synthetic_agreements(nations: Sequence[str], count: int, seed: int = 7) -> l
     return out
 
 
-def synthetic_bundle(nations: int, agreements: int) -> Bundle:
-    """A coalition of ``nations`` (one gateway each, a national scheme each) and
-    ``agreements`` agreements, signed and verified as the broker would load it."""
+def synthetic_documents(nations: int, agreements: int, *,
+                        now_ms: int = NOW) -> CoalitionDocuments:
+    """A coalition of ``nations`` (one gateway ``NATION-GW1`` each, a national scheme each, a
+    community ``ALL`` of every nation) and ``agreements`` agreements, signed, with every
+    validity window around ``now_ms``."""
     codes = nation_codes(nations)
-    made = coalition_documents(
-        nations=codes, now_ms=NOW, communities={ALL: codes}, common=COMMON,
+    return coalition_documents(
+        nations=codes, now_ms=now_ms, communities={ALL: codes}, common=COMMON,
         nodes=[NodeSpec(f"{c}-GW1", c, "SECRET", {"NTK": ["ALPHA", "BRAVO"]}) for c in codes],
-        agreements=synthetic_agreements(codes, agreements),
+        agreements=synthetic_agreements(codes, agreements, now_ms=now_ms),
     )
-    return made.bundle()
+
+
+def synthetic_bundle(nations: int, agreements: int) -> Bundle:
+    """:func:`synthetic_documents`, verified as the broker would load it."""
+    return synthetic_documents(nations, agreements).bundle()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,13 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from broker import cli_admin, cli_audit, cli_policy, cli_tls, crypto
+from broker.bench.cli import register as register_bench
 from broker.config import load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure
 from clients.identity import KeyFile
 from policies import authoring
-from policies.documents import parse_node_cert
+from policies.documents import SignedDocument, parse_node_cert
 from policies.loader import load_bundle
+from policies.model import Revocation
+from policies.revocations import parse_revocations
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -65,8 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     cert.add_argument("--cat", action="append", default=[], metavar="TAG=V1,V2",
                       help="category values the node may hold (repeatable)")
     cert.add_argument("--days", type=int, default=365, help="validity from now")
+    cert.add_argument("--serial", type=int, default=None,
+                      help="for a replacement (key rotation): higher than the certificate "
+                           "it replaces (default: 1)")
     cert.add_argument("--out", type=Path, required=True)
     cert.set_defaults(run=_keys_cert)
+    revoke = keys_cmd.add_parser("revoke", help="add a node certificate to its nation's "
+                                 "(unsigned) revocation list")
+    revoke.add_argument("certificate", type=Path, help="the node certificate to revoke")
+    revoke.add_argument("--reason", required=True)
+    revoke.add_argument("--out", type=Path, required=True,
+                        help="the revocation list, revocations/NATION.toml (created or extended)")
+    revoke.set_defaults(run=_keys_revoke)
     root = keys_cmd.add_parser("root", help="write an (unsigned) trust root")
     root.add_argument("--nation", action="append", required=True,
                       metavar="CODE=KEYFILE|ed25519:B64")
@@ -112,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_tls.add_parser(commands)
     cli_admin.add_parser(commands)
+    register_bench(commands)
 
     demo = commands.add_parser("demo", help="run the demo coalition end to end")
     demo.add_argument("--dir", type=Path, help="keep the generated coalition here")
@@ -155,9 +169,38 @@ def _keys_cert(args: argparse.Namespace) -> int:
     data = authoring.node_cert_toml(
         node=node.name, nation=args.nation, sign_key=node.sign_public, enc_key=node.enc_public,
         not_before_ms=now, not_after_ms=now + args.days * DAY_MS, max_level=args.max, cats=cats,
+        serial=args.serial,
     )
+    parse_node_cert(SignedDocument(args.out.name, data, b""))  # e.g. a serial below 1
     args.out.write_bytes(data)
     print(f"wrote {args.out}; sign it with: coalition keys sign {args.out} --key AUTHORITY.key")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    try:
+        cert = parse_node_cert(SignedDocument(args.certificate.name,
+                                              args.certificate.read_bytes(), b""))
+        existing = args.out.read_bytes() if args.out.exists() else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}") from exc
+    entries: tuple[Revocation, ...] = ()
+    if existing is not None:
+        nation, entries = parse_revocations(SignedDocument(args.out.name, existing, b""))
+        if nation != cert.nation:
+            raise ConfigError(f"{args.out} is the revocation list of {nation}, and "
+                              f"{cert.node} is a {cert.nation} node")
+    if any((r.node, r.sign_key) == (cert.node, cert.sign_key) for r in entries):
+        raise ConfigError(f"{cert.node}'s certificate with this key is already revoked")
+    added = Revocation(nation=cert.nation, node=cert.node, sign_key=cert.sign_key,
+                       reason=args.reason, revoked_at=time.time_ns() // 1_000_000)
+    data = authoring.revocations_toml(cert.nation, [*entries, added])
+    parse_revocations(SignedDocument(args.out.name, data, b""))  # e.g. an empty reason
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(data)
+    args.out.with_name(args.out.name + ".sig").unlink(missing_ok=True)  # no longer valid
+    print(f"wrote {args.out} ({len(entries) + 1} revoked); {cert.nation} signs it with: "
+          f"coalition keys sign {args.out} --key AUTHORITY.key")
     return 0
 
 
@@ -199,9 +242,12 @@ def _keys_sign(args: argparse.Namespace) -> int:
         data = args.document.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {args.document}: {exc.strerror}") from exc
-    if args.document.parent.name == "nodes" or b"\nnode = " in b"\n" + data:
-        from policies.documents import SignedDocument
-
+    if args.document.parent.name == "revocations" or b"\n[[revoked]]" in b"\n" + data:
+        nation, _ = parse_revocations(SignedDocument(args.document.name, data, b""))
+        if nation != key.name:
+            raise ConfigError(f"{args.document} is {nation}'s revocation list; "
+                              f"{key.name} cannot sign it")
+    elif args.document.parent.name == "nodes" or b"\nnode = " in b"\n" + data:
         cert = parse_node_cert(SignedDocument(args.document.name, data, b""))
         if cert.nation != key.name:
             raise ConfigError(f"{args.document} certifies a {cert.nation} node; "

@@ -40,6 +40,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
                         help="a checkpoint note you saved earlier (repeatable)")
     verify.add_argument("--quorum", type=int, help="nations that must cosign (default: the "
                         "trust root's witness quorum)")
+    verify.add_argument("--expiry-grace", type=float, default=300, metavar="SECONDS",
+                        help="how long past its TTL a copy may still be outstanding at the end "
+                        "of the log before it counts as dropped (default 300; more than the "
+                        "broker's expiry_interval_ms)")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
     verify.set_defaults(run=_verify)
 
@@ -95,7 +99,8 @@ def _progress(done: int, total: int) -> None:
 def _verify(args: argparse.Namespace) -> int:
     progress = _progress if sys.stderr.isatty() and not args.json else None
     report = verify_export(args.export, pins=_pins(args.pin), saved=args.checkpoint,
-                           quorum=args.quorum, progress=progress)
+                           quorum=args.quorum, progress=progress,
+                           expiry_grace_ms=int(args.expiry_grace * 1000))
     if progress is not None:
         print(file=sys.stderr)
     if args.json:

@@ -11,7 +11,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from broker.envelope import MAX_RECIPIENTS
 from broker.errors import ConfigError
+from broker.router import MAX_TOPIC_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,16 +37,38 @@ class PolicySection:
 
 @dataclasses.dataclass(frozen=True)
 class LimitsSection:
+    """``[limits]``: see ``docs/protocol.md`` (Limits) and :class:`broker.limits.Limits`."""
+
     max_frame_bytes: int = 1 << 20
     clock_skew_seconds: int = 300
     delivery_window: int = 64
-    handshake_timeout_seconds: int = 10
+    handshake_timeout_seconds: float = 10
     max_outbound_frames: int = 1024
     max_subscriptions_per_node: int = 1024
     max_queued_bytes_per_node: int = 256 << 20
     max_store_bytes: int = 64 << 30
     min_free_disk_bytes: int = 64 << 20
     expiry_interval_ms: int = 1000
+    # Abuse limits (docs/operations.md, "Abuse limits").
+    frames_per_second: int = 2000
+    frames_burst: int = 4000
+    bytes_per_second: int = 16 << 20
+    bytes_burst: int = 32 << 20
+    max_throttle_seconds: float = 10
+    idle_timeout_seconds: float = 120
+    request_timeout_seconds: float = 10
+    write_stall_timeout_seconds: float = 30
+    max_connections: int = 1000
+    max_unauthenticated_per_address: int = 32
+    node_connects_per_minute: int = 30
+    auth_backoff_free_failures: int = 3
+    auth_backoff_initial_seconds: float = 1
+    auth_backoff_max_seconds: float = 300
+    auth_backoff_table_size: int = 10_000
+    max_topic_bytes: int = MAX_TOPIC_BYTES
+    max_label_bytes: int = 4096
+    max_to_entries: int = 256
+    max_keys_entries: int = MAX_RECIPIENTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +124,38 @@ _SECTIONS: dict[str, type] = {
     "broker": BrokerSection, "listen": ListenSection, "policy": PolicySection,
     "limits": LimitsSection, "audit": AuditSection, "tls": TlsSection, "admin": AdminSection,
 }
-_RANGES: dict[str, tuple[int, int]] = {
+_RANGES: dict[str, tuple[float, float]] = {
     "listen.port": (0, 65535),
     "admin.port": (-1, 65535),
     "limits.max_frame_bytes": (1024, 64 << 20),
     "limits.clock_skew_seconds": (1, 24 * 3600),
     "limits.delivery_window": (1, 100_000),
-    "limits.handshake_timeout_seconds": (1, 600),
+    "limits.handshake_timeout_seconds": (0.1, 600),
     "limits.max_outbound_frames": (16, 1_000_000),
     "limits.max_subscriptions_per_node": (1, 100_000),
     "limits.max_queued_bytes_per_node": (1 << 20, 1 << 50),
     "limits.max_store_bytes": (0, 1 << 60),
     "limits.min_free_disk_bytes": (0, 1 << 50),
     "limits.expiry_interval_ms": (10, 3600 * 1000),
+    "limits.frames_per_second": (1, 1_000_000),
+    "limits.frames_burst": (1, 10_000_000),
+    "limits.bytes_per_second": (1024, 1 << 40),
+    "limits.bytes_burst": (1024, 1 << 40),
+    "limits.max_throttle_seconds": (0.1, 3600),
+    "limits.idle_timeout_seconds": (0.1, 7 * 24 * 3600),
+    "limits.request_timeout_seconds": (0.1, 3600),
+    "limits.write_stall_timeout_seconds": (0.1, 3600),
+    "limits.max_connections": (1, 1_000_000),
+    "limits.max_unauthenticated_per_address": (1, 1_000_000),
+    "limits.node_connects_per_minute": (1, 100_000),
+    "limits.auth_backoff_free_failures": (0, 1000),
+    "limits.auth_backoff_initial_seconds": (0.01, 3600),
+    "limits.auth_backoff_max_seconds": (0.01, 7 * 24 * 3600),
+    "limits.auth_backoff_table_size": (1, 10_000_000),
+    "limits.max_topic_bytes": (1, MAX_TOPIC_BYTES),
+    "limits.max_label_bytes": (64, 1 << 20),
+    "limits.max_to_entries": (1, MAX_RECIPIENTS),
+    "limits.max_keys_entries": (1, MAX_RECIPIENTS),
     "audit.max_batch": (1, 100_000),
     "audit.max_delay_ms": (0, 1000),
     "audit.checkpoint_interval_ms": (10, 24 * 3600 * 1000),
@@ -144,7 +187,18 @@ def parse_config(table: dict[str, Any], *, base: Path) -> Config:
         raise ConfigError("tls.cert and tls.key go together")
     if tls.client_ca is not None and tls.cert is None:
         raise ConfigError("tls.client_ca (mutual TLS) needs tls.cert and tls.key")
+    _check_limits(sections["limits"])
     return Config(**sections)
+
+
+def _check_limits(limits: LimitsSection) -> None:
+    """Limits that only make sense together."""
+    if limits.bytes_burst < limits.max_frame_bytes:
+        raise ConfigError("limits.bytes_burst must be at least limits.max_frame_bytes "
+                          f"({limits.max_frame_bytes}): a largest frame must fit in a burst")
+    if limits.auth_backoff_initial_seconds > limits.auth_backoff_max_seconds:
+        raise ConfigError("limits.auth_backoff_initial_seconds must not exceed "
+                          "limits.auth_backoff_max_seconds")
 
 
 def _section(name: str, cls: type, raw: Any, base: Path) -> Any:
@@ -171,13 +225,15 @@ def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
         return _tokens(where, value)
     if kind == "Path | None":
         kind = "Path"
-    if kind in ("int", int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer")
+    if kind in ("int", int, "float", float):
+        number = kind in ("float", float)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if number else int):
+            raise ConfigError(f"{where} must be {'a number' if number else 'an integer'}")
         low, high = _RANGES.get(where, (0, 1 << 62))
-        if not low <= value <= high:
-            raise ConfigError(f"{where} must be between {low} and {high}, got {value}")
-        return value
+        if not low <= value <= high:  # also false for NaN
+            raise ConfigError(f"{where} must be between {_show(low)} and {_show(high)}, "
+                              f"got {value}")
+        return float(value) if number else value
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where} must be a non-empty string")
     if kind in ("Path", Path):
@@ -191,6 +247,10 @@ def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
             raise ConfigError(f"{where} must be a SHA-256 (64 hex digits)")
         return raw
     return value
+
+
+def _show(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def _tokens(where: str, value: Any) -> tuple[AdminToken, ...]:

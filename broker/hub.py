@@ -42,11 +42,18 @@ from broker.capacity import StoreCapacity
 from broker.delivery import QueuedMessage, RecipientQueue
 from broker.envelope import Envelope
 from broker.errors import BrokerError, ProtocolError, StorageError, VerificationError
+from broker.limits import EnvelopeLimits, check_envelope_limits, check_route_limits
 from broker.metrics import Metrics
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
-from broker.store.base import Batch, Notice, QueueRow
-from policies.bundle import Bundle, bundle_content
+from broker.store.base import Batch, Notice, QueueRow, Store
+from policies.bundle import (
+    Bundle,
+    build_bundle,
+    bundle_content,
+    check_succession,
+    documents_from_content,
+)
 from policies.cache import DecisionCache
 from policies.catalogue import label_catalogue
 from policies.decide import Decision
@@ -92,7 +99,10 @@ class Hub:
         max_queued_bytes: int = 256 << 20,
         capacity: StoreCapacity | None = None,
         metrics: Metrics | None = None,
+        envelope_limits: EnvelopeLimits | None = None,
     ) -> None:
+        #: Sizes of topic, label, ``to`` and ``keys`` accepted (``too_large`` beyond).
+        self.envelope_limits = envelope_limits or EnvelopeLimits()
         self.bundle = bundle
         self.audit = audit
         self.clock_ms = clock_ms
@@ -111,6 +121,9 @@ class Hub:
         self.notices: dict[str, list[Notice]] = {}
         #: Nodes an operator suspended or revoked (also in ``inactive``; durable).
         self.statuses: dict[str, str] = {}
+        #: The bundle last activated, here or (after :meth:`restore`) in the previous run:
+        #: the one a new bundle must succeed.
+        self._in_force: Bundle | None = None
         self.metrics = metrics or Metrics()
         self.metrics.watch(self, clock_ms)
         audit.commit_observers.append(self.metrics.committed)
@@ -131,19 +144,41 @@ class Hub:
         self.inactive |= set(self.statuses)
         for notice in self.audit.store.notices():
             self.notices.setdefault(notice.sender, []).append(notice)
+        self._in_force = _stored_bundle(self.audit.store)
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
                  queued=len(rows), notices=sum(map(len, self.notices.values())))
 
     def activate(self, bundle: Bundle) -> asyncio.Future[int]:
         """Make ``bundle`` the policy in force: the one seam every activation goes through, so
-        each is a ``policy`` audit entry (with the bundle's content, for replay)."""
+        each is a ``policy`` audit entry (with the bundle's content, for replay).
+
+        Refuses (``PolicyDocumentError`` ``rollback``, nothing changed) a bundle that steps back
+        from the one in force, also across restarts (see :func:`check_succession`). Connections
+        whose certificate the new bundle replaced or revoked are closed.
+        """
+        in_force = self._in_force or self.bundle
+        if in_force.hash != bundle.hash:
+            check_succession(in_force, bundle)
         future = self.audit.append(PolicyEntry(ts=self.clock_ms(), bundle=bundle.hash),
                                    bundles=[(bundle.hash, bundle_content(bundle))])
-        previous, self.bundle = self.bundle, bundle
+        previous, self.bundle, self._in_force = self.bundle, bundle, bundle
         self.decisions.clear()
         log.info("policy_activated", bundle=bundle.hash.hex(), previous=previous.hash.hex(),
-                 nodes=len(bundle.nodes), agreements=len(bundle.agreements))
+                 nodes=len(bundle.nodes), agreements=len(bundle.agreements),
+                 revocations=len(bundle.revocations))
+        self._close_superseded(previous)
         return future
+
+    def _close_superseded(self, previous: Bundle) -> None:
+        """Close every connection authenticated with a certificate that is no longer the one in
+        force (rotated to a new key, revoked by its nation, or removed)."""
+        for node, peer in list(self.peers.items()):
+            old, new = previous.nodes.get(node), self.bundle.nodes.get(node)
+            if new is None or new != old or self.bundle.revocation_of(new) is not None:
+                log.warning("certificate_superseded", node=node,
+                            revoked=new is not None and self.bundle.revocation_of(new) is not None)
+                peer.close("node_inactive", "the certificate this connection authenticated "
+                           "with was replaced or revoked; reconnect with the current one")
 
     def record(self, entry: Entry) -> None:
         """Append an entry nothing waits for (sessions, deliveries); failures are logged."""
@@ -159,7 +194,11 @@ class Hub:
         return self.bundle.nodes.get(node)
 
     def is_inactive(self, node: str) -> bool:
-        return node in self.inactive
+        """Suspended or revoked by an operator, or its certificate revoked by its nation."""
+        if node in self.inactive:
+            return True
+        cert = self.bundle.nodes.get(node)
+        return cert is not None and self.bundle.revocation_of(cert) is not None
 
     def attach(self, peer: Peer) -> None:
         """A node authenticated: replace any older connection, then send what it is owed."""
@@ -199,11 +238,12 @@ class Hub:
             patterns.discard(pattern)
 
     def directory(self) -> wire.Directory:
-        """Every known node certificate, signed, for key lookup by gateways."""
-        return wire.Directory(certs=tuple(c.signed for _, c in sorted(self.bundle.nodes.items())))
+        """Every node certificate in force (revoked ones left out), signed, for key lookup."""
+        return wire.Directory(certs=tuple(c.signed for c in self.bundle.usable_certs()))
 
     def route(self, sender: NodeCert, frame: wire.Route) -> wire.Routes:
         """The dry run: the decision per candidate recipient, and the keys of those permitted."""
+        check_route_limits(frame, self.envelope_limits)
         topic = router.validate_topic(frame.topic)
         to = frame.to or ()
         candidates = router.candidate_recipients(sender.node, topic, to, self.subscriptions)
@@ -246,10 +286,16 @@ class Hub:
     def _publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
         now = self.clock_ms()
         env = Envelope.from_bytes(env_bytes, max_bytes=self._max_envelope)
+        check_envelope_limits(env, self.envelope_limits)
         ref = env.id
         if env.sender != sender.node or env.label.orig != sender.nation:
             raise ProtocolError("envelope 'from'/label.orig do not match the authenticated node",
                                 code="sender_mismatch", ref=ref)
+        if self.bundle.nodes.get(sender.node) != sender:
+            # The connection predates a bundle that replaced or revoked its certificate (it is
+            # being closed): nothing more is accepted under the old key.
+            raise ProtocolError("the certificate this connection authenticated with is no "
+                                "longer in force", code="node_inactive", ref=ref)
         try:
             env.verify(sender.sign_key)
         except VerificationError as exc:
@@ -456,6 +502,21 @@ class Hub:
 
 
 _ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}
+
+
+def _stored_bundle(store: Store) -> Bundle | None:
+    """The bundle in force when the broker last ran (to refuse a rollback across a restart);
+    ``None`` on a new store, or with a warning if it no longer verifies."""
+    digest = store.active_bundle()
+    content = store.bundle(digest) if digest is not None else None
+    if content is None:
+        return None
+    try:
+        return build_bundle(documents_from_content(content), pinned_root_sha256=None)
+    except BrokerError as exc:
+        log.warning("stored_bundle_unreadable", bundle=digest.hex() if digest else None,
+                    reason=exc.reason)
+        return None
 
 
 def _log_failure(done: asyncio.Future[int]) -> None:

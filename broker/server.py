@@ -3,15 +3,18 @@
 A thin loop: WebSocket messages go into :class:`broker.session.BrokerSession`, its events come
 out as frames to send, connection closes, and requests for the :class:`broker.hub.Hub`.
 Exceptions are mapped to ``error`` frames here, at the boundary. Each connection has its own
-writer task, so a slow reader never blocks the broker. :meth:`BrokerServer.start` returns once the
-socket listens (the ready signal); handlers release everything in ``finally``.
+writer task (:mod:`broker.peer`), so a slow reader never blocks the broker. Abuse limits are
+pure bookkeeping elsewhere, applied here: admission and handshake back-off
+(:mod:`broker.guard`), per-connection rates (:mod:`broker.ratelimit`), slow clients
+(:mod:`broker.listener`). :meth:`BrokerServer.start` returns once the socket listens (the ready
+signal); handlers release everything in ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import math
 import os
 import secrets
 import ssl
@@ -21,16 +24,22 @@ from pathlib import Path
 from types import TracebackType
 
 import structlog
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from broker import wire
 from broker.audit.leaves import SessionEntry
 from broker.audit.log import DEFAULT_COMMIT, AuditLog, CommitPolicy
 from broker.audit.note import Signer
-from broker.capacity import StoreCapacity, StoreLimits
+from broker.capacity import StoreCapacity
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
+from broker.guard import ConnectionGuard, LogLimiter, Refusal, address_key
 from broker.hub import Hub
+from broker.limits import Limits as Limits  # re-exported: callers build servers with it
+from broker.limits import limits_from_section
+from broker.listener import StallWatchdog, http_server_kwargs
+from broker.peer import WsPeer
+from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
 from broker.store.sqlite import SqliteStore
 from broker.tls import server_context_for
@@ -42,32 +51,15 @@ from policies.loader import load_bundle
 log = structlog.get_logger("broker.server")
 
 NODE_PATH = "/v1/node"
-_CLOSE_CODES = {"too_large": WSCloseCode.MESSAGE_TOO_BIG, "unavailable": WSCloseCode.GOING_AWAY,
-                "replaced": WSCloseCode.POLICY_VIOLATION, "internal": WSCloseCode.INTERNAL_ERROR}
+#: WebSocket messages that are traffic (charged to the rate limit, activity for the idle
+#: timeout); anything else (close, error) ends the read loop.
+_TRAFFIC = frozenset({WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.PING, WSMsgType.PONG})
+DEFAULT_LIMITS = Limits()
 
 
 def wall_clock_ms() -> int:
     """Unix time in milliseconds."""
     return time.time_ns() // 1_000_000
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Per-connection limits of the node listener."""
-
-    max_frame_bytes: int = 1 << 20
-    clock_skew_ms: int = 5 * 60 * 1000
-    delivery_window: int = 64
-    handshake_timeout_s: float = 10.0
-    #: Frames waiting to be written to one connection; a peer that stops reading while still
-    #: sending requests is disconnected (``rate_limited``) instead of growing broker memory.
-    max_outbound_frames: int = 1024
-    max_subscriptions_per_node: int = 1024
-    #: Envelope bytes owed to one node (queued or in flight) before publishes to it are refused.
-    max_queued_bytes_per_node: int = 256 << 20
-    store: StoreLimits = dataclasses.field(default_factory=StoreLimits)
-    #: How often queues are swept for messages past their TTL.
-    expiry_interval_s: float = 1.0
 
 
 def read_broker_key(config: Config) -> KeyFile:
@@ -88,65 +80,6 @@ def check_broker_key(bundle: Bundle, name: str, key: KeyFile) -> None:
         raise ConfigError(f"the key of broker {name!r} is not the one the trust root lists")
 
 
-class _Peer:
-    """One WebSocket connection: a non-blocking ``send`` backed by its own writer task."""
-
-    def __init__(self, ws: web.WebSocketResponse, conn_id: str, max_outbound: int) -> None:
-        self.ws = ws
-        self.conn_id = conn_id
-        self.node = ""
-        self._out: asyncio.Queue[bytes | tuple[str, str]] = asyncio.Queue()
-        self._max_outbound = max_outbound
-        self.closing = False
-        self._task = asyncio.create_task(self._write_loop(), name=f"ws-writer-{conn_id}")
-
-    def send(self, frame: wire.Frame) -> None:
-        if self.closing:
-            return
-        if self._out.qsize() >= self._max_outbound:
-            # The peer does not read what it asks for: cut it off rather than buffer without
-            # bound. The close bypasses the full queue.
-            log.warning("peer_not_reading", conn=self.conn_id, node=self.node,
-                        queued=self._out.qsize())
-            self.closing = True
-            self._task.cancel()
-            self._task = asyncio.create_task(self._abort())
-            return
-        self._out.put_nowait(wire.encode_frame(frame))
-
-    def close(self, code: str, reason: str) -> None:
-        """Close after everything already queued has been written."""
-        if not self.closing:
-            self.closing = True
-            self._out.put_nowait((code, reason))
-
-    async def aclose(self) -> None:
-        self.close("normal", "connection ended")
-        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=2)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await self._task
-
-    async def _abort(self) -> None:
-        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate_limited")
-
-    async def _write_loop(self) -> None:
-        while True:
-            item = await self._out.get()
-            if isinstance(item, tuple):
-                code, _reason = item
-                await self.ws.close(code=_CLOSE_CODES.get(code, WSCloseCode.POLICY_VIOLATION)
-                                    if code != "normal" else WSCloseCode.OK,
-                                    message=code.encode())
-                return
-            try:
-                await self.ws.send_bytes(item)
-            except (ConnectionError, RuntimeError):
-                self.closing = True
-                return
-
-
 class BrokerServer:
     """An embedded or standalone broker: ``async with BrokerServer(...) as server``."""
 
@@ -159,7 +92,7 @@ class BrokerServer:
         data_dir: Path,
         host: str = "127.0.0.1",
         port: int = 0,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
         commit: CommitPolicy = DEFAULT_COMMIT,
         clock_ms: Callable[[], int] = wall_clock_ms,
         ssl_context: ssl.SSLContext | None = None,
@@ -179,28 +112,22 @@ class BrokerServer:
         self.app = web.Application()
         self.app.router.add_get(NODE_PATH, self._node_endpoint)
         self._runner: web.AppRunner | None = None
-        self._peers: set[_Peer] = set()
+        self._watchdog: StallWatchdog | None = None
+        self._peers: set[WsPeer] = set()
         self._hub: Hub | None = None
         self._audit: AuditLog | None = None
         self._expiry: asyncio.Task[None] | None = None
+        #: Admission control, handshake back-off and per-node connect rate (pure bookkeeping).
+        self.guard = ConnectionGuard(limits.connections)
+        #: Refusals and back-offs are logged at most every 10 s per address and limit.
+        self._quiet = LogLimiter(interval=10.0, capacity=4096)
         self.ready = asyncio.Event()
 
     @classmethod
     def from_config(cls, config: Config) -> BrokerServer:
         """Build from a validated configuration (loads and verifies the policy directory)."""
         bundle = load_bundle(config.policy.dir, pinned_root_sha256=config.policy.trust_root_sha256)
-        limits = Limits(
-            max_frame_bytes=config.limits.max_frame_bytes,
-            clock_skew_ms=config.limits.clock_skew_seconds * 1000,
-            delivery_window=config.limits.delivery_window,
-            handshake_timeout_s=config.limits.handshake_timeout_seconds,
-            max_outbound_frames=config.limits.max_outbound_frames,
-            max_subscriptions_per_node=config.limits.max_subscriptions_per_node,
-            max_queued_bytes_per_node=config.limits.max_queued_bytes_per_node,
-            store=StoreLimits(max_store_bytes=config.limits.max_store_bytes,
-                              min_free_bytes=config.limits.min_free_disk_bytes),
-            expiry_interval_s=config.limits.expiry_interval_ms / 1000,
-        )
+        limits = limits_from_section(config.limits)
         commit = CommitPolicy(max_batch=config.audit.max_batch,
                               max_delay_s=config.audit.max_delay_ms / 1000,
                               checkpoint_interval_s=config.audit.checkpoint_interval_ms / 1000)
@@ -244,7 +171,8 @@ class BrokerServer:
                             window=self.limits.delivery_window,
                             max_envelope=self.limits.max_frame_bytes,
                             max_queued_bytes=self.limits.max_queued_bytes_per_node,
-                            capacity=StoreCapacity(store, self.limits.store))
+                            capacity=StoreCapacity(store, self.limits.store),
+                            envelope_limits=self.limits.envelope)
             self._hub.restore()
             await self._audit.start()
             await self._hub.activate(self.bundle)
@@ -255,7 +183,8 @@ class BrokerServer:
             raise
         self.witnesses = Witnesses(self._audit, self._hub)
         self._audit.on_checkpoint(self.witnesses.broadcast)
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                     **http_server_kwargs(self.limits.request_timeout_s))
         try:
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
@@ -264,6 +193,9 @@ class BrokerServer:
             await self.stop()
             raise
         self.port = self._runner.addresses[0][1]
+        self._watchdog = StallWatchdog(self._runner, self.limits.write_stall_timeout_s,
+                                       listener="node")
+        self._watchdog.start()
         self.ready.set()
         log.info("broker_ready", broker=self.name, url=self.url,
                  bundle=self.bundle.hash.hex(), nodes=len(self.bundle.nodes),
@@ -273,6 +205,9 @@ class BrokerServer:
         """Close every connection and the listener, then commit and close the audit log."""
         for peer in list(self._peers):
             peer.close("unavailable", "broker shutting down")
+        if self._watchdog is not None:
+            await self._watchdog.stop()
+            self._watchdog = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -322,62 +257,118 @@ class BrokerServer:
 
     # --- one connection -----------------------------------------------------------------
 
-    async def _node_endpoint(self, request: web.Request) -> web.WebSocketResponse:
-        # aiohttp's own limit is set above ours so that an oversized frame still gets a
-        # too_large error frame; beyond twice the limit aiohttp closes with 1009 by itself.
-        ws = web.WebSocketResponse(max_msg_size=2 * self.limits.max_frame_bytes, autoping=True)
-        await ws.prepare(request)
-        peer = _Peer(ws, secrets.token_hex(6), self.limits.max_outbound_frames)
-        self._peers.add(peer)
-        session = BrokerSession(
-            broker=self.name, nonce=os.urandom(32), lookup=self.hub.lookup,
-            is_inactive=self.hub.is_inactive, max_frame=self.limits.max_frame_bytes,
-            skew_ms=self.limits.clock_skew_ms,
-        )
-        clog = log.bind(conn=peer.conn_id, remote=request.remote)
+    async def _node_endpoint(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        ticket = self.guard.admit(request.remote, loop.time())
+        if isinstance(ticket, Refusal):
+            return self._refuse(request, ticket)
         try:
-            self._apply(session.start(), session, peer, clog)
-            await self._read_loop(ws, session, peer, clog)
+            # aiohttp's own limit is set above ours so that an oversized frame still gets a
+            # too_large error frame; beyond twice the limit aiohttp closes with 1009 by itself.
+            # No autoping: WebSocket pings go through the rate limit and count as activity.
+            ws = web.WebSocketResponse(max_msg_size=2 * self.limits.max_frame_bytes,
+                                       autoping=False)
+            await ws.prepare(request)
+            peer = WsPeer(ws, secrets.token_hex(6), self.limits.max_outbound_frames, ticket)
+            self._peers.add(peer)
+            session = BrokerSession(
+                broker=self.name, nonce=os.urandom(32), lookup=self.hub.lookup,
+                is_inactive=self.hub.is_inactive, max_frame=self.limits.max_frame_bytes,
+                skew_ms=self.limits.clock_skew_ms,
+            )
+            clog = log.bind(conn=peer.conn_id, remote=request.remote)
+            try:
+                self._apply(session.start(), session, peer, clog)
+                await self._read_loop(ws, session, peer, clog)
+            finally:
+                if peer.node:
+                    self.hub.detach(peer)
+                    self.hub.record(SessionEntry(ts=self.clock_ms(), event="disconnect",
+                                                 node=peer.node, conn=peer.conn_id))
+                self._peers.discard(peer)
+                await peer.aclose()
         finally:
-            if peer.node:
-                self.hub.detach(peer)
-                self.hub.record(SessionEntry(ts=self.clock_ms(), event="disconnect",
-                                             node=peer.node, conn=peer.conn_id))
-            self._peers.discard(peer)
-            await peer.aclose()
+            self.guard.release(ticket)
         return ws
 
-    async def _read_loop(self, ws: web.WebSocketResponse, session: BrokerSession, peer: _Peer,
+    def _refuse(self, request: web.Request, refusal: Refusal) -> web.Response:
+        """Refuse an upgrade with an HTTP error before any WebSocket or signature work. Not
+        audited (nobody is identified yet, and the log must not be floodable); logged at most
+        every 10 s per limit and address, with the count held back."""
+        key = (refusal.kind, "" if refusal.kind == "capacity" else address_key(request.remote))
+        held_back = self._quiet.note(key, asyncio.get_running_loop().time())
+        if held_back is not None:
+            log.warning("upgrade_refused", remote=request.remote, status=refusal.status,
+                        code=refusal.code, limit=refusal.kind, reason=refusal.reason,
+                        held_back=held_back)
+        headers = ({"Retry-After": str(math.ceil(refusal.retry_after))}
+                   if refusal.retry_after is not None else None)
+        response = web.json_response({"error": refusal.code, "detail": refusal.reason},
+                                     status=refusal.status, headers=headers)
+        response.force_close()
+        return response
+
+    async def _read_loop(self, ws: web.WebSocketResponse, session: BrokerSession, peer: WsPeer,
                          clog: structlog.typing.FilteringBoundLogger) -> None:
-        # One deadline for the whole pre-welcome phase: a per-receive timeout would restart
-        # whenever aiohttp handles a WebSocket ping inside receive().
-        deadline = asyncio.get_running_loop().time() + self.limits.handshake_timeout_s
+        loop = asyncio.get_running_loop()
+        # One deadline for the whole pre-welcome phase, which WebSocket pings do not extend;
+        # after welcome, any message (a WebSocket ping too) restarts the idle timeout.
+        deadline = loop.time() + self.limits.handshake_timeout_s
+        rate = ConnectionRate(self.limits.rate, loop.time())
         # A replaced or cut-off peer is not served any further, even before its close completes.
         while session.state is not State.CLOSED and not peer.closing:
+            handshake = session.state is State.AWAIT_HELLO
             try:
-                if session.state is State.AWAIT_HELLO:
-                    async with asyncio.timeout_at(deadline):
-                        msg = await ws.receive()
-                else:
+                async with asyncio.timeout_at(
+                        deadline if handshake else loop.time() + self.limits.idle_timeout_s):
                     msg = await ws.receive()
             except TimeoutError:
-                self._apply(session.fail("not_authenticated", "no hello before the handshake "
-                                         "timeout", close=True), session, peer, clog)
+                self._timed_out(session, peer, clog)
                 return
+            if msg.type not in _TRAFFIC:
+                if msg.type is WSMsgType.ERROR and "exceeds limit" in str(msg.data):
+                    clog.warning("frame_too_large", detail=str(msg.data))
+                return
+            verdict = rate.admit(len(msg.data), loop.time())
+            if verdict.refuse:
+                self._apply(session.fail("rate_limited", verdict.reason, close=True),
+                            session, peer, clog)
+                return
+            if verdict.wait > 0:  # throttle: read nothing more until the buckets refill
+                if handshake and loop.time() + verdict.wait >= deadline:
+                    self._timed_out(session, peer, clog)
+                    return
+                if self._quiet.note(("throttled", peer.conn_id), loop.time()) is not None:
+                    clog.info("connection_throttled", node=peer.node or None,
+                              wait=round(verdict.wait, 3))
+                await asyncio.sleep(verdict.wait)
+                if peer.closing:
+                    return
             if msg.type is WSMsgType.BINARY:
                 events = session.receive(msg.data, self.clock_ms())
             elif msg.type is WSMsgType.TEXT:
                 events = session.fail("bad_frame", "frames must be binary WebSocket messages",
-                                      close=session.state is State.AWAIT_HELLO)
-            elif msg.type is WSMsgType.ERROR and "exceeds limit" in str(msg.data):
-                clog.warning("frame_too_large", detail=str(msg.data))
-                return
+                                      close=handshake)
             else:
-                return
+                if msg.type is WSMsgType.PING:
+                    peer.pong(msg.data)
+                continue
             self._apply(events, session, peer, clog)
 
-    def _apply(self, events: list[Event], session: BrokerSession, peer: _Peer,
+    def _timed_out(self, session: BrokerSession, peer: WsPeer,
+                   clog: structlog.typing.FilteringBoundLogger) -> None:
+        """The handshake deadline passed (``not_authenticated``), or the idle timeout after
+        welcome (closed 1001 ``idle_timeout``, no error frame)."""
+        if session.state is State.AWAIT_HELLO:
+            self._apply(session.fail("not_authenticated", "no hello before the handshake "
+                                     "timeout", close=True), session, peer, clog)
+            return
+        clog.info("connection_idle", node=peer.node, timeout=self.limits.idle_timeout_s)
+        peer.close("idle_timeout", f"nothing received for {self.limits.idle_timeout_s:g} s")
+
+    def _apply(self, events: list[Event], session: BrokerSession, peer: WsPeer,
                clog: structlog.typing.FilteringBoundLogger) -> None:
+        now = asyncio.get_running_loop().time()
         for event in events:
             if isinstance(event, Send):
                 peer.send(event.frame)
@@ -388,8 +379,14 @@ class BrokerServer:
                     self.hub.record(SessionEntry(
                         ts=self.clock_ms(), event="auth_failed", node=session.claimed or "",
                         conn=peer.conn_id, reason=f"{event.code}: {event.reason}"))
+                    self._failed(peer, now)
                 peer.close(event.code, event.reason)
             elif isinstance(event, Authenticated):
+                refusal = self.guard.authenticated(peer.ticket, event.cert.node, now)
+                if refusal is not None:  # the node (re)connects too often: keep the old one
+                    self._apply(session.fail(refusal.code, refusal.reason, close=True),
+                                session, peer, clog)
+                    continue
                 peer.node = event.cert.node
                 peer.send(wire.Welcome(node=peer.node, checkpoint=self.witnesses.latest_note()))
                 self.hub.record(SessionEntry(ts=self.clock_ms(), event="connect",
@@ -399,7 +396,14 @@ class BrokerServer:
             elif isinstance(event, Request):
                 self._apply(self._handle(event.frame, session, peer, clog), session, peer, clog)
 
-    def _handle(self, frame: wire.Frame, session: BrokerSession, peer: _Peer,
+    def _failed(self, peer: WsPeer, now: float) -> None:
+        """Count a failed handshake against its address; log a back-off it starts."""
+        period = self.guard.failed(peer.ticket, now)
+        if period > 0 and self._quiet.note(("auth_backoff", peer.ticket.key), now) is not None:
+            log.warning("auth_backoff", address=peer.ticket.key, seconds=period,
+                        failures_free=self.limits.connections.auth_backoff_free_failures)
+
+    def _handle(self, frame: wire.Frame, session: BrokerSession, peer: WsPeer,
                 clog: structlog.typing.FilteringBoundLogger) -> list[Event]:
         """Act on one request; map errors to error frames (the connection survives them)."""
         assert session.node is not None
@@ -456,7 +460,9 @@ async def _admin_listener(server: BrokerServer, config: Config) -> AsyncIterator
                                    pinned_root_sha256=config.policy.trust_root_sha256)
 
     async with AdminServer(AdminContext(server, reload), TokenTable(config.admin.tokens),
-                           host=config.admin.host, port=config.admin.port):
+                           host=config.admin.host, port=config.admin.port,
+                           request_timeout_s=server.limits.request_timeout_s,
+                           write_stall_timeout_s=server.limits.write_stall_timeout_s):
         yield
 
 

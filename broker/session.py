@@ -21,6 +21,15 @@ from policies.model import NodeCert
 
 DEFAULT_SKEW_MS = 5 * 60 * 1000
 NONCE_BYTES = 32
+#: Reasons and claimed node ids can carry attacker-chosen text into error frames, logs and the
+#: permanent audit log (``auth_failed``): they are cut to these lengths.
+MAX_REASON_CHARS = 256
+MAX_CLAIMED_CHARS = 64
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class State(enum.Enum):
@@ -124,7 +133,7 @@ class BrokerSession:
     def _on_handshake(self, frame: wire.Frame, now_ms: int) -> list[Event]:
         if not isinstance(frame, wire.Hello):
             return self._error("not_authenticated", f"'{frame.T}' before welcome", close=True)
-        self.claimed = frame.node
+        self.claimed = bounded(frame.node, MAX_CLAIMED_CHARS)
         problem = self._check_hello(frame, now_ms)
         if problem is not None:
             return self._error(*problem, close=True)
@@ -166,6 +175,7 @@ class BrokerSession:
 
     def _error(self, code: str, reason: str, *, ref: bytes | None = None,
                close: bool = False) -> list[Event]:
+        reason = bounded(reason, MAX_REASON_CHARS)
         events: list[Event] = [Send(wire.Error(code=code, reason=reason, ref=ref))]
         if close:
             self.state = State.CLOSED

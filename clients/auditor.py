@@ -13,7 +13,9 @@ accepts, :func:`verify_export`:
    on the latest one; checkpoints the auditor saved earlier must match too;
 4. re-runs the release decision for every recipient of every ``route`` entry under the bundle
    recorded in it, and flags any difference; flags every ``deliver`` to a recipient the message
-   was not released to.
+   was not released to;
+5. checks that every released copy ends exactly once, delivered or expired, never expired
+   before its TTL, and not left outstanding long past its TTL (a copy dropped silently).
 
 Problems are collected (not raised) so the report names all of them, first bad index first.
 """
@@ -62,6 +64,9 @@ Progress = Callable[[int, int], None]
 
 #: How far entry times may step back (clock adjustments) before it counts as backdating.
 MAX_CLOCK_STEP_BACK_MS = 5 * 60 * 1000
+#: A copy still outstanding this long past its TTL at the end of the log was dropped (the
+#: broker sweeps for expired copies every ``expiry_interval_ms``, 1 s by default).
+DEFAULT_EXPIRY_GRACE_MS = 5 * 60 * 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +214,17 @@ class _Replay:
         if isinstance(entry, ExpireEntry) and entry.ts < deadline:
             self.report.add("expire", f"message {entry.id.hex()} for {entry.to} expired "
                             f"{deadline - entry.ts} ms before its TTL", index)
+
+    def finish(self, grace_ms: int) -> None:
+        """A released copy whose TTL ended more than ``grace_ms`` before the log's last entry
+        and that was neither delivered nor expired was dropped without a word (say, deleted
+        from the broker's queue on disk): its sender was never told."""
+        for (message_id, node), deadlines in sorted(self.outstanding.items()):
+            for deadline in deadlines:
+                if deadline < self.last_ts - grace_ms:
+                    self.report.add("expire", f"message {message_id.hex()} for {node}: its TTL "
+                                    f"ended {self.last_ts - deadline} ms before the last entry, "
+                                    "yet it was neither delivered nor expired (dropped)")
 
     def admin(self, entry: AdminEntry) -> None:
         """Operator suspensions and revocations change later decisions (node_inactive)."""
@@ -368,8 +384,12 @@ def check_checkpoints(export: Export, tree: merkle.MemoryTree, bundles: Mapping[
 
 
 def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = (),
-                  quorum: int | None = None, progress: Progress | None = None) -> Report:
-    """Verify an export directory; see the module docstring for what is checked."""
+                  quorum: int | None = None, progress: Progress | None = None,
+                  expiry_grace_ms: int = DEFAULT_EXPIRY_GRACE_MS) -> Report:
+    """Verify an export directory; see the module docstring for what is checked.
+
+    ``expiry_grace_ms``: how long past its TTL a copy may still be outstanding at the end of
+    the log before it counts as dropped (more than the broker's ``expiry_interval_ms``)."""
     export = Export.open(path)
     report = Report(origin=export.origin)
     bundles = load_bundles(export, pins, report)
@@ -378,6 +398,7 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
     replay = _Replay(bundles, report)
     total = _count_hint(path)
     tree, first_mismatch = check_entries(export, replay, report, progress, total)
+    replay.finish(expiry_grace_ms)
     saved_notes = [(p.name, p.read_text(encoding="utf-8")) for p in saved]
     check_checkpoints(export, tree, bundles, saved_notes, quorum, report, first_mismatch)
     report.problems.sort(key=lambda p: (p.index is None, p.index or 0))

@@ -89,10 +89,15 @@ class Export:
     def open(cls, path: Path) -> Export:
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
             raise ProtocolError(f"{path} is not an audit export: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise ProtocolError(f"{path}: manifest.json is not a JSON object")
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("origin"), str):
             raise ProtocolError(f"{path}: unknown export format {manifest.get('format')!r}")
+        size = manifest.get("size", 0)
+        if type(size) is not int or size < 0:  # the auditor reads it as a count
+            raise ProtocolError(f"{path}: manifest size {size!r} is not a count of entries")
         return cls(path, manifest["origin"])
 
     def entries(self) -> Iterator[tuple[int, bytes]]:
@@ -115,10 +120,15 @@ class Export:
         return [raw[i:i + 32] for i in range(0, len(raw) - len(raw) % 32, 32)]
 
     def checkpoint_notes(self) -> list[tuple[str, str]]:
-        """``(file name, note)`` by size."""
+        """``(file name, note)`` by size.
+
+        A note that is not UTF-8 keeps its bad bytes as lone surrogates, so the note parser
+        refuses that one checkpoint (as malformed) instead of the whole export failing to read.
+        """
         files = sorted((self.path / "checkpoints").glob("*.note"),
-                       key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
-        return [(f.name, f.read_text(encoding="utf-8")) for f in files]
+                       key=lambda p: int(p.stem) if p.stem.isascii() and p.stem.isdigit()
+                       else -1)  # "²".isdigit() is true, but int("²") fails
+        return [(f.name, f.read_bytes().decode("utf-8", "surrogateescape")) for f in files]
 
     def bundles(self) -> dict[str, bytes]:
         """``{hex hash as named: content}``."""

@@ -28,11 +28,12 @@ from typing import Any
 
 import structlog
 
-from broker import canonical, wire
+from broker import canonical, crypto, wire
 from broker.audit.note import Checkpoint
 from broker.audit.witness import Equivocation
 from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
-from broker.errors import BrokerError, PolicyDocumentError, ProtocolError
+from broker.errors import BrokerError, PolicyDocumentError, ProtocolError, VerificationError
+from clients.certs import CertBook
 from clients.connection import (
     DEFAULT_BACKOFF,
     AuthenticationError,
@@ -168,7 +169,8 @@ class GatewayClient:
         self.broker_name = broker_name
         self.timeout = timeout
         self.max_frame = max_frame
-        self.certs: dict[str, NodeCert] = {}
+        #: Verified node certificates (with the ones a key rotation replaced).
+        self.certs = CertBook()
         self.welcome: wire.Welcome | None = None
         #: Ids of the messages the application finished (durable with ``state_dir``).
         self.seen = SeenIds(state_dir, dedup_capacity)
@@ -279,7 +281,7 @@ class GatewayClient:
             # another nation uses): trust neither rather than guess.
             log.error("directory_conflicting_certs", node=node)
             del certs[node]
-        self.certs = certs
+        self.certs.update(certs)
         return certs
 
     async def route(self, topic: str, label: Label, to: tuple[str, ...] = (), *,
@@ -394,15 +396,8 @@ class GatewayClient:
             return None
         if env.id in self.seen:
             return None
-        cert = self.certs.get(env.sender) or (await self.directory()).get(env.sender)
         try:
-            if cert is None or not cert.is_valid_at(_now_ms()):
-                raise ProtocolError(f"no valid certificate for sender {env.sender}",
-                                    code="unknown_node")
-            if env.label.orig != cert.nation:
-                raise ProtocolError("label.orig is not the sender's nation",
-                                    code="sender_mismatch")
-            env.verify(cert.sign_key)
+            cert = await self._signer_of(env)
             assert self.identity.enc_key is not None
             payload = env.open(self.node, self.identity.enc_key)
         except BrokerError as exc:
@@ -412,6 +407,28 @@ class GatewayClient:
         return Message(id=env.id, sender=env.sender, nation=cert.nation, topic=env.topic,
                        label=env.label, precedence=env.prec, ts=env.ts, payload=payload,
                        seq=frame.seq)
+
+    async def _signer_of(self, env: Envelope) -> NodeCert:
+        """The verified certificate whose key signed ``env``; the directory is fetched again
+        once if the cached one does not verify (the sender's key may have been rotated)."""
+        if env.sender not in self.certs:
+            await self.directory()
+        for attempt in range(2):
+            candidates = [c for c in self.certs.for_envelope(env.sender, env.ts)
+                          if c.is_valid_at(_now_ms())]
+            for cert in candidates:
+                if crypto.check_signature(cert.sign_key, crypto.DOMAIN_ENVELOPE, env.body,
+                                          env.sig):
+                    if env.label.orig != cert.nation:
+                        raise ProtocolError("label.orig is not the sender's nation",
+                                            code="sender_mismatch")
+                    return cert
+            if attempt == 0:
+                await self.directory()
+        if not candidates:
+            raise ProtocolError(f"no valid certificate for sender {env.sender}",
+                                code="unknown_node")
+        raise VerificationError("envelope: signature does not verify", code="bad_signature")
 
     async def _ack_quietly(self, seq: int) -> None:
         # An ack that cannot be sent now is not needed: the broker redelivers un-acked

@@ -13,12 +13,14 @@ import nacl.signing
 
 from broker import crypto
 from policies.documents import sign_document
-from policies.model import Agreement, Scheme, Tier
+from policies.model import Agreement, Revocation, Scheme, Tier
 
 
 def _q(text: str) -> str:
-    """A TOML basic string."""
+    """A TOML basic string (control characters escaped: TOML forbids them raw)."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+                      for c in escaped)
     return f'"{escaped}"'
 
 
@@ -88,12 +90,15 @@ def node_cert_toml(
     not_after_ms: int,
     max_level: str,
     cats: Mapping[str, Sequence[str]] = {},
+    serial: int | None = None,
 ) -> bytes:
-    """A node certificate document."""
+    """A node certificate document (``serial``: for a replacement certificate, higher than the
+    one it replaces; omitted means 1)."""
     return "\n".join([
         f"# Node certificate for {node}, signed by the {nation} policy authority.",
         f"node = {_q(node)}",
         f"nation = {_q(nation)}",
+        *([f"serial = {serial}"] if serial is not None else []),
         f"sign_key = {_q(crypto.format_key('ed25519', sign_key))}",
         f"enc_key = {_q(crypto.format_key('x25519', enc_key))}",
         f"not_before = {_time(not_before_ms)}",
@@ -152,6 +157,18 @@ def _tier_lines(tier: Tier) -> list[str]:
     if tier.topics is not None:
         lines.append(f"topics = {_list(tier.topics)}")
     return [*lines, ""]
+
+
+def revocations_toml(nation: str, revocations: Iterable[Revocation]) -> bytes:
+    """A nation's revocation list (``revocations/NATION.toml``); entries in the order given."""
+    out = [f"# Certificates revoked by the {nation} policy authority. Revocations are permanent:",
+           "# a broker refuses a later list that drops one.",
+           f"nation = {_q(nation)}", ""]
+    for r in revocations:
+        out += ["[[revoked]]", f"node = {_q(r.node)}",
+                f"sign_key = {_q(crypto.format_key('ed25519', r.sign_key))}",
+                f"reason = {_q(r.reason)}", f"revoked_at = {_time(r.revoked_at)}", ""]
+    return "\n".join(out).encode()
 
 
 def signature_file(data: bytes, signers: Iterable[tuple[str, nacl.signing.SigningKey]]) -> bytes:

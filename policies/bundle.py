@@ -6,7 +6,8 @@ document that fails refuses the whole bundle, so the broker never runs on half a
 logged with every decision. Pure: no I/O.
 
 Layout: ``trust-root.toml``, ``schemes/NAME.toml`` (the common scheme and one per nation),
-``nodes/NODE.toml``, ``agreements/ID.toml``; a file's stem must be the name it declares.
+``nodes/NODE.toml``, ``agreements/ID.toml``, ``revocations/NATION.toml``; a file's stem must be
+the name it declares.
 """
 
 from __future__ import annotations
@@ -19,14 +20,21 @@ from broker import canonical
 from broker.errors import PolicyDocumentError, ProtocolError
 from policies.agreements import verify_agreement
 from policies.documents import SignedDocument, verify_node_cert, verify_trust_root
-from policies.model import Agreement, NodeCert, Scheme, Tier, TrustRoot
+from policies.model import Agreement, NodeCert, Revocation, Scheme, Tier, TrustRoot
+from policies.revocations import (
+    REVOCATIONS_DIR,
+    revocation_of,
+    revoked_index,
+    succession_problems,
+    verify_revocations,
+)
 from policies.schemes import check_accreditation, verify_common_scheme, verify_national_scheme
 
 TRUST_ROOT = "trust-root.toml"
 NODES_DIR = "nodes/"
 SCHEMES_DIR = "schemes/"
 AGREEMENTS_DIR = "agreements/"
-_KNOWN_DIRS = (NODES_DIR, SCHEMES_DIR, AGREEMENTS_DIR)
+_KNOWN_DIRS = (NODES_DIR, SCHEMES_DIR, AGREEMENTS_DIR, REVOCATIONS_DIR)
 
 #: An (agreement, tier) pair that puts a recipient nation in a tier for an originating party.
 Candidate = tuple[Agreement, Tier]
@@ -37,7 +45,8 @@ class Bundle:
     """Verified documents in force, with their content hash.
 
     ``schemes`` holds the common scheme and every national scheme, by name; ``agreements`` is
-    sorted by id.
+    sorted by id. ``nodes`` also holds revoked certificates (so that a revoked node is told why
+    it is refused); :meth:`revocation_of` says which.
     """
 
     trust_root: TrustRoot
@@ -46,7 +55,10 @@ class Bundle:
     hash: bytes
     schemes: Mapping[str, Scheme] = dataclasses.field(default_factory=dict)
     agreements: tuple[Agreement, ...] = ()
+    revocations: tuple[Revocation, ...] = ()
     _index: Mapping[tuple[str, str], tuple[Candidate, ...]] = dataclasses.field(
+        init=False, repr=False, compare=False)
+    _revoked: Mapping[tuple[str, bytes], Revocation] = dataclasses.field(
         init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +70,16 @@ class Bundle:
                     for member in tier.members:
                         index.setdefault((origin, member), []).append((agreement, tier))
         object.__setattr__(self, "_index", {k: tuple(v) for k, v in index.items()})
+        object.__setattr__(self, "_revoked", revoked_index(self.revocations))
+
+    def revocation_of(self, cert: NodeCert) -> Revocation | None:
+        """The revocation that withdrew ``cert``, if its nation revoked it."""
+        return revocation_of(cert, self._revoked) if self._revoked else None
+
+    def usable_certs(self) -> list[NodeCert]:
+        """The certificates not revoked, sorted by node id (what the ``directory`` serves)."""
+        return [cert for _, cert in sorted(self.nodes.items())
+                if self.revocation_of(cert) is None]
 
     def nation_of(self, node: str) -> str | None:
         """The nation of a known node, else ``None``."""
@@ -114,9 +136,38 @@ def build_bundle(
         agreement = verify_agreement(documents[name], root, common)
         _check_stem(name, AGREEMENTS_DIR, agreement.id, "id")
         agreements.append(agreement)
+    revocations = _revocations(documents, root, nodes)
     return Bundle(trust_root=root, nodes=nodes, documents=dict(documents),
                   hash=bundle_hash(documents), schemes=schemes,
-                  agreements=tuple(sorted(agreements, key=lambda a: a.id)))
+                  agreements=tuple(sorted(agreements, key=lambda a: a.id)),
+                  revocations=revocations)
+
+
+def check_succession(old: Bundle, new: Bundle) -> None:
+    """Raise ``PolicyDocumentError`` (``rollback``) if ``new`` steps back from ``old``: a node
+    certificate with a lower serial, a revocation dropped, an agreement version lowered (see
+    :mod:`policies.revocations`)."""
+    problems = succession_problems(
+        old_nodes=old.nodes, new_nodes=new.nodes, old_revocations=old.revocations,
+        new_revocations=new.revocations, old_agreements=old.agreements,
+        new_agreements=new.agreements)
+    if problems:
+        raise PolicyDocumentError(f"does not follow the bundle in force ({old.hash.hex()[:16]}): "
+                                  + "; ".join(problems), code="rollback")
+
+
+def _revocations(documents: Mapping[str, SignedDocument], root: TrustRoot,
+                 nodes: Mapping[str, NodeCert]) -> tuple[Revocation, ...]:
+    out: list[Revocation] = []
+    for name in _names(documents, REVOCATIONS_DIR):
+        for revocation in verify_revocations(documents[name], root):
+            cert = nodes.get(revocation.node)
+            if cert is not None and cert.nation != revocation.nation:
+                raise PolicyDocumentError(
+                    f"revokes {revocation.node}, a node of {cert.nation}: a nation revokes only "
+                    "its own certificates", document=name)
+            out.append(revocation)
+    return tuple(out)
 
 
 def _names(documents: Mapping[str, SignedDocument], prefix: str) -> list[str]:

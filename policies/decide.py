@@ -127,10 +127,11 @@ def decide(
 
 
 def node_is_active(cert: NodeCert, now_ms: int, bundle: Bundle, inactive: Set[str]) -> bool:
-    """Rule 6 for one node: the certificate is the bundle's own, valid now, not suspended."""
+    """Rule 6 for one node: the certificate is the bundle's own, valid now, not revoked by its
+    nation, not suspended or revoked by an operator."""
     # A certificate the bundle does not hold (a stale copy, another bundle's) proves nothing.
     return (bundle.nodes.get(cert.node) == cert and cert.is_valid_at(now_ms)
-            and cert.node not in inactive)
+            and cert.node not in inactive and bundle.revocation_of(cert) is None)
 
 
 # --- rules 1 and 2: the label and its translation ----------------------------------------------

@@ -152,6 +152,8 @@ def parse_toml(doc: SignedDocument) -> dict[str, Any]:
         return tomllib.loads(doc.data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PolicyDocumentError(f"not valid TOML: {exc}", document=doc.name) from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise PolicyDocumentError("not valid TOML: nested too deeply", document=doc.name) from exc
 
 
 def field(table: Mapping[str, Any], key: str, kind: type, doc: str, where: str = "") -> Any:
@@ -252,7 +254,7 @@ def parse_trust_root(doc: SignedDocument) -> TrustRoot:
         nations[code] = Nation(code=code, authority_keys=parsed)
     communities = {
         cname: name_list(members, name, f"communities.{cname}", NATION_RE)
-        for cname, members in table.get("communities", {}).items()
+        for cname, members in table_field(table, "communities", name).items()
     }
     for cname, members in communities.items():
         if cname in nations:
@@ -262,12 +264,16 @@ def parse_trust_root(doc: SignedDocument) -> TrustRoot:
             raise PolicyDocumentError(
                 f"community {cname} names unknown nation(s) {unknown}", document=name
             )
+    broker_entries = table.get("brokers", [])
+    if not isinstance(broker_entries, list) or not all(isinstance(e, dict)
+                                                       for e in broker_entries):
+        raise PolicyDocumentError("field 'brokers' must be an array of tables", document=name)
     brokers = tuple(
         BrokerIdentity(
             name=field(entry, "name", str, name, "brokers."),
             key=key_field(entry, "key", "ed25519", name, "brokers."),
         )
-        for entry in table.get("brokers", [])
+        for entry in broker_entries
     )
     threshold = field(table, "threshold", int, name)
     if not 1 <= threshold <= len(nations):
@@ -329,6 +335,9 @@ def parse_node_cert(doc: SignedDocument) -> NodeCert:
     not_after = timestamp_ms(table, "not_after", name)
     if not_after <= not_before:
         raise PolicyDocumentError("not_after must be later than not_before", document=name)
+    serial = field(table, "serial", int, name) if "serial" in table else 1
+    if not 1 <= serial < 1 << 53:
+        raise PolicyDocumentError("field 'serial' must be a positive integer", document=name)
     return NodeCert(
         node=node,
         nation=nation,
@@ -341,6 +350,7 @@ def parse_node_cert(doc: SignedDocument) -> NodeCert:
             cats=cats_field(accreditation.get("cats", {}), name, "accreditation.cats"),
         ),
         signed=doc.to_bytes(),
+        serial=serial,
     )
 
 

@@ -1,7 +1,7 @@
 """Read a policy directory from disk into :class:`SignedDocument` objects (the I/O edge).
 
-Layout: ``trust-root.toml``, ``schemes/*.toml``, ``nodes/*.toml`` and ``agreements/*.toml``, each
-with a detached ``.sig`` beside it.
+Layout: ``trust-root.toml``, ``schemes/*.toml``, ``nodes/*.toml``, ``agreements/*.toml`` and
+``revocations/*.toml``, each with a detached ``.sig`` beside it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from broker.errors import PolicyDocumentError
 from policies.bundle import Bundle, build_bundle
 from policies.documents import MAX_DOCUMENT_BYTES, SignedDocument
 
-_SUBDIRS = ("schemes", "nodes", "agreements")
+_SUBDIRS = ("schemes", "nodes", "agreements", "revocations")
 
 
 def read_document(base: Path, relative: str) -> SignedDocument:

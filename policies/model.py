@@ -106,7 +106,9 @@ class NodeCert:
     """A gateway node's certificate, signed by its nation's policy authority.
 
     Times are Unix milliseconds; the window is ``not_before`` inclusive, ``not_after`` exclusive.
-    ``signed`` is the certificate as served in the ``directory`` frame (document + signatures).
+    ``serial`` orders a node's successive certificates (key rotation): a broker never goes back
+    to a lower one. ``signed`` is the certificate as served in the ``directory`` frame
+    (document + signatures).
     """
 
     node: str
@@ -117,10 +119,27 @@ class NodeCert:
     not_after: int
     accreditation: Accreditation
     signed: bytes = dataclasses.field(default=b"", compare=False, repr=False)
+    serial: int = 1
 
     def is_valid_at(self, now_ms: int) -> bool:
         """True inside the validity window."""
         return self.not_before <= now_ms < self.not_after
+
+
+@dataclasses.dataclass(frozen=True)
+class Revocation:
+    """A nation withdrew one of its node certificates (the one with ``sign_key``), for good."""
+
+    nation: str
+    node: str
+    sign_key: bytes
+    reason: str
+    revoked_at: int
+
+    def applies_to(self, cert: NodeCert) -> bool:
+        """True for the revoked certificate: same nation, node and signing key (a nation can
+        only revoke its own nodes' certificates)."""
+        return (cert.nation, cert.node, cert.sign_key) == (self.nation, self.node, self.sign_key)
 
 
 @dataclasses.dataclass(frozen=True)

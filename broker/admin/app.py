@@ -9,6 +9,7 @@ status — 401 with ``WWW-Authenticate`` for a missing or unknown token, 403 for
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import secrets
@@ -23,6 +24,7 @@ from aiohttp.typedefs import Middleware
 from broker.admin.auth import TokenTable
 from broker.config import AdminToken
 from broker.errors import BrokerError, StorageError
+from broker.listener import StallWatchdog, http_server_kwargs
 from policies.bundle import Bundle
 
 if TYPE_CHECKING:
@@ -150,11 +152,36 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
                400: "bad_request"}
 
 
-def make_app(context: AdminContext, tokens: TokenTable) -> web.Application:
-    """The admin application, every route registered."""
+def _body_deadline(timeout: float) -> Middleware:
+    """Read a request's body (at most ``client_max_size``) within ``timeout`` seconds, before
+    the handler runs: aiohttp bounds the head (``keepalive_timeout``) but not the body, so a
+    client could otherwise hold a handler by sending its body one byte at a time. On time-out:
+    408, and the connection is closed."""
+    @web.middleware
+    async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(timeout):
+                    await request.read()  # kept by aiohttp for request.json() and friends
+            except TimeoutError:
+                log.warning("admin_body_timeout", path=request.path, remote=request.remote,
+                            timeout=timeout)
+                response = json_error(408, "request_timeout",
+                                      f"the request body did not arrive within {timeout:g} s")
+                response.force_close()
+                return response
+        return await handler(request)
+    return body_deadline
+
+
+def make_app(context: AdminContext, tokens: TokenTable, *,
+             request_timeout_s: float = 10.0) -> web.Application:
+    """The admin application, every route registered. ``request_timeout_s`` bounds the time a
+    request body may take to arrive."""
     from broker.admin import audit_views, openapi, views  # the views import this module
 
-    app = web.Application(middlewares=[_request_ids, _errors, _auth(tokens)],
+    app = web.Application(middlewares=[_request_ids, _errors, _body_deadline(request_timeout_s),
+                                       _auth(tokens)],
                           client_max_size=64 * 1024)
     app[CONTEXT] = context
     app.on_response_prepare.append(_echo_request_id)
@@ -168,10 +195,17 @@ class AdminServer:
     """The admin listener of one broker: ``start`` returns once it accepts connections."""
 
     def __init__(self, context: AdminContext, tokens: TokenTable, *, host: str = "127.0.0.1",
-                 port: int = 8471) -> None:
-        self.app = make_app(context, tokens)
+                 port: int = 8471, request_timeout_s: float = 10.0,
+                 write_stall_timeout_s: float = 30.0) -> None:
+        """``request_timeout_s``: time to send a request head, then its body, and the idle time
+        of a keep-alive connection; ``write_stall_timeout_s``: how long a client may leave its
+        answer unread before the connection is aborted (see :mod:`broker.listener`)."""
+        self.app = make_app(context, tokens, request_timeout_s=request_timeout_s)
         self.host, self.port = host, port
+        self.request_timeout_s = request_timeout_s
+        self.write_stall_timeout_s = write_stall_timeout_s
         self._runner: web.AppRunner | None = None
+        self._watchdog: StallWatchdog | None = None
 
     @property
     def url(self) -> str:
@@ -181,7 +215,8 @@ class AdminServer:
         # A client that stops reading (a stalled export) must not hold up the broker's
         # shutdown past the service manager's stop timeout.
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=2.0)
+                                     shutdown_timeout=2.0,
+                                     **http_server_kwargs(self.request_timeout_s))
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, self.host, self.port).start()
@@ -189,9 +224,15 @@ class AdminServer:
             await self.stop()
             raise
         self.port = self._runner.addresses[0][1]
+        self._watchdog = StallWatchdog(self._runner, self.write_stall_timeout_s,
+                                       listener="admin")
+        self._watchdog.start()
         log.info("admin_ready", url=self.url)
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            await self._watchdog.stop()
+            self._watchdog = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

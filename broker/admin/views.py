@@ -104,10 +104,13 @@ async def status(request: web.Request) -> web.Response:
 
 
 def node_status(ctx: AdminContext, cert: NodeCert) -> str:
-    """``revoked``, ``suspended``, ``expired`` (certificate outside its window) or ``active``."""
+    """``revoked`` (by an operator, or the certificate by its nation), ``suspended``,
+    ``expired`` (certificate outside its window) or ``active``."""
     hub = ctx.broker.hub
     if cert.node in hub.statuses:
         return hub.statuses[cert.node]
+    if hub.bundle.revocation_of(cert) is not None:
+        return "revoked"
     if not cert.is_valid_at(hub.clock_ms()):
         return "expired"
     return "active"

@@ -113,10 +113,16 @@ class RouteEntry(_Entry):
         decisions = _field(value, "decisions", dict)
         if not all(isinstance(n, str) for n in decisions):
             raise _bad("decision keys must be node ids")
+        label_map = _field(value, "label", dict)
+        label = Label.from_map(label_map)
+        if label.to_map() != label_map:
+            # Label.from_map takes an absent ``cats`` as empty; an entry is written with all
+            # five fields, so another form would be a second encoding of the same entry.
+            raise _bad("the label must have exactly policy, class, cats, rel and orig")
         return cls(
             ts=ts, id=_field(value, "id", bytes), env=_field(value, "env", bytes),
             sender=_field(value, "from", str), topic=_field(value, "topic", str),
-            label=Label.from_map(_field(value, "label", dict)),
+            label=label,
             prec=_field(value, "prec", int), ttl=_field(value, "ttl", int),
             bundle=_field(value, "bundle", bytes), sealed=_str_list(value, "sealed"),
             decisions={n: _decision_from_map(d) for n, d in decisions.items()},

@@ -111,6 +111,9 @@ class Store(Protocol):
     def bundle(self, digest: bytes) -> bytes | None:
         """The content of a bundle that was active, by hash."""
 
+    def active_bundle(self) -> bytes | None:
+        """The hash of the bundle activated last (``None`` before the first activation)."""
+
     def bundle_hashes(self) -> list[bytes]:
         """Every stored bundle hash."""
 

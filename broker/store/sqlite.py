@@ -133,6 +133,9 @@ class SqliteStore:
         conn.executemany("DELETE FROM subscriptions WHERE node = ? AND pattern = ?",
                          batch.unsubscribe)
         conn.executemany("INSERT OR IGNORE INTO bundles VALUES (?, ?)", batch.bundles)
+        if batch.bundles:  # a bundle is written when it is activated: the last one is in force
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('active_bundle', ?)",
+                         (batch.bundles[-1][0].hex(),))
         conn.executemany("INSERT INTO checkpoints VALUES (?, ?)", batch.checkpoints)
         conn.executemany("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)",
                          batch.cosignatures)
@@ -248,6 +251,10 @@ class SqliteStore:
     def seq_high(self) -> int:
         rows = self._query("SELECT value FROM meta WHERE key = 'seq_high'")
         return int(rows[0][0]) if rows else 0
+
+    def active_bundle(self) -> bytes | None:
+        rows = self._query("SELECT value FROM meta WHERE key = 'active_bundle'")
+        return bytes.fromhex(rows[0][0]) if rows else None
 
     def node_statuses(self) -> dict[str, str]:
         return {str(n): str(st) for n, st in

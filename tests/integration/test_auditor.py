@@ -238,7 +238,10 @@ async def test_route_outside_the_bundle_in_force_and_backdated_entries_are_flagg
     audit.store.close()
     report = verify_export(_export(coalition, data, tmp_path / "export"),
                            pins=[coalition.root_sha256], quorum=0)
-    assert [(p.what, p.index) for p in report.problems] == [("replay", 0), ("entries", 3)]
+    # Message 3, backdated an hour with a 60 s TTL, also looks like a copy dropped unended.
+    assert [(p.what, p.index) for p in report.problems] == [("replay", 0), ("entries", 3),
+                                                            ("expire", None)]
+    assert "message 03030303" in report.problems[2].detail
 
 
 async def _verified_forgery(coalition: Coalition, tmp_path: Path,

@@ -53,6 +53,39 @@ def test_valid_config_resolves_paths_against_the_config_directory(tmp_path: Path
          "limits.max_queued_bytes_per_node must be between"),
         ("limits", "max_store_bytes", -1, "limits.max_store_bytes must be between"),
         ("limits", "expiry_interval_ms", 0, "limits.expiry_interval_ms must be between"),
+        ("limits", "frames_per_second", 0, "limits.frames_per_second must be between"),
+        ("limits", "frames_per_second", 1.5, "limits.frames_per_second must be an integer"),
+        ("limits", "frames_burst", 0, "limits.frames_burst must be between"),
+        ("limits", "bytes_per_second", 100, "limits.bytes_per_second must be between"),
+        ("limits", "max_throttle_seconds", 0.01, "limits.max_throttle_seconds must be between"),
+        ("limits", "max_throttle_seconds", "5", "limits.max_throttle_seconds must be a number"),
+        ("limits", "idle_timeout_seconds", True, "limits.idle_timeout_seconds must be a number"),
+        ("limits", "idle_timeout_seconds", 0, "limits.idle_timeout_seconds must be between"),
+        ("limits", "idle_timeout_seconds", float("nan"),
+         "limits.idle_timeout_seconds must be between"),
+        ("limits", "handshake_timeout_seconds", 601,
+         "limits.handshake_timeout_seconds must be between 0.1 and 600"),
+        ("limits", "request_timeout_seconds", 0, "limits.request_timeout_seconds must be between"),
+        ("limits", "write_stall_timeout_seconds", -1,
+         "limits.write_stall_timeout_seconds must be between"),
+        ("limits", "max_connections", 0, "limits.max_connections must be between"),
+        ("limits", "max_unauthenticated_per_address", 0,
+         "limits.max_unauthenticated_per_address must be between"),
+        ("limits", "node_connects_per_minute", 0,
+         "limits.node_connects_per_minute must be between"),
+        ("limits", "auth_backoff_free_failures", -1,
+         "limits.auth_backoff_free_failures must be between"),
+        ("limits", "auth_backoff_initial_seconds", 0,
+         "limits.auth_backoff_initial_seconds must be between"),
+        ("limits", "auth_backoff_table_size", 0, "limits.auth_backoff_table_size must be between"),
+        ("limits", "max_topic_bytes", 256, "limits.max_topic_bytes must be between 1 and 255"),
+        ("limits", "max_label_bytes", 10, "limits.max_label_bytes must be between"),
+        ("limits", "max_to_entries", 1025, "limits.max_to_entries must be between 1 and 1024"),
+        ("limits", "max_keys_entries", 0, "limits.max_keys_entries must be between 1 and 1024"),
+        ("limits", "bytes_burst", 32768,
+         "limits.bytes_burst must be at least limits.max_frame_bytes (65536)"),
+        ("limits", "auth_backoff_initial_seconds", 600,
+         "limits.auth_backoff_initial_seconds must not exceed limits.auth_backoff_max_seconds"),
     ],
 )
 def test_bad_field_is_named(section: str, key: str, value: object, message: str,
@@ -74,3 +107,30 @@ def test_unreadable_and_malformed_files_are_clear_errors(tmp_path: Path) -> None
     bad.write_text("[broker\nname = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_abuse_limits_have_defaults_and_take_fractional_seconds(tmp_path: Path) -> None:
+    config = parse_config(GOOD, base=tmp_path)
+    assert (config.limits.idle_timeout_seconds, config.limits.max_connections,
+            config.limits.max_to_entries) == (120, 1000, 256)
+    table = with_change("limits", "idle_timeout_seconds", 0.5)
+    table["limits"]["handshake_timeout_seconds"] = 3  # an integer is a number too
+    config = parse_config(table, base=tmp_path)
+    assert config.limits.idle_timeout_seconds == 0.5
+    assert config.limits.handshake_timeout_seconds == 3.0
+    assert isinstance(config.limits.handshake_timeout_seconds, float)
+
+
+def test_the_commented_abuse_limits_of_broker_toml_are_the_defaults() -> None:
+    """deploy/broker.toml shows the abuse limits commented out, at their default values."""
+    import re
+    import tomllib
+
+    from broker.config import LimitsSection
+
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "broker.toml").read_text()
+    block = text.split("[limits]\n")[1].split("\n[")[0]
+    shown = tomllib.loads("\n".join(line[2:] for line in block.splitlines()
+                                    if re.match(r"# [a-z_]+ = ", line)))
+    assert len(shown) >= 19
+    assert {key: getattr(LimitsSection(), key) for key in shown} == shown

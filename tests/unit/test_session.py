@@ -405,3 +405,20 @@ def test_directory_with_certs_from_a_node_is_unexpected() -> None:
     session = _open_session()
     events = session.receive(wire.encode_frame(wire.Directory(certs=(b"forged",))), NOW)
     _assert_non_fatal(session, events, "unexpected_frame")
+
+
+def test_attacker_chosen_text_is_bounded_before_it_reaches_frames_logs_and_the_audit_log() -> None:
+    """A hello naming a 60 KB node id must not write 60 KB into the permanent ``auth_failed``
+    entry (the server records ``claimed`` and the reason there)."""
+    session = _session()
+    session.start()
+    huge = "X" * 60_000
+    hello = wire.Hello(v=wire.PROTOCOL_VERSION, node=huge, nonce=NONCE, ts=NOW, sig=bytes(64))
+    events = session.receive(wire.encode_frame(hello), NOW)
+    error = events[0]
+    assert isinstance(error, Send) and isinstance(error.frame, wire.Error)
+    assert error.frame.code == "unknown_node"
+    assert len(error.frame.reason) == 256 and error.frame.reason.endswith("…")
+    assert session.claimed is not None and len(session.claimed) == 64
+    close = events[1]
+    assert isinstance(close, Close) and close.reason == error.frame.reason

@@ -1,0 +1,57 @@
+"""Latency at fixed rates: publish→deliver percentiles of the throughput plan, paced.
+
+The three publishers send at a fixed total rate, a fraction of the maximum message rate
+(the throughput scenario's, or a short probe's when it did not run), each pacing its own share
+on its schedule with at most ``window`` receipts outstanding. Each publisher stamps every
+``pub`` frame as it writes it and each subscriber every ``deliver`` frame as it reads it, with
+``time.monotonic_ns()`` — ``CLOCK_MONOTONIC``, one clock for all processes on Linux — so the
+difference is publish→deliver through the broker, including the durable commit that comes
+before any delivery, both WebSocket hops and the load generators' own scheduling. Percentiles
+are nearest-rank over every delivered copy (two per message).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.bench import throughput
+from broker.bench.context import Run
+from broker.bench.load import percentiles, run_load
+
+POINTS = (50, 99, 99.9)
+#: No point runs longer than this (the count shrinks at low rates).
+MAX_POINT_SECONDS = 15.0
+WARMUP_MESSAGES = 90
+
+
+def run(bench: Run) -> dict[str, Any]:
+    """Measure every configured fraction of the maximum rate on one broker."""
+    options = bench.options
+    max_rate = bench.max_message_rate()
+    probed = max_rate is None
+    if max_rate is None:
+        max_rate = throughput.measure(bench, max(60, options.messages // 10),
+                                      "latency-probe").messages_per_s
+    points = []
+    with bench.broker("latency") as broker:
+        if not options.quick:  # connections, caches and the store warmed up
+            run_load(throughput.plan(bench, broker.url, WARMUP_MESSAGES), broker)
+        for fraction in options.latency_fractions:
+            rate = max(1.0, fraction * max_rate)
+            count = max(30, min(options.latency_messages, int(rate * MAX_POINT_SECONDS)))
+            result = run_load(throughput.plan(bench, broker.url, count, rate=rate,
+                                              record=True), broker)
+            latencies = result.latencies_ns()
+            points.append({
+                "fraction": fraction, "target_rate": round(rate, 1),
+                "achieved_rate": round(result.messages_per_s, 1), "messages": result.messages,
+                "copies": len(latencies),
+                **{f"{name}_ms": value
+                   for name, value in percentiles(latencies, POINTS).items()},
+                "max_ms": round(latencies[-1] / 1e6, 3) if latencies else 0.0,
+                "publisher_max_lag_ms": round(max(p.max_lag_ms for p in result.publishers), 3),
+                "broker_cpu_share": round(result.broker_cpu_share, 3),
+                "errors": result.errors,
+            })
+    return {"status": "ok", "count": sum(p["copies"] for p in points),
+            "max_rate": round(max_rate, 1), "max_rate_probed": probed, "points": points}

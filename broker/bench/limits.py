@@ -1,0 +1,191 @@
+"""The limits the broker runs against, measured in the same run on the same machine.
+
+- **Ed25519 verify** (PyNaCl, one core): a cached ``VerifyKey`` verifying the signature of a
+  1 KiB envelope body (what the broker does once per envelope);
+- **unpack + verify + hash**: :meth:`Envelope.from_bytes` (canonical decode and structural
+  checks), :meth:`Envelope.verify` and the envelope digest the audit entry records — the
+  envelope work of one publish without policy, storage or network;
+- **aiohttp WebSocket echo** on loopback: an aiohttp server process echoing 1 KiB binary
+  messages to a client process that keeps ``window`` messages in flight (the framework's
+  message rate, one process each side, both on uvloop).
+
+Each is counted for ``limit_seconds`` of wall time, as operations per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+import nacl.signing
+from aiohttp import web
+
+from broker import crypto
+from broker.audit.leaves import envelope_digest
+from broker.bench.context import Run
+from broker.bench.harness import process_cpu_seconds
+from broker.bench.workers import fit_payload, mp_context
+from broker.envelope import Envelope, build_envelope
+from clients.gateway import label
+from clients.identity import KeyFile
+
+ECHO_WINDOW = 64
+
+
+def _rate(body: Callable[[], object], seconds: float) -> tuple[float, int]:
+    """Calls of ``body`` per second over about ``seconds`` (checked every 64 calls)."""
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for _ in range(64):
+            body()
+        count += 64
+        now = time.perf_counter()
+        if now >= deadline:
+            return count / (now - start), count
+
+
+def sample_envelope(size: int) -> tuple[bytes, bytes]:
+    """A signed envelope of about ``size`` bytes to two recipients, and the sender's key."""
+    sender = KeyFile.generate("node", "USA-P1")
+    recipients = {f"{n}-S1": KeyFile.generate("node", f"{n}-S1").enc_public
+                  for n in ("FRA", "GBR")}
+    lab = label("NATO", "SECRET", "USA", ["FRA", "GBR"])
+    now = time.time_ns() // 1_000_000
+
+    def envelope(payload: bytes) -> bytes:
+        return build_envelope(signing_key=sender.signing_key, sender="USA-P1",
+                              topic="bench.tput", payload=payload, label=lab, prec=0, ttl=3600,
+                              recipient_keys=recipients, now_ms=now)
+
+    return envelope(os.urandom(fit_payload(envelope, size))), sender.sign_public
+
+
+def verify_rate(raw: bytes, public: bytes, seconds: float) -> tuple[float, int]:
+    """PyNaCl Ed25519 verifications per second of the envelope's signature."""
+    env = Envelope.from_bytes(raw)
+    key = nacl.signing.VerifyKey(public)
+    signed = crypto.DOMAIN_ENVELOPE + env.body
+    return _rate(lambda: key.verify(signed, env.sig), seconds)
+
+
+def unpack_verify_hash_rate(raw: bytes, public: bytes, seconds: float) -> tuple[float, int]:
+    """Envelopes per second through parse, signature check and digest."""
+    def once() -> None:
+        env = Envelope.from_bytes(raw)
+        env.verify(public)
+        envelope_digest(env.raw)
+    return _rate(once, seconds)
+
+
+def _echo_server(conn: Connection) -> None:
+    """Process target: an aiohttp WebSocket echo server on 127.0.0.1; sends its port."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=1 << 20)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_get("/echo", echo)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        conn.send(runner.addresses[0][1])
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        await runner.cleanup()
+
+    asyncio.run(serve())
+
+
+async def _echo_client(port: int, size: int, seconds: float) -> tuple[float, int]:
+    payload = os.urandom(size)
+    window = asyncio.Semaphore(ECHO_WINDOW)
+    echoed = 0
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(f"http://127.0.0.1:{port}/echo") as ws:
+        async def read() -> None:
+            nonlocal echoed
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    echoed += 1
+                    window.release()
+
+        reader = asyncio.create_task(read())
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            await window.acquire()
+            await ws.send_bytes(payload)
+        elapsed = time.perf_counter() - start
+        count = echoed
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    return count / elapsed, count
+
+
+def ws_echo_rate(size: int, seconds: float) -> tuple[float, int, float]:
+    """Echoed messages per second, the count, and the server's CPU share."""
+    context = mp_context()
+    parent, child = context.Pipe()
+    server = context.Process(target=_echo_server, args=(child,), daemon=True)
+    server.start()
+    child.close()
+    try:
+        if not parent.poll(60):
+            raise RuntimeError("the echo server did not start")
+        port = int(parent.recv())
+        assert server.pid is not None
+        cpu_before = process_cpu_seconds(server.pid)
+        started = time.perf_counter()
+        rate, count = _run_async(_echo_client(port, size, seconds))
+        share = (process_cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - started)
+        parent.send("stop")
+        server.join(10)
+    finally:
+        if server.is_alive():
+            server.terminate()
+        parent.close()
+    return rate, count, share
+
+
+def _run_async(coro: Any) -> Any:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)  # pragma: no cover - uvloop is a dependency on Linux
+
+
+def run(bench: Run) -> dict[str, Any]:
+    """Measure the three limits."""
+    seconds, size = bench.options.limit_seconds, bench.options.size
+    raw, public = sample_envelope(size)
+    verify, verified = verify_rate(raw, public, seconds)
+    unpack, unpacked = unpack_verify_hash_rate(raw, public, seconds)
+    echo, echoed, echo_cpu = ws_echo_rate(size, seconds)
+    return {
+        "status": "ok", "count": verified + unpacked + echoed, "envelope_bytes": len(raw),
+        "seconds_each": seconds,
+        "ed25519_verify_per_s": round(verify, 1),
+        "unpack_verify_hash_per_s": round(unpack, 1),
+        "ws_echo_per_s": round(echo, 1), "ws_echo_server_cpu_share": round(echo_cpu, 3),
+        "ws_echo_window": ECHO_WINDOW, "ws_echo_bytes": size,
+    }

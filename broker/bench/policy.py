@@ -1,0 +1,91 @@
+"""Policy scale: the broker's per-message cost at 3 nations / 2 agreements and at 100 / 300.
+
+For each size, :func:`broker.bench_policy.synthetic_documents` generates and signs the
+coalition (one gateway per nation, agreements of 3–8 parties; the measured pairs are covered by
+the same two agreements at every size), which is written to disk and served by a fresh broker
+process. ``N000-GW1`` publishes to ``N001-GW1`` (inner tier: permitted) and ``N002-GW1``
+(partner tier up to RESTRICTED: ``above_ceiling``) with a ``SECRET REL ALL`` label. The figure
+that matters is the broker's CPU time per message at each size. Beside it, the in-process
+policy part of a publish (``broker.bench_policy``: candidates and decisions through the
+decision cache, cold and warm) for the same sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from broker import bench_policy
+from broker.bench.context import Run
+from broker.bench.load import LoadPlan, run_load
+from broker.bench.workers import PublisherSpec, SubscriberSpec
+from broker.coalition import Coalition, write_documents, write_keys
+
+TOPIC = "maritime.tracks"
+SENDER, PERMITTED, DENIED = "N000-GW1", "N001-GW1", "N002-GW1"
+#: bench_policy figures reported beside the broker's (name prefix → JSON key).
+IN_PROCESS = {
+    "decide() miss: permit, REL one nation": "decide_miss_us",
+    "DecisionCache hit": "cache_hit_us",
+    "publish to 2 subscribers, cold": "publish_policy_cold_us",
+    "publish to 2 subscribers, warm": "publish_policy_warm_us",
+}
+
+
+def write_synthetic(bench: Run, nations: int, agreements: int) -> Coalition:
+    """Generate, sign and write a synthetic coalition valid now."""
+    made = bench_policy.synthetic_documents(nations, agreements,
+                                            now_ms=time.time_ns() // 1_000_000)
+    base = bench.workdir / f"coalition-{nations}-{agreements}"
+    write_documents(made.documents, base / "policy")
+    write_keys(made, base / "keys")
+    return Coalition(base=base, policy_dir=base / "policy", keys_dir=base / "keys",
+                     broker_name=made.broker_name, broker_key=made.broker_key,
+                     authorities=made.authorities, nodes=made.nodes,
+                     root_sha256=made.root_sha256)
+
+
+def plan(bench: Run, coalition: Coalition, url: str, messages: int) -> LoadPlan:
+    keys = str(coalition.keys_dir)
+    publisher = PublisherSpec(url=url, keys_dir=keys, node=SENDER, topic=TOPIC,
+                              rel=(bench_policy.ALL,), recipients=(PERMITTED,), count=messages,
+                              size=bench.options.size, window=bench.options.window)
+    subscriber = SubscriberSpec(url=url, keys_dir=keys, nodes=(PERMITTED, DENIED), topic=TOPIC,
+                                expected=(messages, 0))
+    return LoadPlan([publisher], [subscriber])
+
+
+def in_process(nations: int, agreements: int, ops: int, rounds: int) -> dict[str, float]:
+    """The policy part of a publish, measured in this process (µs per operation)."""
+    measures = bench_policy.measure_all(bench_policy.coalition_cases(nations, agreements,
+                                                                     ops=ops), rounds)
+    out = {}
+    for measure in measures:
+        for prefix, key in IN_PROCESS.items():
+            if measure.name.startswith(prefix):
+                out[key] = round(measure.us_per_op, 2)
+    return out
+
+
+def run(bench: Run) -> dict[str, Any]:
+    """Measure each configured coalition size."""
+    options = bench.options
+    sizes: list[dict[str, Any]] = []
+    for nations, agreements in options.policy_sizes:
+        coalition = write_synthetic(bench, nations, agreements)
+        with bench.broker(f"policy-{nations}-{agreements}", coalition) as broker:
+            result = run_load(plan(bench, coalition, broker.url, options.policy_messages),
+                              broker)
+        sizes.append({
+            "nations": nations, "agreements": agreements, "messages": result.messages,
+            "copies": result.copies, "messages_per_s": round(result.messages_per_s, 1),
+            "broker_cpu_us_per_message": round(result.cpu_us_per(result.messages), 1),
+            "broker_cpu_share": round(result.broker_cpu_share, 3),
+            "statuses": result.statuses, "errors": result.errors,
+            **in_process(nations, agreements, options.policy_ops, options.policy_rounds),
+        })
+    small, large = sizes[0], sizes[-1]
+    ratio = (large["broker_cpu_us_per_message"] / small["broker_cpu_us_per_message"]
+             if small["broker_cpu_us_per_message"] else 0.0)
+    return {"status": "ok", "count": sum(s["messages"] for s in sizes), "sizes": sizes,
+            "cpu_per_message_large_over_small": round(ratio, 3)}

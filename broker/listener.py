@@ -1,0 +1,112 @@
+"""Slow-client protection shared by the node and the admin listeners.
+
+What aiohttp's server offers, and what it does not (aiohttp 3.14):
+
+- ``keepalive_timeout`` is armed when a connection is accepted and re-armed after each response;
+  when it fires while no complete request head has arrived, the connection is closed. Set to
+  ``request_timeout_s`` it bounds how long a client may take to send a request head (one byte
+  every few seconds, or an upgrade request it never finishes), and how long an idle keep-alive
+  connection stays. It does not fire while a handler runs (a WebSocket, a streamed export).
+- ``lingering_time`` bounds how long the server reads and discards a request body the handler
+  did not read before it closes the connection.
+- ``max_line_size``, ``max_field_size`` and ``max_headers`` bound the memory of a request head.
+- Nothing bounds a response write to a client that does not read: the writer waits on the
+  transport's drain for ever. :class:`StallWatchdog` (ours) samples every connection of a
+  listener and aborts one whose transport stays paused for writing, without progress, for
+  ``write_stall_timeout_s``.
+
+TLS handshakes are bounded by asyncio's own ``ssl_handshake_timeout`` (60 s), which aiohttp's
+``TCPSite`` does not expose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from broker.guard import StallTracker
+
+log = structlog.get_logger("broker.listener")
+
+#: Bounds of a request head: ample for a WebSocket upgrade or an admin request with a token.
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 64
+
+
+def http_server_kwargs(request_timeout_s: float) -> dict[str, Any]:
+    """Keyword arguments for ``web.AppRunner`` that bound slow request heads and bodies."""
+    return {"keepalive_timeout": request_timeout_s, "lingering_time": request_timeout_s,
+            "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
+            "max_headers": MAX_HEADERS}
+
+
+class StallWatchdog:
+    """Aborts the connections of one listener that cannot write for ``timeout`` seconds.
+
+    Every ``min(1 s, timeout / 4)`` it samples each connection's transport (paused for writing?
+    bytes still buffered?) into a :class:`broker.guard.StallTracker`.
+    """
+
+    def __init__(self, runner: web.BaseRunner, timeout: float, *, listener: str) -> None:
+        self.runner = runner
+        self.tracker: StallTracker[RequestHandler] = StallTracker(timeout)
+        self.interval = min(1.0, timeout / 4)
+        self.listener = listener
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sampling (once the runner is set up)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"stall-watchdog-{self.listener}")
+
+    async def stop(self) -> None:
+        """Stop sampling."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def sweep(self, now: float) -> int:
+        """One round: abort the stalled connections; return how many."""
+        server = self.runner.server
+        if server is None:
+            return 0
+        samples = []
+        for handler in server.connections:
+            transport = handler.transport
+            if transport is not None:
+                samples.append((handler, handler.writing_paused,
+                                transport.get_write_buffer_size()))
+        stalled = self.tracker.sweep(samples, now)
+        for handler in stalled:
+            transport = handler.transport
+            if transport is None:
+                continue
+            log.warning("write_stalled", listener=self.listener,
+                        remote=_peer(transport), buffered=transport.get_write_buffer_size(),
+                        timeout=self.tracker.timeout)
+            transport.abort()
+        return len(stalled)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.sweep(loop.time())
+            except Exception:  # never let the watchdog die silently
+                log.exception("stall_watchdog_failed", listener=self.listener)
+
+
+def _peer(transport: asyncio.BaseTransport) -> str | None:
+    peername = transport.get_extra_info("peername")
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return None

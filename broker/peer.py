@@ -1,0 +1,112 @@
+"""One node connection of the listener: a non-blocking ``send`` backed by its own writer task.
+
+The hub and the witnesses call :meth:`WsPeer.send` from the event loop and never wait: frames go
+into a bounded queue that one task per connection writes out. A peer that stops reading while
+it keeps the broker busy fills that queue and is cut off (``rate_limited``) instead of growing
+the broker's memory; one whose socket stays unwritable is aborted by the listener's stall
+watchdog (:mod:`broker.listener`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+import structlog
+from aiohttp import WSCloseCode, web
+
+from broker import wire
+from broker.guard import Ticket
+
+log = structlog.get_logger("broker.server")
+
+#: WebSocket close codes by the reason the broker gives (the close message is the reason).
+CLOSE_CODES = {"too_large": WSCloseCode.MESSAGE_TOO_BIG, "unavailable": WSCloseCode.GOING_AWAY,
+               "idle_timeout": WSCloseCode.GOING_AWAY, "replaced": WSCloseCode.POLICY_VIOLATION,
+               "internal": WSCloseCode.INTERNAL_ERROR, "normal": WSCloseCode.OK}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pong:
+    """A WebSocket-level pong owed to the peer (its ping went through the rate limit)."""
+
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Close:
+    code: str
+    reason: str
+
+
+class WsPeer:
+    """One WebSocket connection, authenticated (``node`` set) or still in its handshake."""
+
+    def __init__(self, ws: web.WebSocketResponse, conn_id: str, max_outbound: int,
+                 ticket: Ticket) -> None:
+        self.ws = ws
+        self.conn_id = conn_id
+        self.node = ""
+        #: The connection guard's record of this connection (see :mod:`broker.guard`).
+        self.ticket = ticket
+        self._out: asyncio.Queue[bytes | _Pong | _Close] = asyncio.Queue()
+        self._max_outbound = max_outbound
+        self.closing = False
+        self._task = asyncio.create_task(self._write_loop(), name=f"ws-writer-{conn_id}")
+
+    def send(self, frame: wire.Frame) -> None:
+        """Queue a frame (dropped once the connection is closing)."""
+        self._put(wire.encode_frame(frame))
+
+    def pong(self, data: bytes) -> None:
+        """Queue the answer to a WebSocket ping."""
+        self._put(_Pong(data))
+
+    def _put(self, item: bytes | _Pong) -> None:
+        if self.closing:
+            return
+        if self._out.qsize() >= self._max_outbound:
+            # The peer does not read what it asks for: cut it off rather than buffer without
+            # bound. The close bypasses the full queue.
+            log.warning("peer_not_reading", conn=self.conn_id, node=self.node,
+                        queued=self._out.qsize())
+            self.closing = True
+            self._task.cancel()
+            self._task = asyncio.create_task(self._abort())
+            return
+        self._out.put_nowait(item)
+
+    def close(self, code: str, reason: str) -> None:
+        """Close after everything already queued has been written."""
+        if not self.closing:
+            self.closing = True
+            self._out.put_nowait(_Close(code, reason))
+
+    async def aclose(self) -> None:
+        """Close normally and wait (briefly) for the writer to finish."""
+        self.close("normal", "connection ended")
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=2)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await self._task
+
+    async def _abort(self) -> None:
+        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate_limited")
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._out.get()
+            if isinstance(item, _Close):
+                await self.ws.close(code=CLOSE_CODES.get(item.code, WSCloseCode.POLICY_VIOLATION),
+                                    message=item.code.encode())
+                return
+            try:
+                if isinstance(item, _Pong):
+                    await self.ws.pong(item.data)
+                else:
+                    await self.ws.send_bytes(item)
+            except (ConnectionError, RuntimeError):
+                self.closing = True
+                return

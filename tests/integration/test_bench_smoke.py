@@ -1,0 +1,67 @@
+"""`coalition bench --quick` keeps working: every scenario runs end to end against real broker
+processes and reports positive counts, ratios to the measured limits, and a peer that is either
+measured or skipped with a reason. No timing is asserted: the numbers of a quick run mean
+nothing (DESIGN §12: timing belongs in the benchmark, never in a test's assertion)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from broker.bench.cli import SCENARIO_NAMES
+from broker.cli import main
+
+RATIOS = {"vs_verify", "vs_unpack", "vs_ws_echo"}
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_every_scenario_and_writes_the_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--out", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    document = json.loads(out.read_text())
+    scenarios = document["scenarios"]
+    assert set(scenarios) == set(SCENARIO_NAMES)
+    measured = [name for name in SCENARIO_NAMES if name != "peer"]
+    for name in measured:
+        assert scenarios[name]["status"] == "ok", scenarios[name]
+        assert scenarios[name]["count"] > 0, name
+
+    limits = scenarios["limits"]
+    for key in ("ed25519_verify_per_s", "unpack_verify_hash_per_s", "ws_echo_per_s"):
+        assert limits[key] > 0
+
+    throughput = scenarios["throughput"]
+    assert throughput["messages"] == 60 and throughput["errors"] == {}
+    assert throughput["copies"] == throughput["expected_copies"] == 120  # two of three each
+    statuses = throughput["statuses"]
+    assert statuses.pop("denied:not_in_audience") == 60
+    assert sum(statuses.values()) == 120 and set(statuses) <= {"delivered", "queued"}
+    assert set(throughput["ratios"]) == RATIOS and all(throughput["ratios"].values())
+
+    latency = scenarios["latency"]["points"]
+    assert latency and all(p["copies"] > 0 and "p99.9_ms" in p for p in latency)
+    assert [p["recipients"] for p in scenarios["fanout"]["points"]] == [1, 4, 16]
+    for point in scenarios["fanout"]["points"]:
+        assert point["copies"] == point["expected_copies"] > 0
+        assert set(point["ratios"]) == RATIOS
+    sizes = scenarios["policy"]["sizes"]
+    assert [(s["nations"], s["agreements"]) for s in sizes] == [(3, 2), (100, 300)]
+    assert all(s["copies"] == s["messages"] > 0 for s in sizes)  # one permit, one deny each
+    assert scenarios["auditor"]["problems"] == 0
+    backlog = scenarios["backlog"]
+    assert backlog["queued"] == backlog["drained"] == 200
+    assert backlog["broker_rss_queued_mib"] > 0
+
+    peer = scenarios["peer"]
+    if shutil.which("mosquitto") is None:
+        assert peer["status"] == "skipped" and peer["reason"]
+    else:
+        assert peer["status"] == "ok" and peer["count"] > 0
+
+    printed = capsys.readouterr().out
+    assert "throughput" in printed and "÷verify" in printed
+    assert document["meta"]["load_average_start"] and document["meta"]["cpus"]

@@ -1,0 +1,303 @@
+"""Key rotation and revocation by the nations (issue 8, item 5), against a real broker.
+
+A nation replaces a node's certificate (new key, higher ``serial``) or revokes it in its signed
+``revocations/NATION.toml``; the operator only reloads. After the switch the old key is useless
+(handshake and envelopes), a revoked certificate is refused at the handshake, left out of the
+directory and denied as a recipient, and the broker refuses to step back to older documents,
+also across a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from broker import wire
+from broker.admin.app import AdminContext
+from broker.admin.views import node_status
+from broker.audit.leaves import SessionEntry, entry_from_bytes
+from broker.coalition import DAY_MS, Coalition
+from broker.envelope import Envelope, build_envelope
+from broker.errors import PolicyDocumentError
+from broker.server import BrokerServer
+from clients.gateway import GatewayClient, label
+from clients.identity import KeyFile
+from policies import authoring
+from policies.documents import SignedDocument, parse_node_cert
+from policies.model import Revocation
+from tests.integration.rawnode import RawNode
+
+Gateways = Callable[[str], GatewayClient]
+LABEL = label("NATO", "SECRET", "USA", ["GBR"])
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _sign_into(coalition: Coalition, path: str, data: bytes, signer: str) -> None:
+    target = coalition.policy_dir / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    sig = authoring.signature_file(data, [(signer, coalition.authorities[signer].signing_key)])
+    target.with_name(target.name + ".sig").write_bytes(sig)
+
+
+def rotate(coalition: Coalition, node: str, *, serial: int) -> KeyFile:
+    """The nation issues ``node`` a new certificate with a new key (what the CLI does with
+    ``coalition keys gen`` + ``keys cert --serial`` + ``keys sign``)."""
+    old = parse_node_cert(SignedDocument(f"nodes/{node}.toml",
+                                         (coalition.policy_dir / f"nodes/{node}.toml").read_bytes(),
+                                         b""))
+    key = KeyFile.generate("node", node)
+    now = _now()
+    data = authoring.node_cert_toml(
+        node=node, nation=old.nation, sign_key=key.sign_public, enc_key=key.enc_public,
+        not_before_ms=now, not_after_ms=now + 30 * DAY_MS,
+        max_level=old.accreditation.max, serial=serial)
+    _sign_into(coalition, f"nodes/{node}.toml", data, old.nation)
+    return key
+
+
+def revoke(coalition: Coalition, node: str, *, signer: str | None = None) -> None:
+    """The node's nation (or ``signer``) lists its current certificate as revoked."""
+    cert = coalition.bundle().nodes[node]
+    nation = signer or cert.nation
+    entry = Revocation(nation=nation, node=node, sign_key=cert.sign_key,
+                       reason="key compromise", revoked_at=_now())
+    _sign_into(coalition, f"revocations/{nation}.toml",
+               authoring.revocations_toml(nation, [entry]), nation)
+
+
+async def reload(server: BrokerServer, coalition: Coalition) -> None:
+    await server.reload(coalition.policy_dir, pinned_root_sha256=coalition.root_sha256)
+
+
+def client(server: BrokerServer, coalition: Coalition, key: KeyFile) -> GatewayClient:
+    return GatewayClient(server.url, key, coalition.trust_root,
+                         broker_name=coalition.broker_name, timeout=5, max_frame=64 * 1024,
+                         reconnect=None)
+
+
+async def next_error(raw: RawNode) -> wire.Error:
+    """The next error frame (checkpoints pushed to the node meanwhile are skipped)."""
+    while True:
+        frame = await raw.recv()
+        if isinstance(frame, wire.Error):
+            return frame
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
+    """Wait for an audit entry to become durable (the log commits in batches)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the timeout"
+        await asyncio.sleep(0.02)
+
+
+def session_events(server: BrokerServer, node: str) -> list[SessionEntry]:
+    entries = (entry_from_bytes(raw) for raw in server.audit.store.entries(0, server.audit.size))
+    return [e for e in entries if isinstance(e, SessionEntry) and e.node == node]
+
+
+# --- rotation -----------------------------------------------------------------------------------
+
+
+async def test_a_rotated_certificate_replaces_the_old_key_everywhere(
+    server: BrokerServer, coalition: Coalition, gateway: Gateways
+) -> None:
+    old_key = coalition.nodes["USA-GW1"]
+    async with gateway("GBR-GW1") as gbr, gateway("USA-GW1") as usa_old:
+        await gbr.subscribe("maritime.>")
+        await usa_old.publish("maritime.tracks", b"before the switch", LABEL)
+        await gbr.directory()  # GBR knows the old certificate; it reads the message later
+        new_key = rotate(coalition, "USA-GW1", serial=2)
+        await reload(server, coalition)
+
+        # The connection authenticated with the old certificate is closed at the switch.
+        async with RawNode(server.url) as raw:  # a fresh old-key login is refused too
+            answer = await raw.login(old_key)
+            assert isinstance(answer, wire.Error) and answer.code == "bad_signature"
+        with pytest.raises(Exception):  # noqa: B017 - closed: any request fails
+            await usa_old.publish("maritime.tracks", b"after the switch, old key", LABEL)
+
+        async with client(server, coalition, new_key) as usa_new:
+            receipt = await usa_new.publish("maritime.tracks", b"after, new key", LABEL)
+            assert receipt.delivered == ["GBR-GW1"]
+            directory = await gbr.directory()
+            assert directory["USA-GW1"].sign_key == new_key.sign_public
+            assert directory["USA-GW1"].serial == 2
+
+            plan = await usa_new.route("maritime.tracks", LABEL)
+        # An envelope signed with the old key, sent over a connection made with the new one.
+        forged = build_envelope(
+            signing_key=old_key.signing_key, sender="USA-GW1", topic="maritime.tracks",
+            payload=b"old key", label=LABEL, prec=0, ttl=60, recipient_keys=plan.keys,
+            now_ms=_now())
+        async with RawNode(server.url) as raw:
+            assert isinstance(await raw.login(new_key), wire.Welcome)
+            await raw.send(wire.Pub(env=forged))
+            error = await next_error(raw)
+            assert error.code == "bad_signature"
+            assert error.ref == Envelope.from_bytes(forged).id
+        got = []
+        async for message in gbr.messages():
+            got.append(message.payload)
+            if len(got) == 2:
+                break
+        assert got == [b"before the switch", b"after, new key"]
+    connects = [e.event for e in session_events(server, "USA-GW1")]
+    assert "auth_failed" in connects
+
+
+async def test_a_rolled_back_certificate_is_refused_and_the_new_one_stays(
+    server: BrokerServer, coalition: Coalition
+) -> None:
+    cert_path = coalition.policy_dir / "nodes/USA-GW1.toml"
+    original = cert_path.read_bytes(), cert_path.with_name("USA-GW1.toml.sig").read_bytes()
+    rotate(coalition, "USA-GW1", serial=2)
+    await reload(server, coalition)
+    in_force = server.bundle.hash
+    # The operator puts back the old, validly signed certificate (serial 1).
+    cert_path.write_bytes(original[0])
+    cert_path.with_name("USA-GW1.toml.sig").write_bytes(original[1])
+    with pytest.raises(PolicyDocumentError) as refused:
+        await reload(server, coalition)
+    assert refused.value.code == "rollback"
+    assert "serial 1 is lower than 2" in refused.value.reason
+    assert server.bundle.hash == in_force == server.hub.bundle.hash
+
+
+async def test_a_changed_certificate_must_raise_its_serial(
+    server: BrokerServer, coalition: Coalition
+) -> None:
+    rotate(coalition, "USA-GW1", serial=1)  # new key, same serial
+    with pytest.raises(PolicyDocumentError) as refused:
+        await reload(server, coalition)
+    assert refused.value.code == "rollback" and "must raise its serial" in refused.value.reason
+
+
+async def test_the_broker_will_not_restart_on_older_documents(
+    coalition: Coalition, tmp_path: Path
+) -> None:
+    old_policy = {p: p.read_bytes() for p in coalition.policy_dir.rglob("*") if p.is_file()}
+    data_dir = tmp_path / "data"
+
+    def broker() -> BrokerServer:
+        return BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=data_dir)
+
+    async with broker() as first:
+        rotate(coalition, "USA-GW1", serial=2)
+        revoke(coalition, "USA-GW2")
+        await reload(first, coalition)
+    for path in list(coalition.policy_dir.rglob("*")):
+        if path.is_file() and path not in old_policy:
+            path.unlink()
+    for path, data in old_policy.items():
+        path.write_bytes(data)
+    with pytest.raises(PolicyDocumentError) as refused:
+        async with broker():
+            pass
+    assert refused.value.code == "rollback"
+    assert "revocation of USA-GW2 by USA was dropped" in refused.value.reason
+    assert "serial 1 is lower than 2" in refused.value.reason
+
+
+# --- revocation ---------------------------------------------------------------------------------
+
+
+async def test_a_revoked_certificate_is_refused_everywhere(
+    server: BrokerServer, coalition: Coalition, gateway: Gateways
+) -> None:
+    async with gateway("USA-GW1") as usa1, gateway("USA-GW2") as usa2:
+        await usa2.subscribe("maritime.>")
+        revoke(coalition, "USA-GW2")
+        await reload(server, coalition)
+        assert server.hub.peers.get("USA-GW2") is None or server.hub.peers["USA-GW2"].closing
+
+        # handshake
+        async with RawNode(server.url) as raw:
+            answer = await raw.login(coalition.nodes["USA-GW2"])
+            assert isinstance(answer, wire.Error) and answer.code == "node_inactive"
+        await eventually(lambda: any(
+            e.event == "auth_failed" and e.reason.startswith("node_inactive")
+            for e in session_events(server, "USA-GW2")))
+        # directory
+        directory = await usa1.directory()
+        assert "USA-GW2" not in directory and "USA-GW1" in directory
+        # recipient list: by subscription and by explicit `to`
+        plan = await usa1.route("maritime.tracks", label("NATO", "SECRET", "USA", ["USA"]),
+                                to=("USA-GW2",))
+        assert plan.recipients["USA-GW2"] == "deny:node_inactive"
+        assert "USA-GW2" not in plan.keys
+        receipt = await usa1.publish("maritime.tracks", b"x",
+                                     label("NATO", "SECRET", "USA", ["USA"]), to=("USA-GW2",))
+        assert receipt.denied == {"USA-GW2": ["node_inactive"]}
+        assert server.hub.queues.get("USA-GW2") is None or server.hub.queues["USA-GW2"].depth == 0
+    # the operator's view says so too
+    assert node_status(AdminContext(server, None), server.bundle.nodes["USA-GW2"]) == "revoked"
+
+
+async def test_a_revocation_cannot_be_dropped_by_a_reload(
+    server: BrokerServer, coalition: Coalition
+) -> None:
+    revoke(coalition, "USA-GW2")
+    await reload(server, coalition)
+    in_force = server.bundle.hash
+    (coalition.policy_dir / "revocations/USA.toml").unlink()
+    (coalition.policy_dir / "revocations/USA.toml.sig").unlink()
+    with pytest.raises(PolicyDocumentError) as refused:
+        await reload(server, coalition)
+    assert refused.value.code == "rollback" and "dropped" in refused.value.reason
+    assert server.bundle.hash == in_force
+
+
+async def test_a_nation_cannot_revoke_another_nations_node(
+    server: BrokerServer, coalition: Coalition
+) -> None:
+    revoke(coalition, "USA-GW2", signer="FRA")
+    with pytest.raises(PolicyDocumentError) as refused:
+        await reload(server, coalition)
+    assert "revokes only its own certificates" in refused.value.reason
+
+
+async def test_a_revoked_node_comes_back_with_a_new_certificate(
+    server: BrokerServer, coalition: Coalition, gateway: Gateways
+) -> None:
+    revoke(coalition, "USA-GW2")
+    await reload(server, coalition)
+    new_key = rotate(coalition, "USA-GW2", serial=2)
+    await reload(server, coalition)
+    async with client(server, coalition, new_key) as usa2, gateway("USA-GW1") as usa1:
+        await usa2.subscribe("maritime.>")
+        receipt = await usa1.publish("maritime.tracks", b"welcome back",
+                                     label("NATO", "SECRET", "USA", ["USA"]))
+        assert receipt.delivered == ["USA-GW2"]
+        async for message in usa2.messages():
+            assert message.payload == b"welcome back"
+            break
+
+
+async def test_envelope_from_a_connection_whose_certificate_changed_is_refused(
+    server: BrokerServer, coalition: Coalition
+) -> None:
+    """Between the switch and the close, nothing more is accepted under the old certificate."""
+    key = coalition.nodes["USA-GW1"]
+    async with RawNode(server.url) as raw:
+        assert isinstance(await raw.login(key), wire.Welcome)
+        sender = server.bundle.nodes["USA-GW1"]
+        rotate(coalition, "USA-GW1", serial=2)
+        await reload(server, coalition)
+        env = build_envelope(signing_key=key.signing_key, sender="USA-GW1",
+                             topic="maritime.tracks", payload=b"x", label=LABEL, prec=0, ttl=60,
+                             recipient_keys={}, now_ms=_now())
+        replies: list[wire.Frame] = []
+        with pytest.raises(Exception) as raised:
+            server.hub.publish(sender, env, replies.append)
+        assert getattr(raised.value, "code", None) == "node_inactive"
+        assert replies == []

@@ -1,0 +1,236 @@
+"""Revocation lists, certificate serials and the succession rules (pure, no broker)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from broker.cli import main
+from broker.coalition import DAY_MS, CoalitionDocuments, NodeSpec, coalition_documents
+from broker.errors import PolicyDocumentError
+from clients.certs import CertBook
+from clients.identity import KeyFile
+from policies import authoring
+from policies.bundle import Bundle, build_bundle, check_succession
+from policies.decide import decide
+from policies.documents import SignedDocument, parse_node_cert
+from policies.loader import load_bundle
+from policies.model import Label, NodeCert, Revocation
+from policies.revocations import parse_revocations, verify_revocations
+
+NOW = 1_795_000_000_000
+NATIONS = ("FRA", "GBR", "USA")
+NODES = [NodeSpec("USA-GW1", "USA"), NodeSpec("USA-GW2", "USA"), NodeSpec("GBR-GW1", "GBR")]
+LABEL = Label(policy="NATO", cls="SECRET", cats={}, rel=("GBR", "USA"), orig="USA")
+
+
+@pytest.fixture(scope="module")
+def made() -> CoalitionDocuments:
+    return coalition_documents(nations=NATIONS, nodes=NODES, now_ms=NOW)
+
+
+def with_docs(made: CoalitionDocuments, extra: dict[str, SignedDocument]) -> Bundle:
+    return build_bundle({**made.documents, **extra}, pinned_root_sha256=made.root_sha256)
+
+
+def revocation_doc(made: CoalitionDocuments, node: str, *, nation: str = "USA",
+                   signer: str | None = None, name: str | None = None) -> SignedDocument:
+    cert = made.bundle().nodes[node]
+    entry = Revocation(nation=nation, node=node, sign_key=cert.sign_key, reason="stolen laptop",
+                       revoked_at=NOW)
+    data = authoring.revocations_toml(nation, [entry])
+    return made.signed(name or f"revocations/{nation}.toml", data, [signer or nation])
+
+
+def rotated_doc(made: CoalitionDocuments, node: str, *, serial: int | None) -> SignedDocument:
+    old = made.bundle().nodes[node]
+    key = KeyFile.generate("node", node)
+    data = authoring.node_cert_toml(node=node, nation=old.nation, sign_key=key.sign_public,
+                                    enc_key=key.enc_public, not_before_ms=NOW,
+                                    not_after_ms=NOW + DAY_MS, max_level="SECRET", serial=serial)
+    return made.signed(f"nodes/{node}.toml", data, [old.nation])
+
+
+# --- documents ------------------------------------------------------------------------------
+
+
+def test_revocation_list_round_trips_through_its_toml(made: CoalitionDocuments) -> None:
+    doc = revocation_doc(made, "USA-GW2")
+    nation, entries = parse_revocations(doc)
+    assert nation == "USA" and len(entries) == 1
+    assert entries[0].node == "USA-GW2" and entries[0].reason == "stolen laptop"
+    assert entries[0].sign_key == made.bundle().nodes["USA-GW2"].sign_key
+    assert verify_revocations(doc, made.bundle().trust_root) == entries
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda d: d.replace(b'nation = "USA"', b'nation = "usa"'), "not a nation code"),
+    (lambda d: d.replace(b"[[revoked]]", b"extra = 1\n[[revoked]]"), "unknown field"),
+    (lambda d: d.replace(b'reason = "stolen laptop"', b'reason = ""'), "reason"),
+    (lambda d: d.replace(b"revoked_at = ", b"note = 1\nrevoked_at = "), "unknown field"),
+    (lambda d: d + d[d.index(b"[[revoked]]"):], "listed twice"),
+    (lambda d: d.replace(b'sign_key = "ed25519:', b'sign_key = "x25519:'), "sign_key"),
+])
+def test_malformed_revocation_lists_are_refused(made: CoalitionDocuments, mutate, message) -> None:  # type: ignore[no-untyped-def]
+    data = mutate(revocation_doc(made, "USA-GW2").data)
+    with pytest.raises(PolicyDocumentError, match=message):
+        parse_revocations(SignedDocument("revocations/USA.toml", data, b""))
+
+
+def test_a_revocation_list_must_be_signed_by_its_nation(made: CoalitionDocuments) -> None:
+    doc = revocation_doc(made, "USA-GW2", signer="GBR")
+    with pytest.raises(PolicyDocumentError) as refused:
+        with_docs(made, {doc.name: doc})
+    assert refused.value.code == "unsigned" and "USA" in refused.value.reason
+
+
+def test_a_revocation_list_is_named_after_its_nation(made: CoalitionDocuments) -> None:
+    doc = revocation_doc(made, "USA-GW2", name="revocations/GBR.toml")
+    with pytest.raises(PolicyDocumentError, match="does not match the file name"):
+        with_docs(made, {doc.name: doc})
+
+
+def test_a_nation_revokes_only_its_own_nodes(made: CoalitionDocuments) -> None:
+    doc = revocation_doc(made, "USA-GW2", nation="FRA")
+    with pytest.raises(PolicyDocumentError, match="revokes only its own"):
+        with_docs(made, {doc.name: doc})
+
+
+def test_serial_defaults_to_one_and_must_be_positive(made: CoalitionDocuments) -> None:
+    assert made.bundle().nodes["USA-GW1"].serial == 1
+    assert with_docs(made, {"nodes/USA-GW1.toml": rotated_doc(made, "USA-GW1", serial=7)}
+                     ).nodes["USA-GW1"].serial == 7
+    bad = rotated_doc(made, "USA-GW1", serial=0)
+    with pytest.raises(PolicyDocumentError, match="serial"):
+        parse_node_cert(bad)
+
+
+# --- effect on decisions and the directory --------------------------------------------------
+
+
+def test_a_revoked_certificate_is_inactive_as_sender_and_recipient(
+    made: CoalitionDocuments,
+) -> None:
+    doc = revocation_doc(made, "USA-GW2")
+    bundle = with_docs(made, {doc.name: doc})
+    usa1, usa2, gbr = (bundle.nodes[n] for n in ("USA-GW1", "USA-GW2", "GBR-GW1"))
+    assert bundle.revocation_of(usa2) is not None and bundle.revocation_of(usa1) is None
+    assert decide(LABEL, usa1, usa2, "t", NOW, bundle).reasons == ("node_inactive",)
+    assert decide(LABEL, usa2, gbr, "t", NOW, bundle).reasons == ("node_inactive",)
+    assert decide(LABEL, usa1, gbr, "t", NOW, bundle).permit
+    assert [c.node for c in bundle.usable_certs()] == ["GBR-GW1", "USA-GW1"]
+
+
+def test_a_revocation_names_a_key_so_a_new_certificate_is_not_revoked(
+    made: CoalitionDocuments,
+) -> None:
+    doc = revocation_doc(made, "USA-GW2")
+    bundle = with_docs(made, {doc.name: doc,
+                              "nodes/USA-GW2.toml": rotated_doc(made, "USA-GW2", serial=2)})
+    assert bundle.revocation_of(bundle.nodes["USA-GW2"]) is None
+
+
+# --- succession -----------------------------------------------------------------------------
+
+
+def test_succession_accepts_a_higher_serial_and_refuses_a_step_back(
+    made: CoalitionDocuments,
+) -> None:
+    old = made.bundle()
+    new = with_docs(made, {"nodes/USA-GW1.toml": rotated_doc(made, "USA-GW1", serial=2)})
+    check_succession(old, new)
+    with pytest.raises(PolicyDocumentError, match="serial 1 is lower than 2") as refused:
+        check_succession(new, old)
+    assert refused.value.code == "rollback"
+    same_serial = with_docs(made, {"nodes/USA-GW1.toml": rotated_doc(made, "USA-GW1",
+                                                                      serial=None)})
+    with pytest.raises(PolicyDocumentError, match="must raise its serial"):
+        check_succession(old, same_serial)
+
+
+def test_succession_keeps_revocations_and_agreement_versions(made: CoalitionDocuments) -> None:
+    doc = revocation_doc(made, "USA-GW2")
+    revoked = with_docs(made, {doc.name: doc})
+    check_succession(made.bundle(), revoked)
+    with pytest.raises(PolicyDocumentError, match="was dropped"):
+        check_succession(revoked, made.bundle())
+    agreement = made.bundle().agreements[0]
+    newer = dataclasses.replace(agreement, version=agreement.version + 1)
+    path = f"agreements/{agreement.id}.toml"
+    bumped = with_docs(made, {path: made.signed(path, authoring.agreement_toml(newer),
+                                                list(agreement.parties))})
+    check_succession(made.bundle(), bumped)
+    with pytest.raises(PolicyDocumentError, match="rolled-back agreement"):
+        check_succession(bumped, made.bundle())
+
+
+def test_removing_a_node_is_not_a_rollback(made: CoalitionDocuments) -> None:
+    fewer = {k: v for k, v in made.documents.items() if k != "nodes/USA-GW2.toml"}
+    check_succession(made.bundle(), build_bundle(fewer, pinned_root_sha256=made.root_sha256))
+
+
+# --- the recipient's certificate book -------------------------------------------------------
+
+
+def _cert(node: str, serial: int, not_before: int) -> NodeCert:
+    key = KeyFile.generate("node", node)
+    data = authoring.node_cert_toml(node=node, nation="USA", sign_key=key.sign_public,
+                                    enc_key=key.enc_public, not_before_ms=not_before,
+                                    not_after_ms=not_before + DAY_MS, max_level="SECRET",
+                                    serial=serial)
+    return parse_node_cert(SignedDocument(f"nodes/{node}.toml", data, b""))
+
+
+def test_cert_book_keeps_a_replaced_certificate_only_for_older_envelopes() -> None:
+    book = CertBook()
+    old, new = _cert("N", 1, NOW - DAY_MS), _cert("N", 2, NOW)
+    book.update({"N": old})
+    book.update({"N": new})
+    assert list(book.for_envelope("N", NOW - 1)) == [new, old]
+    assert list(book.for_envelope("N", NOW)) == [new]  # signed after the switch: new key only
+    book.update({})  # revoked or removed: nothing of it is trusted any more
+    assert list(book.for_envelope("N", NOW - 1)) == []
+
+
+def test_cert_book_does_not_retire_on_a_lower_serial() -> None:
+    book = CertBook()
+    high, low = _cert("N", 3, NOW), _cert("N", 2, NOW + 1)
+    book.update({"N": high})
+    book.update({"N": low})
+    assert list(book.for_envelope("N", 0)) == [low]
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_rotates_and_revokes_a_certificate(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from broker.coalition import build_coalition
+
+    c = build_coalition(tmp_path / "c", nations=NATIONS, nodes=NODES, now_ms=NOW)
+    original = c.bundle()
+    authority = c.keys_dir / "authority-USA.key"
+    revocations = c.policy_dir / "revocations/USA.toml"
+    assert main(["keys", "revoke", str(c.policy_dir / "nodes/USA-GW2.toml"),
+                 "--reason", "decommissioned\nline two", "--out", str(revocations)]) == 0
+    assert main(["keys", "sign", str(revocations), "--key", str(authority)]) == 0
+    assert main(["keys", "revoke", str(c.policy_dir / "nodes/USA-GW2.toml"),
+                 "--reason", "again", "--out", str(revocations)]) == 2
+    assert "already revoked" in capsys.readouterr().err
+    assert main(["keys", "sign", str(revocations),
+                 "--key", str(c.keys_dir / "authority-GBR.key")]) == 2
+    new_key = tmp_path / "USA-GW1.new.key"
+    cert = c.policy_dir / "nodes/USA-GW1.toml"
+    assert main(["keys", "gen", "--kind", "node", "--name", "USA-GW1", "--out",
+                 str(new_key)]) == 0
+    assert main(["keys", "cert", "--node-key", str(new_key), "--nation", "USA", "--max",
+                 "SECRET", "--serial", "2", "--out", str(cert)]) == 0
+    assert main(["keys", "sign", str(cert), "--key", str(authority)]) == 0
+    bundle = load_bundle(c.policy_dir, pinned_root_sha256=c.root_sha256)
+    assert bundle.nodes["USA-GW1"].serial == 2
+    assert bundle.nodes["USA-GW1"].sign_key == KeyFile.read(new_key).sign_public
+    revoked = bundle.revocation_of(bundle.nodes["USA-GW2"])
+    assert revoked is not None and revoked.reason == "decommissioned\nline two"
+    check_succession(original, bundle)  # what a running broker checks when reloading
