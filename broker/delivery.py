@@ -50,6 +50,7 @@ class RecipientQueue:
         self._pending: dict[int, QueuedMessage] = {}
         self._in_flight: dict[int, QueuedMessage] = {}
         self._reserved: dict[int, int] = {}  # seq -> bytes, for writes not yet durable
+        self._reserved_bytes = 0  # their sum, kept as they come and go (checked per publish)
         #: Envelope bytes owed (pending and in flight).
         self.bytes = 0
 
@@ -61,16 +62,17 @@ class RecipientQueue:
         seq = self._next_seq
         self._next_seq += 1
         self._reserved[seq] = size
+        self._reserved_bytes += size
         return seq
 
     def cancel(self, seq: int) -> None:
         """The write of a reserved message failed: it will never be queued."""
-        self._reserved.pop(seq, None)
+        self._reserved_bytes -= self._reserved.pop(seq, 0)
 
     @property
     def committed_bytes(self) -> int:
         """Bytes owed plus bytes reserved for writes in progress: what a limit checks."""
-        return self.bytes + sum(self._reserved.values())
+        return self.bytes + self._reserved_bytes
 
     def push(self, *, message_id: bytes, sender: str, envelope: bytes, prec: int,
              expires_ms: int, seq: int | None = None, queued_ms: int = 0) -> QueuedMessage:
@@ -80,7 +82,7 @@ class RecipientQueue:
             seq = self.reserve_seq()
         elif seq >= self._next_seq:
             self._next_seq = seq + 1
-        self._reserved.pop(seq, None)
+        self._reserved_bytes -= self._reserved.pop(seq, 0)
         item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, expires_ms,
                              queued_ms)
         self._pending[seq] = item

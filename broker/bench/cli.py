@@ -67,8 +67,11 @@ _OVERRIDES = ("messages", "latency_messages", "latency_fractions", "fanout_messa
 def _bench(args: argparse.Namespace) -> int:
     from broker.bench.context import Options
     from broker.bench.runner import SCENARIOS, run_bench
+    from broker.errors import ConfigError
     from broker.logs import configure
 
+    if args.out is not None and not args.out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: no such directory {args.out.parent}")
     configure(level="warning", json=False)  # the benchmark's own process: tables on stdout
     overrides = {name: getattr(args, name) for name in _OVERRIDES
                  if getattr(args, name) is not None}

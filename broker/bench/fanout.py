@@ -3,7 +3,7 @@
 ``USA-P1`` publishes on ``bench.fanout.nN`` with a label releasable to the subscribers'
 nations (GBR, FRA, DEU, POL in turn) and the content key sealed to each of the N. The payload
 is the one of the throughput scenario's 1 KiB envelope, so the envelope grows by one sealed key
-(about 60 bytes) per recipient. Subscribers are spread over up to four processes. One broker
+(about 90 bytes) per recipient. Subscribers are spread over up to four processes. One broker
 serves every width; each width has its own topic, so earlier subscribers are not candidates.
 """
 

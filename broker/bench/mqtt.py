@@ -85,11 +85,11 @@ def parse_publish(flags: int, body: bytes) -> tuple[str, int | None, bytes]:
     return topic, None, body[offset:]
 
 
-async def open_session(host: str, port: int,
-                       client_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect and wait for a successful CONNACK."""
+async def open_session(host: str, port: int, client_id: str, *,
+                       clean: bool = True) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect and wait for a successful CONNACK (``clean=False``: a durable session)."""
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(connect(client_id))
+    writer.write(connect(client_id, clean=clean))
     kind, _, body = await read_packet(reader)
     if kind != CONNACK or len(body) != 2 or body[1] != 0:
         raise RuntimeError(f"{client_id}: connection refused ({kind}, {body!r})")
@@ -160,7 +160,9 @@ async def _subscriber(spec: MqttSubscriberSpec, control: Control) -> None:
     done = [asyncio.Event() for _ in spec.client_ids]
     for index, (client_id, topic, expected) in enumerate(
             zip(spec.client_ids, spec.topics, spec.expected, strict=True)):
-        reader, writer = await open_session(spec.host, spec.port, client_id)
+        # Durable sessions, as the broker's subscriptions and queues are: Mosquitto persists
+        # the messages in flight to clients without a clean session.
+        reader, writer = await open_session(spec.host, spec.port, client_id, clean=False)
         writer.write(subscribe(1, topic))
         kind, _, body = await read_packet(reader)
         if kind != SUBACK or body[-1] > 1:

@@ -251,7 +251,7 @@ def test_mutated_frames_parse_and_re_encode_or_fail_cleanly(data: bytes) -> None
     targets.frame(data)
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=250)
 @given(frame_cases())
 def test_structured_frames_are_refused_exactly_for_their_defects(case: FrameCase) -> None:
     data = raw_map(case.pairs)

@@ -151,3 +151,14 @@ def test_the_commented_tls_example_of_broker_toml_is_a_valid_section(tmp_path: P
     config = parse_config(table, base=tmp_path)
     assert config.tls.cert == (tmp_path / "tls/broker.crt").resolve()
     assert config.tls.key is not None and config.tls.client_ca is not None
+
+
+def test_every_package_directory_is_in_the_setuptools_package_list() -> None:
+    """A package missing from the list is left out of a wheel (``pip install .``, the
+    Containerfile) while the editable install of the tests still finds it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    found = {str(init.parent.relative_to(ROOT)).replace("/", ".")
+             for top in ("broker", "clients", "policies")
+             for init in (ROOT / top).rglob("__init__.py")}
+    assert found == listed
