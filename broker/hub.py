@@ -144,7 +144,7 @@ class Hub:
         self.inactive |= set(self.statuses)
         for notice in self.audit.store.notices():
             self.notices.setdefault(notice.sender, []).append(notice)
-        self._in_force = _stored_bundle(self.audit.store)
+        self._in_force = stored_bundle(self.audit.store)
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
                  queued=len(rows), notices=sum(map(len, self.notices.values())))
 
@@ -506,7 +506,7 @@ class Hub:
 _ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}
 
 
-def _stored_bundle(store: Store) -> Bundle | None:
+def stored_bundle(store: Store) -> Bundle | None:
     """The bundle in force when the broker last ran (to refuse a rollback across a restart);
     ``None`` on a new store, or with a warning if it no longer verifies."""
     digest = store.active_bundle()

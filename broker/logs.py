@@ -11,6 +11,10 @@ import sys
 import structlog
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure(*, level: str = "info", json: bool = True) -> None:
     """Configure structlog once for this process."""
     renderer: structlog.typing.Processor = (
@@ -25,6 +29,8 @@ def configure(*, level: str = "info", json: bool = True) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr is looked up per logger, not captured once: a CLI run in-process (tests)
+        # must not keep writing to a stream that was replaced and closed since.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

@@ -34,7 +34,7 @@ from broker.capacity import StoreCapacity
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
 from broker.guard import ConnectionGuard, LogLimiter, Refusal, address_key
-from broker.hub import Hub
+from broker.hub import Hub, stored_bundle
 from broker.limits import Limits as Limits  # re-exported: callers build servers with it
 from broker.limits import limits_from_section
 from broker.listener import StallWatchdog, http_server_kwargs
@@ -68,6 +68,15 @@ def read_broker_key(config: Config) -> KeyFile:
     if key.kind != "broker":
         raise ConfigError(f"broker.key {config.broker.key} is a {key.kind} key, not a broker key")
     return key
+
+
+def earlier_broker_keys(store: SqliteStore, name: str) -> list[bytes]:
+    """The key the nations listed for this broker in the bundle in force when it last ran: after
+    a rotation of the broker's key (a new trust root), the last checkpoint is signed with it."""
+    previous = stored_bundle(store)
+    if previous is None:
+        return []
+    return [b.key for b in previous.trust_root.brokers if b.name == name]
 
 
 def check_broker_key(bundle: Bundle, name: str, key: KeyFile) -> None:
@@ -164,7 +173,8 @@ class BrokerServer:
         store = SqliteStore.in_dir(self.data_dir)
         try:
             self._audit = AuditLog(store, Signer.from_seed(self.name, bytes(self.key.signing_key)),
-                                   policy=self.commit, clock_ms=self.clock_ms)
+                                   policy=self.commit, clock_ms=self.clock_ms,
+                                   earlier_keys=earlier_broker_keys(store, self.name))
             self._audit.open()
             self._hub = Hub(self.bundle, self._audit, clock_ms=self.clock_ms,
                             skew_ms=self.limits.clock_skew_ms,

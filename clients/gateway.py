@@ -400,6 +400,8 @@ class GatewayClient:
             cert = await self._signer_of(env)
             assert self.identity.enc_key is not None
             payload = env.open(self.node, self.identity.enc_key)
+        except GatewayError:
+            raise  # the certificate could not be fetched: not a verdict on the delivery
         except BrokerError as exc:
             log.error("delivery_rejected", id=env.id.hex(), sender=env.sender, code=exc.code,
                       reason=exc.reason)

@@ -145,15 +145,25 @@ def build_bundle(
 
 def check_succession(old: Bundle, new: Bundle) -> None:
     """Raise ``PolicyDocumentError`` (``rollback``) if ``new`` steps back from ``old``: a node
-    certificate with a lower serial, a revocation dropped, an agreement version lowered (see
-    :mod:`policies.revocations`)."""
+    certificate with a lower serial, a revocation dropped, an agreement version lowered, a trust
+    root version lowered (see :mod:`policies.revocations`)."""
     problems = succession_problems(
         old_nodes=old.nodes, new_nodes=new.nodes, old_revocations=old.revocations,
         new_revocations=new.revocations, old_agreements=old.agreements,
         new_agreements=new.agreements)
+    old_root, new_root = old.trust_root.version, new.trust_root.version
+    if new_root < old_root:
+        problems.append(f"trust root version {new_root} is lower than {old_root} in force")
+    elif new_root == old_root and _root_bytes(old) != _root_bytes(new):
+        problems.append(f"a changed trust root must raise its version (still {new_root})")
     if problems:
         raise PolicyDocumentError(f"does not follow the bundle in force ({old.hash.hex()[:16]}): "
                                   + "; ".join(problems), code="rollback")
+
+
+def _root_bytes(bundle: Bundle) -> bytes | None:
+    doc = bundle.documents.get(TRUST_ROOT)
+    return doc.data if doc is not None else None
 
 
 def _revocations(documents: Mapping[str, SignedDocument], root: TrustRoot,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from broker.coalition import DAY_MS, Coalition, NodeSpec, build_coalition
 
@@ -27,3 +29,12 @@ def coalition(tmp_path: Path) -> Coalition:
     ]
     return build_coalition(tmp_path, nations=NATIONS, nodes=nodes, now_ms=now,
                            communities={"NATO": NATIONS, "FVEY": ("GBR", "USA")})
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """A CLI run in-process (``broker.cli.main``) configures structlog for the process (level,
+    renderer); put back what the test started with, so later tests see the default."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

@@ -71,10 +71,15 @@ class AuditLog:
     """The broker's append-only, tamper-evident log over a :class:`Store`."""
 
     def __init__(self, store: Store, signer: Signer, *, policy: CommitPolicy = DEFAULT_COMMIT,
-                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 earlier_keys: Sequence[bytes] = ()) -> None:
+        """``earlier_keys``: public keys this broker signed with before a key rotation (from the
+        trust root in force when it last ran); its last stored checkpoint may carry one."""
         self.store = store
         self.signer = signer
         self.verifier: Verifier = signer.verifier()
+        self._earlier = [Verifier(signer.name, key) for key in earlier_keys
+                         if key != self.verifier.public_key]
         self.policy = policy
         self.clock_ms = clock_ms
         self.size = 0  # durable entries
@@ -124,7 +129,7 @@ class AuditLog:
 
     def _checkpoint_of(self, stored: StoredCheckpoint) -> Checkpoint:
         try:
-            verified = verify_note(stored.note, [self.verifier])
+            verified = verify_note(stored.note, [self.verifier, *self._earlier])
             checkpoint = Checkpoint.from_text(verified.text)
         except BrokerError as exc:
             raise LogDamaged(f"the last stored checkpoint does not verify with this broker's "

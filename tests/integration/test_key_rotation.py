@@ -10,6 +10,7 @@ also across a restart.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,9 @@ from clients.gateway import GatewayClient, label
 from clients.identity import KeyFile
 from policies import authoring
 from policies.documents import SignedDocument, parse_node_cert
+from policies.loader import load_bundle
 from policies.model import Revocation
+from tests.integration.conftest import FAST_COMMIT
 from tests.integration.rawnode import RawNode
 
 Gateways = Callable[[str], GatewayClient]
@@ -301,3 +304,74 @@ async def test_envelope_from_a_connection_whose_certificate_changed_is_refused(
             server.hub.publish(sender, env, replies.append)
         assert getattr(raised.value, "code", None) == "node_inactive"
         assert replies == []
+
+
+# --- the broker's own key -----------------------------------------------------------------------
+
+
+def new_trust_root(coalition: Coalition, *, version: int, broker_key: bytes) -> bytes:
+    """The nations' next trust root (same nations and communities), listing ``broker_key`` for
+    the broker, signed by the threshold; returns its SHA-256 (the operator pins it)."""
+    root = load_bundle(coalition.policy_dir, pinned_root_sha256=None).trust_root
+    data = authoring.trust_root_toml(
+        version=version, common_scheme=root.common_scheme, threshold=root.threshold,
+        witness_quorum=root.witness_quorum,
+        nations={code: list(n.authority_keys) for code, n in root.nations.items()},
+        communities={name: list(m) for name, m in root.communities.items()},
+        brokers={coalition.broker_name: broker_key})
+    signers = sorted(root.nations)[:root.threshold]
+    (coalition.policy_dir / "trust-root.toml").write_bytes(data)
+    (coalition.policy_dir / "trust-root.toml.sig").write_bytes(authoring.signature_file(
+        data, [(n, coalition.authorities[n].signing_key) for n in signers]))
+    return hashlib.sha256(data).digest()
+
+
+async def test_the_broker_key_rotates_with_a_new_trust_root_and_the_log_continues(
+    coalition: Coalition, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=data_dir,
+                            commit=FAST_COMMIT) as first:
+        async with client(first, coalition, coalition.nodes["USA-GW1"]) as usa:
+            await usa.publish("maritime.tracks", b"before", LABEL)
+        await eventually(lambda: first.audit.latest is not None
+                         and first.audit.latest.size == first.audit.size)
+        size = first.audit.size
+    new_key = KeyFile.generate("broker", coalition.broker_name)
+    pin = new_trust_root(coalition, version=2, broker_key=new_key.sign_public)
+    bundle = load_bundle(coalition.policy_dir, pinned_root_sha256=pin)
+    # The last checkpoint was signed with the old key: the trust root in force when the broker
+    # last ran (kept in its store) vouches for it.
+    async with BrokerServer(name=coalition.broker_name, bundle=bundle, key=new_key,
+                            data_dir=data_dir, commit=FAST_COMMIT) as second:
+        assert second.audit.size > size
+        await eventually(lambda: second.audit.latest is not None
+                         and second.audit.latest.size >= size + 1)
+        assert second.audit.latest is not None
+        assert f"— {coalition.broker_name} " in second.audit.latest.note
+
+    # Going back to the first trust root (version 1) is a rollback, even with its key.
+    pin_v1 = new_trust_root(coalition, version=1, broker_key=coalition.broker_key.sign_public)
+    with pytest.raises(PolicyDocumentError) as refused:
+        async with BrokerServer(name=coalition.broker_name,
+                                bundle=load_bundle(coalition.policy_dir, pinned_root_sha256=pin_v1),
+                                key=coalition.broker_key, data_dir=data_dir):
+            pass
+    assert refused.value.code == "rollback" and "trust root version 1" in refused.value.reason
+
+
+async def test_a_checkpoint_signed_by_an_unlisted_key_still_refuses_the_start(
+    coalition: Coalition, tmp_path: Path
+) -> None:
+    """The earlier key is the one the nations listed, not any key: a broker started with a key
+    of its own choosing on an existing log is refused (the trust root does not list it)."""
+    data_dir = tmp_path / "data"
+    async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=data_dir, commit=FAST_COMMIT):
+        pass
+    stranger = KeyFile.generate("broker", coalition.broker_name)
+    with pytest.raises(Exception, match="not the one the trust root lists"):
+        async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                                key=stranger, data_dir=data_dir):
+            pass
