@@ -233,21 +233,23 @@ class BrokerServer:
         """Load the policy directory again and activate it atomically.
 
         A bundle that does not load (bad or missing signature, unpinned trust root, a trust
-        root that no longer lists this broker's key) is logged with its reason and changes
-        nothing: the previous bundle stays in force. Raises the refusal as ``BrokerError``.
+        root that no longer lists this broker's key) or does not succeed the one in force
+        (``rollback``) is logged with its reason and changes nothing: the previous bundle stays
+        in force. Raises the refusal as ``BrokerError``.
         """
         try:
             bundle = load_bundle(policy_dir, pinned_root_sha256=pinned_root_sha256)
             check_broker_key(bundle, self.name, self.key)
+            if bundle.hash == self.bundle.hash:
+                log.info("policy_reload_unchanged", bundle=bundle.hash.hex())
+                return bundle
+            activated = self.hub.activate(bundle)  # in force from here (or refused, unchanged)
         except BrokerError as exc:
             log.error("policy_reload_refused", code=exc.code, reason=exc.reason,
                       active=self.bundle.hash.hex())
             raise
-        if bundle.hash == self.bundle.hash:
-            log.info("policy_reload_unchanged", bundle=bundle.hash.hex())
-            return bundle
-        await self.hub.activate(bundle)
         self.bundle = bundle
+        await activated
         return bundle
 
     async def _close_audit(self) -> None:

@@ -399,7 +399,12 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
     total = _count_hint(path)
     tree, first_mismatch = check_entries(export, replay, report, progress, total)
     replay.finish(expiry_grace_ms)
-    saved_notes = [(p.name, p.read_text(encoding="utf-8")) for p in saved]
+    saved_notes = []
+    for note_path in saved:
+        try:
+            saved_notes.append((note_path.name, note_path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            report.add("checkpoint", f"saved checkpoint {note_path.name!r} cannot be read: {exc}")
     check_checkpoints(export, tree, bundles, saved_notes, quorum, report, first_mismatch)
     report.problems.sort(key=lambda p: (p.index is None, p.index or 0))
     return report

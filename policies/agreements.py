@@ -42,7 +42,7 @@ from policies.documents import (
 )
 from policies.model import RESTRICTIVE, Agreement, Scheme, Tier, TrustRoot
 
-AGREEMENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+AGREEMENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _TIER_KEYS = frozenset({"name", "members", "ceiling", "categories", "topics"})
 
 

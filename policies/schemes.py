@@ -35,7 +35,7 @@ from policies.documents import (
 )
 from policies.model import TAG_TYPES, Accreditation, NodeCert, Scheme, Tag, TrustRoot
 
-TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}\Z")
 
 
 def parse_scheme_body(doc: SignedDocument) -> tuple[Scheme, dict[str, Any]]:

@@ -119,9 +119,9 @@ def _auth(tokens: TokenTable) -> Middleware:
         token = tokens.identify(request.headers.get("Authorization"))
         if token is None:
             raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        request[TOKEN] = token  # known from here: a refused attempt is logged with its name
         if not tokens.allows(token, permission):
             raise ApiError(403, "forbidden", f"role {token.role} may not {permission}")
-        request[TOKEN] = token
         return await handler(request)
     return authenticate
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m tests.fuzz.run TARGET [--runs N] [--seconds S] [--max-len B]
+    python -m tests.fuzz.run TARGET [--runs N] [--seconds S] [--max-len B] [--structured]
                                     [--artifacts DIR] [CORPUS_DIR ...] [-- LIBFUZZER_FLAG ...]
     python -m tests.fuzz.run --list
 
@@ -14,6 +14,7 @@ the ``fuzz`` extra (``pip install -e '.[fuzz]'``); see ``tests/fuzz/README.md``.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-len", type=int, help="longest input libFuzzer generates")
     parser.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS,
                         help=f"where crash inputs are written (default {DEFAULT_ARTIFACTS})")
+    parser.add_argument("--structured", action="store_true",
+                        help="half of the mutations structure-aware (tests/fuzz/mutators.py)")
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     args = parser.parse_args(argv)
     if not args.list and args.target is None:
@@ -87,7 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     def test_one_input(data: bytes) -> None:
         target(data)
 
-    atheris.Setup(libfuzzer_argv(args), test_one_input)
+    if not args.structured:
+        atheris.Setup(libfuzzer_argv(args), test_one_input)
+    else:
+        from tests.fuzz import mutators  # not instrumented: its branches are not the parsers'
+
+        def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
+            rnd = random.Random(seed)
+            if rnd.random() < 0.5:
+                out = mutators.mutate(args.target, data, rnd)
+                if out is not None and len(out) <= max_size:
+                    return out
+            mutated: bytes = atheris.Mutate(data, max_size)
+            return mutated
+
+        atheris.Setup(libfuzzer_argv(args), test_one_input, custom_mutator=custom_mutator)
     atheris.Fuzz()
     return 0
 

@@ -320,16 +320,37 @@ EXPORT_SEPARATOR = b"\n\x00--8<--\x00\n"
 _EXPORT_PARTS = 6
 
 
+_EXPORT_PREFIX = "coalition-fuzz-export-"
+
+
 @functools.cache
 def _export_dir() -> Path:
-    # A memory file system when there is one: the reader is what is fuzzed, not the disk.
+    """This process's scratch export directory, on a memory file system when there is one
+    (the reader is what is fuzzed, not the disk). libFuzzer ends the process without running
+    ``atexit``, so directories left by processes that are gone are removed here."""
     shm = Path("/dev/shm")
-    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    path = Path(tempfile.mkdtemp(prefix="coalition-fuzz-export-", dir=where))
-    atexit.register(shutil.rmtree, path, True)
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    for stale in parent.glob(f"{_EXPORT_PREFIX}*"):
+        if stale.name.removeprefix(_EXPORT_PREFIX).isdigit() and not _alive(
+                int(stale.name.removeprefix(_EXPORT_PREFIX))):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = parent / f"{_EXPORT_PREFIX}{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
     for sub in ("checkpoints", "bundles"):
-        (path / sub).mkdir()
+        (path / sub).mkdir(parents=True)
+    atexit.register(shutil.rmtree, path, True)
     return path
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0 only checks; it sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _note_name(raw: bytes) -> str:

@@ -42,16 +42,23 @@ class RawNode:
         assert self.ws is not None
         await self.ws.send_bytes(data)
 
-    async def recv(self, timeout: float = 5) -> wire.Frame:
+    async def recv(self, timeout: float = 5, *, skip_checkpoints: bool = False) -> wire.Frame:
         assert self.ws is not None
-        msg = await self.ws.receive(timeout=timeout)
-        assert msg.type is aiohttp.WSMsgType.BINARY, f"expected a frame, got {msg.type!r}"
-        return wire.decode_frame(msg.data, max_bytes=8 << 20)
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            assert msg.type is aiohttp.WSMsgType.BINARY, f"expected a frame, got {msg.type!r}"
+            frame = wire.decode_frame(msg.data, max_bytes=8 << 20)
+            if not (skip_checkpoints and isinstance(frame, wire.Checkpoint)):
+                return frame
 
     async def closed(self, timeout: float = 5) -> int | None:
-        """Wait for the broker to close; return the WebSocket close code."""
+        """Wait for the broker to close; return the WebSocket close code. Checkpoints the
+        broker pushes meanwhile (it does so to every authenticated node) are skipped."""
         assert self.ws is not None
         msg = await self.ws.receive(timeout=timeout)
+        while msg.type is aiohttp.WSMsgType.BINARY and isinstance(
+                wire.decode_frame(msg.data, max_bytes=8 << 20), wire.Checkpoint):
+            msg = await self.ws.receive(timeout=timeout)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
                             aiohttp.WSMsgType.CLOSING), f"expected close, got {msg.type!r}"
         return self.ws.close_code

@@ -97,6 +97,17 @@ def test_verify_refuses_an_unpinned_trust_root(coalition: Coalition, logged: Pat
     assert any("pinned" in p.detail for p in report.problems)
 
 
+def test_an_unreadable_saved_checkpoint_is_a_problem_not_a_crash(
+        coalition: Coalition, logged: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "saved.note"
+    saved.write_bytes(b"\xff\xfe not a note")
+    report = verify_export(_export(coalition, logged, tmp_path / "export"),
+                           pins=[coalition.root_sha256], saved=[saved])
+    assert not report.ok
+    assert [p.what for p in report.problems] == ["checkpoint"]
+    assert "saved.note" in report.problems[0].detail
+
+
 def _entry_count(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])

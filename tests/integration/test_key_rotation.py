@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker import wire
 from broker.admin.app import AdminContext
@@ -168,11 +169,12 @@ async def test_a_rolled_back_certificate_is_refused_and_the_new_one_stays(
     # The operator puts back the old, validly signed certificate (serial 1).
     cert_path.write_bytes(original[0])
     cert_path.with_name("USA-GW1.toml.sig").write_bytes(original[1])
-    with pytest.raises(PolicyDocumentError) as refused:
+    with pytest.raises(PolicyDocumentError) as refused, capture_logs() as logs:
         await reload(server, coalition)
     assert refused.value.code == "rollback"
     assert "serial 1 is lower than 2" in refused.value.reason
     assert server.bundle.hash == in_force == server.hub.bundle.hash
+    assert [e["code"] for e in logs if e["event"] == "policy_reload_refused"] == ["rollback"]
 
 
 async def test_a_changed_certificate_must_raise_its_serial(

@@ -770,12 +770,12 @@ async def test_every_operator_action_is_an_admin_entry_naming_the_token(
     agreement.with_name(agreement.name + ".sig").write_text("")  # every signature removed
     status, body = await admin.call("POST", "/v1/policy/reload")
     assert (status, body["error"]) == (422, "unsigned")
-    # A viewer's attempt is no action: refused before it (403), only an access-log line, which
-    # today does not name the token that tried (it is set only once the role allows).
+    # A viewer's attempt is no action: refused before it (403), only an access-log line naming
+    # the token that tried.
     with capture_logs() as logs:
         assert (await admin.call("POST", "/v1/nodes/USA-GW1/suspend", role="viewer"))[0] == 403
     assert [(e["path"], e["status"], e["token"]) for e in logs if e["event"] ==
-            "admin_request"] == [("/v1/nodes/USA-GW1/suspend", 403, None)]
+            "admin_request"] == [("/v1/nodes/USA-GW1/suspend", 403, "viewer-token")]
     bundle = broker.hub.bundle.hash.hex()
     assert [(e.operator, e.action, e.target, e.outcome) for e in _admin_entries(broker)] == [
         (OPERATOR, "suspend", "GBR-GW1", "ok"),
@@ -788,6 +788,8 @@ async def test_every_operator_action_is_an_admin_entry_naming_the_token(
         (OPERATOR, "reload", bundle, "refused:unsigned"),
     ]
     # The nations see it the same way in the export, and the log verifies.
+    await until(lambda: broker.audit.latest is not None
+                and broker.audit.latest.size == broker.audit.size)  # a checkpoint covers it
     status, tar = await raw_call(admin, "GET", "/v1/audit/export", "auditor")
     assert status == 200
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:

@@ -146,3 +146,12 @@ def test_trust_root_with_brokers_or_communities_of_the_wrong_shape_is_refused(
 def test_the_fixed_trust_root_parser_still_accepts_the_demo_root() -> None:
     root = context().documents["trust-root.toml"]
     assert parse_trust_root(root) == context().root
+
+
+def test_names_with_a_final_newline_are_not_valid_tags_or_agreement_ids() -> None:
+    """``$`` matches before a final newline; ``\\Z`` does not (found reviewing the fuzzers)."""
+    from policies.agreements import AGREEMENT_ID_RE
+    from policies.schemes import TAG_RE
+
+    assert TAG_RE.match("NTK") and not TAG_RE.match("NTK\n")
+    assert AGREEMENT_ID_RE.match("ATLANTIC-SHIELD") and not AGREEMENT_ID_RE.match("A\n")

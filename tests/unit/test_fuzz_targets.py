@@ -15,7 +15,7 @@ import pytest
 
 from broker import wire
 from broker.errors import ProtocolError, VerificationError
-from tests.fuzz import run, seeds, targets
+from tests.fuzz import mutators, run, seeds, targets
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,29 @@ def test_random_and_mangled_bytes_never_crash_a_target(name: str,
     outcome = targets.run_all(name, inputs)
     assert outcome.parsed + outcome.refused == len(inputs)
     assert outcome.refused > 0  # random bytes are not all valid
+
+
+@pytest.mark.parametrize("name", sorted(targets.TARGETS))
+def test_structural_mutations_apply_to_every_seed_and_never_crash_a_target(
+        name: str, corpus: dict[str, list[bytes]]) -> None:
+    rnd = random.Random(name)
+    inputs = corpus[name]
+    outputs = [mutators.mutate(name, inputs[i % len(inputs)], rnd) for i in range(30)]
+    mutated = [out for out in outputs if out is not None]
+    assert len(mutated) == len(outputs)  # every seed decodes in its target's format
+    assert len(set(mutated)) > 10  # and the edits vary
+    targets.run_all(name, mutated)
+
+
+def test_structural_mutation_is_deterministic_and_declines_what_does_not_decode(
+        corpus: dict[str, list[bytes]]) -> None:
+    seed = corpus["trust_root"][0]
+    first = mutators.mutate("trust_root", seed, random.Random(7))
+    assert first == mutators.mutate("trust_root", seed, random.Random(7))
+    assert first != seed
+    assert mutators.mutate("trust_root", b"\xff not UTF-8", random.Random(7)) is None
+    assert mutators.mutate("frame", b"\xc1", random.Random(7)) is None
+    assert mutators.mutate("entry", b"\x91" * 5_000 + b"\x00", random.Random(7)) is None
 
 
 def test_seed_writer_writes_every_seed(tmp_path: Path, corpus: dict[str, list[bytes]]) -> None:
@@ -115,6 +138,8 @@ def test_runner_command_line_maps_to_libfuzzer_flags() -> None:
         "-runs=1000000", "-max_total_time=600", "-max_len=8192", "-use_value_profile=1"]
     assert str(run.DEFAULT_ARTIFACTS).startswith("/tmp/")
     assert run.parse_args(["--list"]).list
+    assert run.parse_args(["frame", "--structured"]).structured
+    assert not args.structured
 
 
 def test_runner_requires_a_target() -> None:
