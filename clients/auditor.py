@@ -35,6 +35,7 @@ from broker.audit.leaves import (
     ExpireEntry,
     PolicyEntry,
     RouteEntry,
+    SessionEntry,
     entry_from_bytes,
 )
 from broker.audit.note import (
@@ -153,6 +154,8 @@ class _Replay:
         self.revoked: set[str] = set()
         self.cache = DecisionCache(max_entries=1 << 16)
         self.active: bytes | None = None  # the bundle of the last ``policy`` entry
+        #: Nodes with a ``connect`` entry and no ``disconnect`` after it.
+        self.connected: set[str] = set()
         self.last_ts = 0
 
     def clock(self, index: int, ts: int) -> None:
@@ -215,11 +218,21 @@ class _Replay:
             self.report.add("expire", f"message {entry.id.hex()} for {entry.to} expired "
                             f"{deadline - entry.ts} ms before its TTL", index)
 
+    def session(self, entry: SessionEntry) -> None:
+        if entry.event == "connect":
+            self.connected.add(entry.node)
+        elif entry.event == "disconnect":
+            self.connected.discard(entry.node)
+
     def finish(self, grace_ms: int) -> None:
         """A released copy whose TTL ended more than ``grace_ms`` before the log's last entry
         and that was neither delivered nor expired was dropped without a word (say, deleted
-        from the broker's queue on disk): its sender was never told."""
+        from the broker's queue on disk): its sender was never told. A recipient still
+        connected at the end may hold it un-acknowledged (in flight copies do not expire), so
+        it is not flagged."""
         for (message_id, node), deadlines in sorted(self.outstanding.items()):
+            if node in self.connected:
+                continue
             for deadline in deadlines:
                 if deadline < self.last_ts - grace_ms:
                     self.report.add("expire", f"message {message_id.hex()} for {node}: its TTL "
@@ -290,12 +303,20 @@ def _replay_one(index: int, data: bytes, replay: _Replay, report: Report) -> Non
         replay.deliver(index, entry)
     elif isinstance(entry, AdminEntry):
         replay.admin(entry)
+    elif isinstance(entry, SessionEntry):
+        replay.session(entry)
 
 
 def _node_certs(bundles: Mapping[bytes, Bundle]) -> dict[str, list[NodeCert]]:
+    """Witness certificates from every bundle, less those any bundle revoked: revocations are
+    permanent, and a stolen, revoked key must not cosign a forked log."""
+    revoked = {(cert.node, cert.sign_key) for bundle in bundles.values()
+               for cert in bundle.nodes.values() if bundle.revocation_of(cert) is not None}
     certs: dict[str, list[NodeCert]] = {}
     for bundle in bundles.values():
         for cert in bundle.nodes.values():
+            if (cert.node, cert.sign_key) in revoked:
+                continue
             if cert not in certs.setdefault(cert.node, []):
                 certs[cert.node].append(cert)
     return certs

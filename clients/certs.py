@@ -30,7 +30,8 @@ class CertBook:
         (revoked or removed: never trusted again)."""
         for node, new in certs.items():
             old = self.current.get(node)
-            if old is not None and old != new and old.serial < new.serial:
+            if (old is not None and old != new and old.serial < new.serial
+                    and old.nation == new.nation):
                 retired = self._retired.setdefault(node, [])
                 retired.append((old, new.not_before))
                 del retired[:-MAX_RETIRED]

@@ -441,7 +441,11 @@ class GatewayClient:
     async def _verified_keys(self, plan: RoutePlan, label: Label) -> dict[str, bytes]:
         """Encryption keys for the permitted recipients, from verified certificates only, and
         only for nations in the label's own audience (whatever the broker's answer says)."""
-        if any(node not in self.certs for node in plan.permitted):
+        def stale(node: str) -> bool:
+            cert = self.certs.get(node)
+            return cert is None or plan.keys.get(node) != cert.enc_key
+
+        if any(map(stale, plan.permitted)):  # unknown, or another key: maybe rotated since
             await self.directory()
         audience = self.trust_root.expand_audience(label.rel) | {label.orig}
         keys = {}

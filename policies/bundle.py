@@ -136,7 +136,7 @@ def build_bundle(
         agreement = verify_agreement(documents[name], root, common)
         _check_stem(name, AGREEMENTS_DIR, agreement.id, "id")
         agreements.append(agreement)
-    revocations = _revocations(documents, root, nodes)
+    revocations = _revocations(documents, root)
     return Bundle(trust_root=root, nodes=nodes, documents=dict(documents),
                   hash=bundle_hash(documents), schemes=schemes,
                   agreements=tuple(sorted(agreements, key=lambda a: a.id)),
@@ -156,6 +156,12 @@ def check_succession(old: Bundle, new: Bundle) -> None:
         problems.append(f"trust root version {new_root} is lower than {old_root} in force")
     elif new_root == old_root and _root_bytes(old) != _root_bytes(new):
         problems.append(f"a changed trust root must raise its version (still {new_root})")
+    elif new_root > old_root and TRUST_ROOT in new.documents:
+        try:  # DESIGN §4: a later root carries the threshold of the root it replaces
+            verify_trust_root(new.documents[TRUST_ROOT], signed_by=old.trust_root)
+        except PolicyDocumentError as exc:
+            problems.append(f"trust root version {new_root} is not signed by the threshold "
+                            f"of version {old_root} in force ({exc.reason})")
     if problems:
         raise PolicyDocumentError(f"does not follow the bundle in force ({old.hash.hex()[:16]}): "
                                   + "; ".join(problems), code="rollback")
@@ -166,16 +172,14 @@ def _root_bytes(bundle: Bundle) -> bytes | None:
     return doc.data if doc is not None else None
 
 
-def _revocations(documents: Mapping[str, SignedDocument], root: TrustRoot,
-                 nodes: Mapping[str, NodeCert]) -> tuple[Revocation, ...]:
+def _revocations(documents: Mapping[str, SignedDocument],
+                 root: TrustRoot) -> tuple[Revocation, ...]:
     out: list[Revocation] = []
     for name in _names(documents, REVOCATIONS_DIR):
         for revocation in verify_revocations(documents[name], root):
-            cert = nodes.get(revocation.node)
-            if cert is not None and cert.nation != revocation.nation:
-                raise PolicyDocumentError(
-                    f"revokes {revocation.node}, a node of {cert.nation}: a nation revokes only "
-                    "its own certificates", document=name)
+            # An entry for another nation's node has no effect (Revocation.applies_to): refusing
+            # the bundle would let one nation block another's node for good (a revocation may
+            # not be dropped), by listing a node id before its nation certifies it.
             out.append(revocation)
     return tuple(out)
 

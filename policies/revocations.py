@@ -113,6 +113,12 @@ def revocation_of(cert: NodeCert,
 # --- succession -------------------------------------------------------------------------------
 
 
+def _document_bytes(cert: NodeCert) -> bytes:
+    """The certificate's document bytes, without its signatures: a nation may re-sign an
+    unchanged certificate (say, after rotating its authority key) without a new serial."""
+    return SignedDocument.from_bytes(cert.signed).data if cert.signed else b""
+
+
 def succession_problems(
     *,
     old_nodes: Mapping[str, NodeCert],
@@ -128,10 +134,13 @@ def succession_problems(
         old = old_nodes.get(node)
         if old is None:
             continue
-        if new.serial < old.serial:
+        if new.nation != old.nation:
+            problems.append(f"node {node}: certified by {new.nation}, but by {old.nation} in "
+                            "force (a node id does not change nation)")
+        elif new.serial < old.serial:
             problems.append(f"node {node}: certificate serial {new.serial} is lower than "
                             f"{old.serial} in force (a rolled-back certificate)")
-        elif new.serial == old.serial and new.signed != old.signed:
+        elif new.serial == old.serial and _document_bytes(new) != _document_bytes(old):
             problems.append(f"node {node}: a changed certificate must raise its serial "
                             f"(still {new.serial})")
     kept = {(r.nation, r.node, r.sign_key) for r in new_revocations}

@@ -320,3 +320,27 @@ async def test_an_envelope_routed_twice_may_end_twice_without_a_false_alarm(
         _delivered(now + 62_000, 1, seq=3),
     ])
     assert [(p.what, p.index) for p in report.problems] == [("deliver", 5)]
+
+
+async def test_a_copy_held_unacknowledged_by_a_connected_recipient_is_not_called_dropped(
+        coalition: Coalition, tmp_path: Path) -> None:
+    """In-flight copies do not expire: a recipient that stays connected without acknowledging
+    (its application stopped consuming) holds it past its TTL. That is no drop."""
+    data = tmp_path / "data"
+    async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=data, commit=FAST_COMMIT) as srv:
+        def client(node: str) -> GatewayClient:
+            return GatewayClient(srv.url, coalition.nodes[node], coalition.trust_root,
+                                 broker_name=coalition.broker_name, timeout=5)
+
+        async with client("USA-GW1") as usa, client("GBR-GW1") as gbr:
+            await gbr.subscribe("reports.>")
+            receipt = await usa.publish("reports.daily", b"held",
+                                        label("NATO", "SECRET", "USA", ["GBR"]), ttl=1)
+            assert receipt.delivered == ["GBR-GW1"]  # in flight, never consumed
+            await asyncio.sleep(1.3)
+            await usa.publish("other.topic", b"later", label("NATO", "SECRET", "USA", ["USA"]))
+            export_store(srv.audit.store, coalition.broker_name, tmp_path / "export")
+    held = verify_export(tmp_path / "export", pins=[coalition.root_sha256], quorum=0,
+                         expiry_grace_ms=0)
+    assert held.ok, held.problems

@@ -93,9 +93,57 @@ def test_a_revocation_list_is_named_after_its_nation(made: CoalitionDocuments) -
 
 
 def test_a_nation_revokes_only_its_own_nodes(made: CoalitionDocuments) -> None:
+    """FRA listing a USA node has no effect, and does not refuse the bundle either: else FRA
+    could block a USA node id for good by listing it before USA certifies it."""
     doc = revocation_doc(made, "USA-GW2", nation="FRA")
-    with pytest.raises(PolicyDocumentError, match="revokes only its own"):
-        with_docs(made, {doc.name: doc})
+    bundle = with_docs(made, {doc.name: doc})
+    assert bundle.revocation_of(bundle.nodes["USA-GW2"]) is None
+    assert "USA-GW2" in [c.node for c in bundle.usable_certs()]
+
+
+def test_a_node_id_does_not_change_nation(made: CoalitionDocuments) -> None:
+    key = KeyFile.generate("node", "USA-GW1")
+    data = authoring.node_cert_toml(node="USA-GW1", nation="GBR", sign_key=key.sign_public,
+                                    enc_key=key.enc_public, not_before_ms=NOW,
+                                    not_after_ms=NOW + DAY_MS, max_level="SECRET", serial=2)
+    hijacked = with_docs(made, {"nodes/USA-GW1.toml": made.signed("nodes/USA-GW1.toml", data,
+                                                                   ["GBR"])})
+    with pytest.raises(PolicyDocumentError, match="does not change nation"):
+        check_succession(made.bundle(), hijacked)
+
+
+def test_re_signing_an_unchanged_certificate_needs_no_new_serial(
+    made: CoalitionDocuments,
+) -> None:
+    path = "nodes/USA-GW1.toml"
+    original = made.documents[path]
+    resigned = with_docs(made, {path: made.signed(path, original.data, ["USA"])})
+    check_succession(made.bundle(), resigned)
+
+
+def test_a_new_trust_root_needs_the_threshold_of_the_one_in_force(
+    made: CoalitionDocuments,
+) -> None:
+    root = made.bundle().trust_root
+    strangers = {n: KeyFile.generate("authority", n) for n in root.nations}
+    data = authoring.trust_root_toml(
+        version=2, common_scheme=root.common_scheme, threshold=root.threshold,
+        witness_quorum=root.witness_quorum,
+        nations={n: [k.sign_public] for n, k in strangers.items()},
+        brokers={b.name: b.key for b in root.brokers})
+    sig = authoring.signature_file(data, [(n, k.signing_key) for n, k in strangers.items()])
+    # Every other document must be signed by the new authorities too, for the bundle to load.
+    docs = {"trust-root.toml": SignedDocument("trust-root.toml", data, sig)}
+    for name, doc in made.documents.items():
+        if name != "trust-root.toml":
+            signers = [line.split(" ", 1)[0] for line in doc.sig.decode().splitlines() if line]
+            docs[name] = SignedDocument(name, doc.data, authoring.signature_file(
+                doc.data, [(n, strangers[n].signing_key) for n in signers]))
+    import hashlib
+    takeover = build_bundle(docs, pinned_root_sha256=hashlib.sha256(data).digest())
+    with pytest.raises(PolicyDocumentError, match="not signed by the threshold") as refused:
+        check_succession(made.bundle(), takeover)
+    assert refused.value.code == "rollback"
 
 
 def test_serial_defaults_to_one_and_must_be_positive(made: CoalitionDocuments) -> None:
@@ -202,6 +250,15 @@ def test_cert_book_does_not_retire_on_a_lower_serial() -> None:
     assert list(book.for_envelope("N", 0)) == [low]
 
 
+def test_cert_book_does_not_retire_a_certificate_of_another_nation() -> None:
+    book = CertBook()
+    usa = _cert("N", 1, NOW - DAY_MS)
+    gbr = dataclasses.replace(_cert("N", 2, NOW), nation="GBR")
+    book.update({"N": usa})
+    book.update({"N": gbr})
+    assert list(book.for_envelope("N", NOW - 1)) == [gbr]
+
+
 # --- CLI ------------------------------------------------------------------------------------
 
 
@@ -234,3 +291,15 @@ def test_cli_rotates_and_revokes_a_certificate(tmp_path: Path,
     revoked = bundle.revocation_of(bundle.nodes["USA-GW2"])
     assert revoked is not None and revoked.reason == "decommissioned\nline two"
     check_succession(original, bundle)  # what a running broker checks when reloading
+
+
+def test_the_auditor_does_not_take_a_revoked_key_as_a_witness(made: CoalitionDocuments) -> None:
+    """Revocations are permanent: a stolen, revoked key must not cosign a forked log, even
+    under a bundle from before the revocation."""
+    from clients.auditor import _node_certs
+
+    doc = revocation_doc(made, "USA-GW2")
+    before, after = made.bundle(), with_docs(made, {doc.name: doc})
+    witnesses = _node_certs({before.hash: before, after.hash: after})
+    assert "USA-GW2" not in witnesses or witnesses["USA-GW2"] == []
+    assert witnesses["USA-GW1"] == [before.nodes["USA-GW1"]]
