@@ -174,9 +174,9 @@ class Hub:
         force (rotated to a new key, revoked by its nation, or removed)."""
         for node, peer in list(self.peers.items()):
             old, new = previous.nodes.get(node), self.bundle.nodes.get(node)
-            if new is None or new != old or self.bundle.revocation_of(new) is not None:
-                log.warning("certificate_superseded", node=node,
-                            revoked=new is not None and self.bundle.revocation_of(new) is not None)
+            revoked = new is not None and self.bundle.revocation_of(new) is not None
+            if new is None or new != old or revoked:
+                log.warning("certificate_superseded", node=node, revoked=revoked)
                 peer.close("node_inactive", "the certificate this connection authenticated "
                            "with was replaced or revoked; reconnect with the current one")
 
@@ -291,7 +291,8 @@ class Hub:
         if env.sender != sender.node or env.label.orig != sender.nation:
             raise ProtocolError("envelope 'from'/label.orig do not match the authenticated node",
                                 code="sender_mismatch", ref=ref)
-        if self.bundle.nodes.get(sender.node) != sender:
+        current = self.bundle.nodes.get(sender.node)
+        if current is not sender and current != sender:  # identity first: the usual case
             # The connection predates a bundle that replaced or revoked its certificate (it is
             # being closed): nothing more is accepted under the old key.
             raise ProtocolError("the certificate this connection authenticated with is no "

@@ -176,7 +176,9 @@ def _revocations(documents: Mapping[str, SignedDocument],
                  root: TrustRoot) -> tuple[Revocation, ...]:
     out: list[Revocation] = []
     for name in _names(documents, REVOCATIONS_DIR):
-        for revocation in verify_revocations(documents[name], root):
+        nation, revocations = verify_revocations(documents[name], root)
+        _check_stem(name, REVOCATIONS_DIR, nation, "nation")
+        for revocation in revocations:
             # An entry for another nation's node has no effect (Revocation.applies_to): refusing
             # the bundle would let one nation block another's node for good (a revocation may
             # not be dropped), by listing a node id before its nation certifies it.

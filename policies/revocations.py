@@ -84,18 +84,16 @@ def parse_revocations(doc: SignedDocument) -> tuple[str, tuple[Revocation, ...]]
     return nation, tuple(entries)
 
 
-def verify_revocations(doc: SignedDocument, root: TrustRoot) -> tuple[Revocation, ...]:
-    """Parse a revocation list and check that its nation is known, signed it, and names it in
-    the file name (``revocations/NATION.toml``)."""
+def verify_revocations(doc: SignedDocument,
+                       root: TrustRoot) -> tuple[str, tuple[Revocation, ...]]:
+    """Parse a revocation list and check that its nation is known and signed it; returns the
+    nation (the bundle checks the file is named after it) and the entries."""
     nation, entries = parse_revocations(doc)
     if nation not in root.nations:
         raise PolicyDocumentError(f"field 'nation': {nation} is not a nation of the trust root",
                                   document=doc.name)
-    if doc.name != f"{REVOCATIONS_DIR}{nation}.toml":
-        raise PolicyDocumentError(f"field 'nation': {nation!r} does not match the file name",
-                                  document=doc.name)
     verify_signed_by(doc, [nation], root.nations)
-    return entries
+    return nation, entries
 
 
 def revoked_index(revocations: tuple[Revocation, ...]) -> dict[tuple[str, bytes], Revocation]:

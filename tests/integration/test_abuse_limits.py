@@ -301,24 +301,7 @@ async def trickle(port: int, data: bytes, *, every: float = 0.05,
     closed, when it closed, and whether ``data`` was all sent by then."""
     started = time.monotonic()  # before the broker accepts the connection
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def drip() -> None:
-        with contextlib.suppress(ConnectionError):
-            for byte in data:
-                writer.write(bytes([byte]))
-                await writer.drain()
-                await asyncio.sleep(every)
-
-    dripping = asyncio.create_task(drip())
-    try:
-        try:
-            received = await asyncio.wait_for(reader.read(), timeout)
-        except ConnectionResetError:
-            received = b""
-        return received, time.monotonic() - started, dripping.done()
-    finally:
-        dripping.cancel()
-        writer.close()
+    return await trickle_into(reader, writer, data, every, timeout=timeout, started=started)
 
 
 UPGRADE = (b"GET /v1/node HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -370,9 +353,10 @@ async def test_a_slowloris_admin_request_body_gets_408(server: BrokerServer) -> 
 
 
 async def trickle_into(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       data: bytes, every: float = 0.05) -> tuple[bytes, float, bool]:
-    """As :func:`trickle`, on an open connection."""
-    started = time.monotonic()
+                       data: bytes, every: float = 0.05, *, timeout: float = 5.0,
+                       started: float | None = None) -> tuple[bytes, float, bool]:
+    """As :func:`trickle`, on an open connection (``started``: when the clock started)."""
+    started = time.monotonic() if started is None else started
 
     async def drip() -> None:
         with contextlib.suppress(ConnectionError):
@@ -383,7 +367,10 @@ async def trickle_into(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 
     dripping = asyncio.create_task(drip())
     try:
-        received = await asyncio.wait_for(reader.read(), 5.0)
+        try:
+            received = await asyncio.wait_for(reader.read(), timeout)
+        except ConnectionResetError:
+            received = b""
         return received, time.monotonic() - started, dripping.done()
     finally:
         dripping.cancel()

@@ -23,6 +23,7 @@ from broker import canonical, wire
 from broker.envelope import Envelope, build_envelope
 from broker.errors import ProtocolError, VerificationError
 from policies.model import Label
+from tests.property.strategies import leaves, nested, text
 
 NOW = 1_800_000_000_000
 SENDER = nacl.signing.SigningKey(b"\x11" * 32)
@@ -51,23 +52,7 @@ ENVELOPE = _envelope()
 
 # --- strategies ----------------------------------------------------------------------------------
 
-text = st.text(st.characters(codec="utf-8"), max_size=12)
-ints = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
-leaves = st.one_of(ints, text, st.binary(max_size=24), st.booleans())
-
-
-def _values(depth: int) -> st.SearchStrategy[Any]:
-    if depth == 0:
-        return leaves
-    inner = _values(depth - 1)
-    return st.one_of(
-        leaves,
-        st.lists(inner, max_size=4),
-        st.dictionaries(text, inner, max_size=4),
-    )
-
-
-values = _values(4)
+values = nested(4)
 
 names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=8)
 name_sets = st.sets(names, max_size=4).map(canonical.canonical_set)

@@ -35,6 +35,7 @@ from broker.errors import ProtocolError
 from tests.fuzz import targets
 from tests.fuzz.context import context, dump_toml
 from tests.fuzz.seeds import seeds
+from tests.property.strategies import ints, nested, text
 
 FUZZ = settings(max_examples=120, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -55,21 +56,7 @@ def _seed(target: str) -> st.SearchStrategy[bytes]:
 
 # --- strategies ---------------------------------------------------------------------------------
 
-text = st.text(st.characters(codec="utf-8"), max_size=12)
-any_int = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
-leaves = st.one_of(any_int, text, st.binary(max_size=24), st.booleans())
-
-
-def _nested(depth: int) -> st.SearchStrategy[Any]:
-    """Canonical values nested at most ``depth`` containers deep."""
-    if depth == 0:
-        return leaves
-    inner = _nested(depth - 1)
-    return st.one_of(leaves, st.lists(inner, max_size=4), st.dictionaries(text, inner,
-                                                                          max_size=4))
-
-
-values = _nested(3)
+values = nested(3)
 
 
 @st.composite
@@ -514,7 +501,7 @@ def test_toml_nested_to_any_depth_is_refused_cleanly(depth: int, opener: str,
 
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["doc", "name", "sig", "x"]),
-                       st.one_of(text, st.binary(max_size=16), any_int), max_size=4))
+                       st.one_of(text, st.binary(max_size=16), ints), max_size=4))
 def test_signed_document_maps_parse_exactly_when_well_formed(value: dict[str, Any]) -> None:
     well_formed = (set(value) == {"doc", "name", "sig"} and type(value["doc"]) is bytes
                    and type(value["sig"]) is bytes and type(value["name"]) is str)

@@ -62,7 +62,7 @@ def test_revocation_list_round_trips_through_its_toml(made: CoalitionDocuments) 
     assert nation == "USA" and len(entries) == 1
     assert entries[0].node == "USA-GW2" and entries[0].reason == "stolen laptop"
     assert entries[0].sign_key == made.bundle().nodes["USA-GW2"].sign_key
-    assert verify_revocations(doc, made.bundle().trust_root) == entries
+    assert verify_revocations(doc, made.bundle().trust_root) == ("USA", entries)
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
