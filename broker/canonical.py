@@ -23,6 +23,9 @@ DEFAULT_MAX_BYTES = 1 << 20
 
 _MAX_DEPTH = 16
 
+#: Types encoded as they are (``bool`` is its own type, not ``int``, for ``type(x) in``).
+_SCALARS = frozenset({str, bytes, int, bool})
+
 
 def encode(obj: Any) -> bytes:
     """Encode ``obj`` as canonical msgpack; raise :class:`ProtocolError` on unencodable values."""
@@ -31,6 +34,25 @@ def encode(obj: Any) -> bytes:
     except (OverflowError, ValueError, TypeError) as exc:
         raise ProtocolError(f"cannot encode: {exc}", code="bad_frame") from exc
     return packed
+
+
+def encode_ordered(obj: Any) -> bytes:
+    """Pack ``obj`` as it is: the caller built every map in canonical key order from canonical
+    types (``str``, ``bytes``, ``int``, ``bool``, lists, maps), e.g. from values it normalised
+    once and cached. For hot paths only; :func:`encode` is the checked way, and tests compare
+    the two for every caller."""
+    try:
+        packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"cannot encode: {exc}", code="bad_frame") from exc
+    return packed
+
+
+def normalised(obj: Any, *, depth: int = 0) -> Any:
+    """``obj`` as :func:`encode` packs it (maps in canonical key order, tuples as lists); raise
+    :class:`ProtocolError` on what the contract forbids. To cache and pass to
+    :func:`encode_ordered`; ``depth`` is where ``obj`` sits in the structure it goes into."""
+    return _normalise(obj, depth)
 
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
@@ -81,6 +103,11 @@ def canonical_set(values: Sequence[str]) -> list[str]:
     return sorted(set(values))
 
 
+def is_scalar(value: Any) -> bool:
+    """``str``, ``bytes``, ``int`` or ``bool`` (exactly): encoded as it is."""
+    return type(value) in _SCALARS
+
+
 def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"ext type {code} is not allowed", code="non_canonical")
 
@@ -90,16 +117,21 @@ def _normalise(obj: Any, depth: int) -> Any:
     if depth > _MAX_DEPTH:
         raise ProtocolError("nesting too deep", code="bad_frame")
     kind = type(obj)
-    if kind is str or kind is bytes or kind is int or kind is bool:
+    if kind in _SCALARS:
         return obj
+    if obj and depth >= _MAX_DEPTH and isinstance(obj, (Mapping, list, tuple)):
+        raise ProtocolError("nesting too deep", code="bad_frame")  # as if its items recursed
     if kind is dict or isinstance(obj, Mapping):
         for key in obj:
             if type(key) is not str:
                 raise ProtocolError(f"map key {key!r} is not a str", code="bad_frame")
-        # Code point order of str keys is the UTF-8 byte order the contract asks for.
-        return {key: _normalise(obj[key], depth + 1) for key in sorted(obj)}
+        # Code point order of str keys is the UTF-8 byte order the contract asks for. Scalars
+        # are taken as they are without a call: this runs for every entry the broker logs.
+        return {key: value if type(value := obj[key]) in _SCALARS
+                else _normalise(value, depth + 1) for key in sorted(obj)}
     if kind is list or kind is tuple:
-        return [_normalise(item, depth + 1) for item in obj]
+        return [item if type(item) in _SCALARS else _normalise(item, depth + 1)
+                for item in obj]
     if isinstance(obj, (bool, int, str, bytes)):  # subclasses (IntEnum, …)
         return obj
     if isinstance(obj, (bytearray, memoryview)):
@@ -114,12 +146,18 @@ def _normalise(obj: Any, depth: int) -> Any:
 
 
 def _check_decoded(obj: Any, depth: int) -> None:
-    """Raise ``non_canonical`` unless ``obj`` (as decoded) is in canonical form."""
+    """Raise ``non_canonical`` unless ``obj`` (as decoded) is in canonical form.
+
+    Scalars inside maps and arrays are checked inline, without a call each: every frame and
+    envelope the broker receives goes through here.
+    """
     if depth > _MAX_DEPTH:
         raise ProtocolError("nesting too deep", code="bad_frame")
     kind = type(obj)
-    if kind is str or kind is bytes or kind is int or kind is bool:
+    if kind in _SCALARS:
         return
+    if obj and depth >= _MAX_DEPTH and (kind is dict or kind is list):
+        raise ProtocolError("nesting too deep", code="bad_frame")  # as if its items recursed
     if kind is dict:
         previous = None
         for key, value in obj.items():
@@ -129,11 +167,13 @@ def _check_decoded(obj: Any, depth: int) -> None:
                 raise ProtocolError("not canonical: map keys are not sorted",
                                     code="non_canonical")
             previous = key
-            _check_decoded(value, depth + 1)
+            if type(value) not in _SCALARS:
+                _check_decoded(value, depth + 1)
         return
     if kind is list:
         for item in obj:
-            _check_decoded(item, depth + 1)
+            if type(item) not in _SCALARS:
+                _check_decoded(item, depth + 1)
         return
     what = "nil" if obj is None else type(obj).__name__
     raise ProtocolError(f"not canonical: {what} is not allowed", code="non_canonical")

@@ -45,7 +45,8 @@ class RecipientQueue:
         #: hub starts new queues above the store's high-water mark): a late ack of an old
         #: delivery can then never acknowledge a different message.
         self._next_seq = first_seq
-        self._order: list[QueuedMessage] = []  # heap by (-prec, seq); may hold stale entries
+        # Heap of sort keys (-prec, seq), compared as plain tuples; may hold stale entries.
+        self._order: list[tuple[int, int]] = []
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_ms, seq); may hold stale
         self._pending: dict[int, QueuedMessage] = {}
         self._in_flight: dict[int, QueuedMessage] = {}
@@ -86,7 +87,7 @@ class RecipientQueue:
         item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, expires_ms,
                              queued_ms)
         self._pending[seq] = item
-        heapq.heappush(self._order, item)
+        heapq.heappush(self._order, item.sort_key)
         heapq.heappush(self._expiry, (expires_ms, seq))
         self.bytes += len(envelope)
         return item
@@ -100,8 +101,9 @@ class RecipientQueue:
         """
         out = []
         while self._order and len(self._in_flight) < self.window:
-            item = heapq.heappop(self._order)
-            if self._pending.pop(item.seq, None) is None:
+            _, seq = heapq.heappop(self._order)
+            item = self._pending.pop(seq, None)
+            if item is None:
                 continue  # expired (or already in flight) since it was pushed
             self._in_flight[item.seq] = item
             out.append(item)
@@ -118,7 +120,7 @@ class RecipientQueue:
         """Connection lost: everything unacknowledged goes back to pending, in order."""
         for item in self._in_flight.values():
             self._pending[item.seq] = item
-            heapq.heappush(self._order, item)
+            heapq.heappush(self._order, item.sort_key)
             heapq.heappush(self._expiry, (item.expires_ms, item.seq))
         self._in_flight.clear()
 
@@ -145,7 +147,7 @@ class RecipientQueue:
         if len(self._order) > 2 * len(self._pending) + 64:
             # Expired messages of an offline node would otherwise stay referenced by the
             # order heap (envelopes included) until the node comes back.
-            self._order = [i for i in self._order if self._pending.get(i.seq) is i]
+            self._order = [key for key in self._order if key[1] in self._pending]
             heapq.heapify(self._order)
         return out
 

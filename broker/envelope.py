@@ -186,14 +186,15 @@ def _from_body(raw: bytes, body_bytes: bytes, sig: bytes, body: Any) -> Envelope
     if not canonical.is_sorted_unique(to) or len(to) > MAX_RECIPIENTS:
         raise ProtocolError("envelope 'to' must be sorted, unique and bounded", code="bad_frame")
     label_map = body["label"]
-    label = Label.from_map(label_map)
+    label = Label.from_canonical_map(label_map)
     nonce, ct, keys = _parse_enc(body["enc"])
     return Envelope(
         raw=raw, body=body_bytes, sig=sig, id=msg_id,
         sender=_typed(body, "from", str), ts=_typed(body, "ts", int),
         topic=validate_topic(_typed(body, "topic", str)), prec=prec,
         ttl=ttl, to=tuple(to), label=label,
-        label_bytes=canonical.encode(label_map), nonce=nonce, ct=ct, keys=keys,
+        # The body was checked canonical, so its label map packs back to its canonical bytes.
+        label_bytes=canonical.encode_ordered(label_map), nonce=nonce, ct=ct, keys=keys,
     )
 
 

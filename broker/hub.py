@@ -108,6 +108,8 @@ class Hub:
         self.clock_ms = clock_ms
         self.replay = ReplayGuard(skew_ms=skew_ms)
         self.subscriptions: dict[str, set[str]] = {}
+        #: Subscribers per topic, memoised; cleared whenever ``subscriptions`` changes.
+        self._subscribers: dict[str, frozenset[str]] = {}
         self.queues: dict[str, RecipientQueue] = {}
         self.peers: dict[str, Peer] = {}
         self.inactive: set[str] = set()
@@ -134,6 +136,7 @@ class Hub:
         """Reload durable subscriptions and queued messages from the store (at start)."""
         for node, pattern in self.audit.store.subscriptions():
             self.subscriptions.setdefault(node, set()).add(pattern)
+        self._subscribers.clear()
         self._first_seq = self.audit.store.seq_high() + 1
         rows = self.audit.store.queue_rows()
         for row in rows:
@@ -230,12 +233,14 @@ class Hub:
             raise ProtocolError(f"at most {limit} subscriptions per node", code="rate_limited")
         self.audit.write(Batch(subscribe=[(node, pattern)])).add_done_callback(_log_failure)
         patterns.add(pattern)
+        self._subscribers.clear()
 
     def unsubscribe(self, node: str, pattern: str) -> None:
         patterns = self.subscriptions.get(node, set())
         if router.validate_pattern(pattern) in patterns:
             self.audit.write(Batch(unsubscribe=[(node, pattern)])).add_done_callback(_log_failure)
             patterns.discard(pattern)
+            self._subscribers.clear()
 
     def directory(self) -> wire.Directory:
         """Every node certificate in force (revoked ones left out), signed, for key lookup."""
@@ -246,7 +251,7 @@ class Hub:
         check_route_limits(frame, self.envelope_limits)
         topic = router.validate_topic(frame.topic)
         to = frame.to or ()
-        candidates = router.candidate_recipients(sender.node, topic, to, self.subscriptions)
+        candidates = self._candidates(sender.node, topic, to)
         try:
             label: Label | None = Label.from_map(dict(frame.label))
         except ProtocolError:
@@ -305,8 +310,7 @@ class Hub:
         stale = self.replay.check(env.id, env.ts, now)
         if stale is not None:
             raise ProtocolError(stale, code="replay", ref=ref)
-        candidates = router.candidate_recipients(sender.node, env.topic, env.to,
-                                                 self.subscriptions)
+        candidates = self._candidates(sender.node, env.topic, env.to)
         decisions = {node: self._decide(env.label, sender, node, env.topic, now,
                                         sealed_for=env.keys) for node in candidates}
         permitted = [node for node, decision in decisions.items() if decision.permit]
@@ -330,14 +334,18 @@ class Hub:
     def ack(self, node: str, seqs: tuple[int, ...]) -> None:
         """Acknowledged deliveries leave the queue (durably, with a ``deliver`` entry)."""
         now = self.clock_ms()
-        for item in self._queue(node).ack(seqs):
-            self.metrics.deliveries.inc()
-            entry = DeliverEntry(ts=now, id=item.message_id, to=node, seq=item.seq)
+        acked = self._queue(node).ack(seqs)
+        if acked:
+            self.metrics.deliveries.inc(len(acked))
+            # One request for the frame's acks: their entries are consecutive and durable
+            # together, as they would be in one group commit anyway.
+            entries = [DeliverEntry(ts=now, id=item.message_id, to=node, seq=item.seq)
+                       for item in acked]
             try:
-                self.audit.append(entry, dequeue=[(node, item.seq)]).add_done_callback(
-                    _log_failure)
+                self.audit.append_all(entries, dequeue=[(node, item.seq) for item in acked]
+                                      ).add_done_callback(_log_failure)
             except StorageError as exc:
-                log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
+                log.error("audit_append_refused", kind="deliver", reason=exc.reason)
         self._pump(node)
 
     # --- operator actions ---------------------------------------------------------------
@@ -479,6 +487,17 @@ class Hub:
                   prec=env.prec, audit=index, recipients=statuses)
         self.metrics.published(pending.decisions)
         pending.reply(wire.Receipt(id=env.id, audit=index, recipients=statuses))
+
+    def _candidates(self, sender: str, topic: str, to: Collection[str]) -> list[str]:
+        """:func:`router.candidate_recipients`, with the subscribers of a topic memoised: the
+        scan of every node's patterns is done once per topic until a subscription changes."""
+        subscribed = self._subscribers.get(topic)
+        if subscribed is None:
+            if len(self._subscribers) >= 4096:  # topics are the publishers' to choose: bounded
+                self._subscribers.clear()
+            subscribed = self._subscribers[topic] = router.subscribers(topic,
+                                                                       self.subscriptions)
+        return router.recipients_of(sender, subscribed, to)
 
     def _decide(self, label: Label, sender: NodeCert, node: str, topic: str, now: int, *,
                 sealed_for: Collection[str] | None) -> Decision:

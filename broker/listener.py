@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -110,3 +111,71 @@ def _peer(transport: asyncio.BaseTransport) -> str | None:
     if isinstance(peername, tuple) and peername:
         return str(peername[0])
     return None
+
+
+class ReadDeadline:
+    """A deadline for the reads of the current task, moved with :meth:`move`.
+
+    ``asyncio.timeout_at`` around every read creates a context and re-arms a timer per frame,
+    a few per cent of the broker at load. Here one timer is armed at a time: when it fires
+    before the deadline (moved later meanwhile), it re-arms for the new one; once the deadline
+    has passed during a read, it cancels the task, and :meth:`reading` turns that
+    cancellation, and only that one, into ``TimeoutError``. Nothing outside a read is ever
+    cancelled by it: a deadline that passes between reads fails the next read at once.
+    """
+
+    def __init__(self, at: float) -> None:
+        self._at = at
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._armed_for: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._reading = False
+        self._fired = False
+
+    def move(self, at: float) -> None:
+        """The new deadline (later, or earlier: then the timer is re-armed)."""
+        self._at = at
+        if self._armed_for is not None and at < self._armed_for:
+            self._disarm()
+            if self._reading:  # else the next read arms it
+                self._arm()
+
+    def _arm(self) -> None:
+        self._armed_for = self._at
+        self._handle = self._loop.call_at(self._at, self._check)
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._armed_for = None
+
+    def _check(self) -> None:
+        self._handle = self._armed_for = None
+        if self._loop.time() < self._at:
+            self._arm()
+        elif self._reading and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Wrap one read: ``TimeoutError`` if the deadline passes before it completes."""
+        if self._task is None or self._loop.time() >= self._at:
+            raise TimeoutError
+        if self._handle is None:
+            self._arm()
+        cancelling = self._task.cancelling()
+        self._reading = True
+        try:
+            yield
+        except asyncio.CancelledError:
+            if self._fired and self._task.uncancel() <= cancelling:
+                raise TimeoutError from None
+            raise  # cancelled by someone else: not ours to swallow
+        finally:
+            self._reading = self._fired = False
+
+    def close(self) -> None:
+        """Disarm (in ``finally``: no timer outlives the connection)."""
+        self._disarm()

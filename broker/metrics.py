@@ -63,6 +63,9 @@ class Metrics:
             registry=r)
         self.commit_entries = Counter("coalition_audit_committed_entries", "Audit entries made "
                                       "durable.", registry=r)
+        self._receipted = self.publishes.labels("receipted")
+        self._permits = self.decisions.labels("permit", "")
+        self._denials: dict[str, Counter] = {}
         self.admin_actions = Counter("coalition_admin_actions", "Admin API mutations by action "
                                      "and outcome.", ["action", "outcome"], registry=r)
 
@@ -73,12 +76,18 @@ class Metrics:
     # --- events ---------------------------------------------------------------------------
 
     def published(self, decisions: Mapping[str, Decision]) -> None:
-        self.publishes.labels("receipted").inc()
+        # Children looked up once: ``labels()`` takes a lock and builds a key per call, and
+        # this runs for every publish.
+        self._receipted.inc()
+        permits = sum(1 for decision in decisions.values() if decision.permit)
+        if permits:
+            self._permits.inc(permits)
         for decision in decisions.values():
-            if decision.permit:
-                self.decisions.labels("permit", "").inc()
             for reason in decision.reasons:
-                self.decisions.labels("deny", reason).inc()
+                child = self._denials.get(reason)
+                if child is None:  # reason codes are a fixed, small set
+                    child = self._denials[reason] = self.decisions.labels("deny", reason)
+                child.inc()
 
     def refused(self, code: str) -> None:
         self.publishes.labels(code).inc()

@@ -62,8 +62,18 @@ def candidate_recipients(
 
     The sender itself is never a candidate. The result is sorted (deterministic receipts).
     """
-    out = {node for node, patterns in subscriptions.items()
-           if any(topic_matches(p, topic) for p in patterns)}
+    return recipients_of(sender, subscribers(topic, subscriptions), to)
+
+
+def subscribers(topic: str, subscriptions: Mapping[str, Set[str]]) -> frozenset[str]:
+    """The nodes with a subscription pattern matching ``topic`` (to memoise per topic)."""
+    return frozenset(node for node, patterns in subscriptions.items()
+                     if any(topic_matches(p, topic) for p in patterns))
+
+
+def recipients_of(sender: str, subscribed: Set[str], to: Iterable[str]) -> list[str]:
+    """:func:`candidate_recipients` from the topic's :func:`subscribers`."""
+    out = set(subscribed)
     out.update(to)
     out.discard(sender)
     return sorted(out)

@@ -37,7 +37,7 @@ from broker.guard import ConnectionGuard, LogLimiter, Refusal, address_key
 from broker.hub import Hub, stored_bundle
 from broker.limits import Limits as Limits  # re-exported: callers build servers with it
 from broker.limits import limits_from_section
-from broker.listener import StallWatchdog, http_server_kwargs
+from broker.listener import ReadDeadline, StallWatchdog, http_server_kwargs
 from broker.peer import WsPeer
 from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
@@ -326,13 +326,24 @@ class BrokerServer:
         # One deadline for the whole pre-welcome phase, which WebSocket pings do not extend;
         # after welcome, any message (a WebSocket ping too) restarts the idle timeout.
         deadline = loop.time() + self.limits.handshake_timeout_s
+        reads = ReadDeadline(deadline)
+        try:
+            await self._read_frames(ws, session, peer, clog, reads, deadline)
+        finally:
+            reads.close()
+
+    async def _read_frames(self, ws: web.WebSocketResponse, session: BrokerSession,
+                           peer: WsPeer, clog: structlog.typing.FilteringBoundLogger,
+                           reads: ReadDeadline, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
         rate = ConnectionRate(self.limits.rate, loop.time())
         # A replaced or cut-off peer is not served any further, even before its close completes.
         while session.state is not State.CLOSED and not peer.closing:
             handshake = session.state is State.AWAIT_HELLO
+            if not handshake:
+                reads.move(loop.time() + self.limits.idle_timeout_s)
             try:
-                async with asyncio.timeout_at(
-                        deadline if handshake else loop.time() + self.limits.idle_timeout_s):
+                with reads.reading():
                     msg = await ws.receive()
             except TimeoutError:
                 self._timed_out(session, peer, clog)

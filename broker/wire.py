@@ -9,9 +9,10 @@ unknown field is present. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from broker import canonical
@@ -206,9 +207,26 @@ NODE_FRAMES = frozenset({"hello", "sub", "unsub", "pub", "ack", "route", "direct
                          "prove", "ping", "pong"})
 
 
+#: Per frame type: its fields and ``t`` in canonical key order.
+_ENCODE_ORDER: dict[str, tuple[str, ...]] = {
+    tag: tuple(sorted([*hints, "t"])) for tag, hints in _FIELD_TYPES.items()
+}
+
+
 def encode_frame(frame: Frame) -> bytes:
-    """Serialise a frame as canonical msgpack."""
-    return canonical.encode(frame.to_map())
+    """Serialise a frame as canonical msgpack.
+
+    Built in canonical key order, with only the nested values normalised: every receipt and
+    delivery goes through here, and a delivery's envelope bytes need no pass (the result is
+    the same as ``canonical.encode(frame.to_map())``, which the tests check).
+    """
+    out: dict[str, Any] = {}
+    for name in _ENCODE_ORDER[frame.T]:
+        value = frame.T if name == "t" else getattr(frame, name)
+        if value is None:
+            continue
+        out[name] = value if canonical.is_scalar(value) else canonical.normalised(value, depth=1)
+    return canonical.encode_ordered(out)
 
 
 def decode_frame(data: bytes, *, max_bytes: int = canonical.DEFAULT_MAX_BYTES) -> Frame:
@@ -227,55 +245,83 @@ def decode_frame(data: bytes, *, max_bytes: int = canonical.DEFAULT_MAX_BYTES) -
 
 
 def _frame_from_map(cls: type[Frame], obj: dict[str, Any]) -> Frame:
-    hints = _field_types(cls)
-    unknown = set(obj) - set(hints) - {"t"}
-    if unknown:
+    fields = _FIELD_CHECKS[cls.T]
+    if not obj.keys() - {"t"} <= fields.keys():
+        unknown = set(obj) - set(fields) - {"t"}
         raise ProtocolError(f"{cls.T}: unknown field(s) {sorted(unknown)}", code="bad_frame")
     kwargs: dict[str, Any] = {}
-    for name, hint in hints.items():
+    for name, (optional, check) in fields.items():
         if name not in obj:
-            if _is_optional(hint):
+            if optional:
                 continue
             raise ProtocolError(f"{cls.T}: missing field {name!r}", code="bad_frame")
-        kwargs[name] = _check_value(obj[name], hint, f"{cls.T}.{name}")
+        kwargs[name] = check(obj[name])
     return cls(**kwargs)
-
-
-def _field_types(cls: type[Frame]) -> dict[str, Any]:
-    return _FIELD_TYPES[cls.T]
 
 
 def _is_optional(hint: Any) -> bool:
     return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
 
 
-def _check_value(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a field annotation; return it in its frozen form."""
+_Check = Callable[[Any], Any]
+
+
+def _checker(hint: Any, where: str) -> _Check:
+    """A function that checks a value against a field annotation and returns it in its frozen
+    form. Built once per field: the annotations are walked at import, not per frame."""
     if _is_optional(hint):
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
     origin = typing.get_origin(hint)
     if hint is bool:
-        if type(value) is not bool:
-            raise ProtocolError(f"{where} must be a boolean", code="bad_frame")
-        return value
+        return functools.partial(_check_bool, where=where)
     if hint is int:
-        if type(value) is not int or not 0 <= value <= _MAX_INT:
-            raise ProtocolError(f"{where} must be a non-negative int", code="bad_frame")
-        return value
+        return functools.partial(_check_int, where=where)
     if hint in (str, bytes):
-        if type(value) is not hint:
-            raise ProtocolError(f"{where} must be {hint.__name__}", code="bad_frame")
-        return value
+        return functools.partial(_check_exact, kind=hint, where=where)
     if origin is tuple:
-        item_type = typing.get_args(hint)[0]
-        if not isinstance(value, list):
-            raise ProtocolError(f"{where} must be an array", code="bad_frame")
-        return tuple(_check_value(item, item_type, where) for item in value)
+        return functools.partial(_check_tuple, item=_checker(typing.get_args(hint)[0], where),
+                                 where=where)
     if origin is Mapping:
         _key_type, value_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{where} must be a map", code="bad_frame")
-        if value_type is Any:
-            return value
-        return {k: _check_value(v, value_type, f"{where}[{k!r}]") for k, v in value.items()}
+        return functools.partial(_check_map, value_type=value_type, where=where)
     raise AssertionError(f"unsupported annotation {hint!r} at {where}")  # pragma: no cover
+
+
+def _check_bool(value: Any, *, where: str) -> Any:
+    if type(value) is not bool:
+        raise ProtocolError(f"{where} must be a boolean", code="bad_frame")
+    return value
+
+
+def _check_int(value: Any, *, where: str) -> Any:
+    if type(value) is not int or not 0 <= value <= _MAX_INT:
+        raise ProtocolError(f"{where} must be a non-negative int", code="bad_frame")
+    return value
+
+
+def _check_exact(value: Any, *, kind: type, where: str) -> Any:
+    if type(value) is not kind:
+        raise ProtocolError(f"{where} must be {kind.__name__}", code="bad_frame")
+    return value
+
+
+def _check_tuple(value: Any, *, item: _Check, where: str) -> Any:
+    if not isinstance(value, list):
+        raise ProtocolError(f"{where} must be an array", code="bad_frame")
+    return tuple(map(item, value))
+
+
+def _check_map(value: Any, *, value_type: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be a map", code="bad_frame")
+    if value_type is Any:
+        return value
+    return {k: _checker(value_type, f"{where}[{k!r}]")(v) for k, v in value.items()}
+
+
+#: Per frame type: each field's (optional, checker).
+_FIELD_CHECKS: dict[str, dict[str, tuple[bool, _Check]]] = {
+    tag: {name: (_is_optional(hint), _checker(hint, f"{tag}.{name}"))
+          for name, hint in hints.items()}
+    for tag, hints in _FIELD_TYPES.items()
+}

@@ -56,9 +56,16 @@ class Label:
     orig: str
 
     @functools.cached_property
+    def canonical_map(self) -> dict[str, Any]:
+        """:meth:`to_map` in canonical order (computed once per label object; not to be
+        mutated), for :func:`broker.canonical.encode_ordered`."""
+        normalised: dict[str, Any] = canonical.normalised(self.to_map())
+        return normalised
+
+    @functools.cached_property
     def digest(self) -> bytes:
         """SHA-256 of the label's canonical encoding (computed once per label object)."""
-        return hashlib.sha256(canonical.encode(self.to_map())).digest()
+        return hashlib.sha256(canonical.encode_ordered(self.canonical_map)).digest()
 
     @classmethod
     def from_map(cls, value: Any) -> Label:
@@ -81,6 +88,16 @@ class Label:
             rel=_frozen_set(value["rel"], "label.rel", code),
             orig=value["orig"],
         )
+
+    @classmethod
+    def from_canonical_map(cls, value: Any) -> Label:
+        """:meth:`from_map` for a map decoded from canonical bytes (an envelope's label). When
+        it has all five fields it is already the label's canonical map, kept as such (not to
+        be mutated), so the label is not normalised again per envelope."""
+        label = cls.from_map(value)
+        if len(value) == len(_LABEL_KEYS):
+            label.__dict__["canonical_map"] = value  # what functools.cached_property would set
+        return label
 
     def to_map(self) -> dict[str, Any]:
         """The wire map (all five fields; sets as sorted arrays)."""

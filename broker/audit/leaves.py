@@ -12,6 +12,7 @@ label (metadata, bound to the ciphertext by the sender's signature) and the deci
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -50,6 +51,14 @@ def _decision_to_map(decision: Decision) -> dict[str, Any]:
     if decision.via is not None:
         out["via"] = decision.via
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _decision_value(decision: Decision) -> dict[str, Any]:
+    # Entries repeat a handful of decisions (one per reason set and agreement tier): each is
+    # normalised once. Shared: never mutated.
+    normalised: dict[str, Any] = canonical.normalised(_decision_to_map(decision))
+    return normalised
 
 
 def _decision_from_map(value: Any) -> Decision:
@@ -108,6 +117,19 @@ class RouteEntry(_Entry):
             "decisions": {n: _decision_to_map(d) for n, d in self.decisions.items()},
         }
 
+    def to_bytes(self) -> bytes:
+        """As :meth:`_Entry.to_bytes`, built in canonical order and packed once: this runs for
+        every publish, and the label and the decisions are normalised once, not per entry
+        (tests check it against the generic encoding)."""
+        return canonical.encode_ordered({
+            "bundle": self.bundle,
+            "decisions": {node: _decision_value(self.decisions[node])
+                          for node in sorted(self.decisions)},
+            "env": self.env, "from": self.sender, "id": self.id, "kind": self.KIND,
+            "label": self.label.canonical_map, "prec": self.prec,
+            "sealed": sorted(self.sealed), "topic": self.topic, "ts": self.ts, "ttl": self.ttl,
+        })
+
     @classmethod
     def from_map(cls, ts: int, value: Mapping[str, Any]) -> RouteEntry:
         decisions = _field(value, "decisions", dict)
@@ -147,6 +169,11 @@ class DeliverEntry(_Entry):
 
     def to_map(self) -> dict[str, Any]:
         return {"id": self.id, "to": self.to, "seq": self.seq}
+
+    def to_bytes(self) -> bytes:
+        """As :meth:`_Entry.to_bytes`, without the generic pass: one per delivered copy."""
+        return canonical.encode_ordered({"id": self.id, "kind": self.KIND, "seq": self.seq,
+                                         "to": self.to, "ts": self.ts})
 
     @classmethod
     def from_map(cls, ts: int, value: Mapping[str, Any]) -> DeliverEntry:

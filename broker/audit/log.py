@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import structlog
 
@@ -53,8 +54,9 @@ _MERGED = tuple(f.name for f in dataclasses.fields(Batch)
 
 @dataclasses.dataclass
 class _Item:
-    entry: bytes | None
-    batch: Batch
+    entries: Sequence[bytes]
+    #: Only the non-empty ``Batch`` fields (most appends carry one list, or none).
+    writes: dict[str, list[object]]
     future: asyncio.Future[int]
 
 
@@ -170,21 +172,41 @@ class AuditLog:
                node_status: Sequence[tuple[str, str]] = ()) -> asyncio.Future[int]:
         """Queue ``entry`` (and the writes that go with it); the future gives its index once
         durable. Raises ``StorageError`` at once if the log has stopped."""
-        batch = Batch(enqueue=list(enqueue), dequeue=list(dequeue), bundles=list(bundles),
-                      notices=list(notices), node_status=list(node_status))
-        return self._submit(entry.to_bytes(), batch)
+        return self.append_all((entry,), enqueue=enqueue, dequeue=dequeue, bundles=bundles,
+                               notices=notices, node_status=node_status)
+
+    def append_all(self, entries: Sequence[Entry], *, enqueue: Sequence[QueueRow] = (),
+                   dequeue: Sequence[tuple[str, int]] = (),
+                   bundles: Sequence[tuple[bytes, bytes]] = (),
+                   notices: Sequence[Notice] = (),
+                   node_status: Sequence[tuple[str, str]] = ()) -> asyncio.Future[int]:
+        """Queue ``entries`` (consecutive in the log, in this order) and the writes that go
+        with them, durable together; the future gives the first entry's index. One request
+        for what arrives together (the acks of one frame)."""
+        writes: dict[str, list[object]] = {}
+        for name, values in (("enqueue", enqueue), ("dequeue", dequeue), ("bundles", bundles),
+                             ("notices", notices), ("node_status", node_status)):
+            if values:
+                writes[name] = list(values)
+        return self._submit([entry.to_bytes() for entry in entries], writes)
 
     def write(self, batch: Batch) -> asyncio.Future[int]:
         """Queue writes that carry no entry (subscriptions, cosignatures)."""
-        return self._submit(None, batch)
+        writes: dict[str, list[object]] = {}
+        for name in _MERGED:
+            values = getattr(batch, name)
+            if values:
+                writes[name] = list(values)
+        return self._submit((), writes)
 
-    def _submit(self, entry: bytes | None, batch: Batch) -> asyncio.Future[int]:
+    def _submit(self, entries: Sequence[bytes], writes: dict[str, list[object]]
+                ) -> asyncio.Future[int]:
         if self.failed is not None:
             raise StorageError(f"the audit log stopped: {self.failed.reason}")
         if self._task is None or self._closing:
             raise StorageError("the audit log is not running")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queued.append(_Item(entry, batch, future))
+        self._queued.append(_Item(entries, writes, future))
         self._wake.set()
         return future
 
@@ -296,19 +318,16 @@ class AuditLog:
         indexes = []
         size = self.size
         for item in items:
-            if item.entry is not None:
-                batch.entries.append(item.entry)
-                batch.nodes.extend(self._extend(size, merkle.leaf_hash(item.entry)))
-                indexes.append(size)
+            indexes.append(size if item.entries else -1)
+            for data in item.entries:
+                batch.entries.append(data)
+                batch.nodes.extend(self._extend(size, merkle.leaf_hash(data)))
                 size += 1
-            else:
-                indexes.append(-1)
-            for name in _MERGED:
-                getattr(batch, name).extend(getattr(item.batch, name))
-            for key in item.batch.unsubscribe:
-                subscribed[key] = False
-            for key in item.batch.subscribe:
-                subscribed[key] = True
+            for name, values in item.writes.items():
+                getattr(batch, name).extend(values)
+            for name, on in (("unsubscribe", False), ("subscribe", True)):
+                for key in item.writes.get(name, ()):
+                    subscribed[cast(tuple[str, str], key)] = on
         # The store applies subscribes before unsubscribes: only the last request per
         # (node, pattern) in this batch may reach it, or `unsub X` then `sub X` would lose X.
         batch.subscribe = [key for key, on in subscribed.items() if on]

@@ -5,6 +5,8 @@ SQLite gives atomic, durable transactions (torn writes are its problem); this mo
 driven from a worker thread (the audit log's writer commits off the event loop); reads use a
 second connection, which in WAL mode sees the last committed transaction and never blocks the
 writer. Every SQLite or OS failure is mapped to :class:`~broker.errors.StorageError` here.
+The tables, and the upgrade of a store written by an earlier version, are in
+:mod:`broker.store.sqlite_schema`.
 """
 
 from __future__ import annotations
@@ -20,32 +22,10 @@ from typing import Any
 
 from broker.errors import StorageError
 from broker.store.base import Batch, Notice, QueueRow, StoredCheckpoint
+from broker.store.sqlite_schema import SCHEMA_VERSION as SCHEMA_VERSION
+from broker.store.sqlite_schema import prepare
 
 FILE_NAME = "broker.sqlite"
-SCHEMA_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS nodes (
-    level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
-    PRIMARY KEY (level, idx)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cosignatures (
-    size INTEGER NOT NULL, witness TEXT NOT NULL, line TEXT NOT NULL,
-    PRIMARY KEY (size, witness)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bundles (hash BLOB PRIMARY KEY, content BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS queue (
-    recipient TEXT NOT NULL, seq INTEGER NOT NULL, prec INTEGER NOT NULL, id BLOB NOT NULL,
-    sender TEXT NOT NULL, envelope BLOB NOT NULL, expires_ms INTEGER NOT NULL,
-    queued_ms INTEGER NOT NULL, PRIMARY KEY (recipient, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS node_status (node TEXT PRIMARY KEY, status TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS notices (
-    sender TEXT NOT NULL, id BLOB NOT NULL, recipient TEXT NOT NULL,
-    PRIMARY KEY (sender, id, recipient)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS subscriptions (
-    node TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (node, pattern)) WITHOUT ROWID;
-"""
 
 
 def _storage_error(what: str, exc: BaseException) -> StorageError:
@@ -61,12 +41,14 @@ class SqliteStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect()
-            # The version first: a store of another version must be refused untouched.
-            self._check_schema_version()
-            self._writer.executescript(_SCHEMA)
+            # Creates, upgrades (version 2) or refuses untouched (any other version).
+            prepare(self._writer, path)
             self._reader = self._connect()
-        except (sqlite3.Error, OSError) as exc:
-            raise _storage_error(f"cannot open the store {path}", exc) from exc
+        except BaseException as exc:
+            self.close()  # a store refused or failing to open is not held open
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise _storage_error(f"cannot open the store {path}", exc) from exc
+            raise
 
     @classmethod
     def in_dir(cls, data_dir: Path) -> SqliteStore:
@@ -80,20 +62,6 @@ class SqliteStore:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
-
-    def _check_schema_version(self) -> None:
-        conn = self._writer
-        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                                "name = 'meta'").fetchone()
-        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() \
-            if has_meta else None
-        if row is None:
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                         (str(SCHEMA_VERSION),))
-        elif row[0] != str(SCHEMA_VERSION):
-            raise StorageError(f"{self.path} has schema version {row[0]}; this broker reads "
-                               f"version {SCHEMA_VERSION} (nothing was changed)")
 
     # --- writes -------------------------------------------------------------------------
 
@@ -121,10 +89,8 @@ class SqliteStore:
                              ((batch.first_index + i, data) for i, data in
                               enumerate(batch.entries)))
         conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)
-        conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         ((r.recipient, r.seq, r.prec, r.id, r.sender, r.envelope, r.expires_ms,
-                           r.queued_ms) for r in batch.enqueue))
         if batch.enqueue:
+            SqliteStore._enqueue(conn, batch.enqueue)
             conn.execute("INSERT INTO meta VALUES ('seq_high', ?) ON CONFLICT (key) DO UPDATE "
                          "SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS "
                          "INTEGER))", (str(max(r.seq for r in batch.enqueue)),))
@@ -147,6 +113,27 @@ class SqliteStore:
                          ((n, st) for n, st in batch.node_status if st != "active"))
         conn.executemany("DELETE FROM node_status WHERE node = ?",
                          ((n,) for n, st in batch.node_status if st == "active"))
+
+    @staticmethod
+    def _enqueue(conn: sqlite3.Connection, rows: list[QueueRow]) -> None:
+        # The rows of one message (its recipients) share one `messages` row. They are matched
+        # on the whole (sender, id, envelope), not on the id: a sender may reuse an id once the
+        # replay window has passed, while its earlier message is still queued. A message
+        # enqueued again in a later batch gets a row of its own (the hub never does that).
+        # Numbered here, inside the write transaction, so one statement inserts them all.
+        (top,) = conn.execute("SELECT coalesce(max(mid), 0) FROM messages").fetchone()
+        mids: dict[tuple[str, bytes, bytes], int] = {}
+        messages: list[tuple[int, str, bytes, bytes]] = []
+        queue: list[tuple[str, int, int, int, int, int]] = []
+        for r in rows:
+            key = (r.sender, r.id, r.envelope)
+            mid = mids.get(key)
+            if mid is None:
+                mid = mids[key] = top + len(mids) + 1
+                messages.append((mid, r.sender, r.id, r.envelope))
+            queue.append((r.recipient, r.seq, r.prec, mid, r.expires_ms, r.queued_ms))
+        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
+        conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?)", queue)
 
     # --- reads --------------------------------------------------------------------------
 
@@ -235,10 +222,19 @@ class SqliteStore:
         return [bytes(h) for (h,) in self._query("SELECT hash FROM bundles ORDER BY hash")]
 
     def queue_rows(self) -> list[QueueRow]:
-        rows = self._query("SELECT recipient, seq, prec, id, sender, envelope, expires_ms, "
-                           "queued_ms FROM queue ORDER BY recipient, seq")
-        return [QueueRow(str(r), int(s), int(p), bytes(i), str(f), bytes(e), int(x), int(q))
-                for r, s, p, i, f, e, x, q in rows]
+        rows = self._query("SELECT q.recipient, q.seq, q.prec, q.msg, m.id, m.sender, m.envelope, "
+                           "q.expires_ms, q.queued_ms FROM queue AS q LEFT JOIN messages AS m "
+                           "ON m.mid = q.msg ORDER BY q.recipient, q.seq")
+        # One bytes object per message, shared by its recipients' rows (memory at restore).
+        shared: dict[int, tuple[bytes, str, bytes]] = {}
+        out = []
+        for r, s, p, mid, i, f, e, x, q in rows:
+            if e is None:  # only damage does this; a copy must not vanish without a word
+                raise StorageError(f"queued message ({r}, {s}) has no envelope (message {mid} "
+                                   "is missing from the store)")
+            i, f, e = shared.setdefault(int(mid), (bytes(i), str(f), bytes(e)))
+            out.append(QueueRow(str(r), int(s), int(p), i, f, e, int(x), int(q)))
+        return out
 
     def subscriptions(self) -> list[tuple[str, str]]:
         return [(str(n), str(p)) for n, p in

@@ -142,7 +142,7 @@ def _unwrap(hint: Any) -> Any:
 
 def fits(value: Any, hint: Any) -> bool:
     """Whether ``value`` (as decoded) is what the frame annotation ``hint`` asks for; written
-    independently of ``wire._check_value``."""
+    independently of ``wire._checker``."""
     hint = _unwrap(hint)
     if hint is bool or hint is str or hint is bytes:
         return type(value) is hint

@@ -1,0 +1,150 @@
+"""The SQLite store's schema (version 3), its creation, and the in-place upgrade from version 2.
+
+Version 3 holds each queued envelope once, in ``messages``; the ``queue`` has one row per
+recipient that references it by ``msg``. Version 2 kept the envelope in every ``queue`` row, so a
+message released to N recipients wrote (and, one ack at a time, deleted) it N times, each copy a
+4 KiB overflow page in the ``WITHOUT ROWID`` queue. The ``queue_release`` trigger deletes a
+message together with the last queue row that references it, in the same statement: every batch
+stays one transaction, and no connection (not even an operator's ``sqlite3`` shell) leaves an
+envelope behind. :func:`prepare` is the only entry point; nothing outside ``broker/store`` may
+depend on this layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from broker.errors import StorageError
+
+SCHEMA_VERSION = 3
+
+# `messages` is a rowid table: a ~1 KiB envelope fits in its leaf page, where a WITHOUT ROWID
+# row that size spills into a 4 KiB overflow page of its own.
+_MESSAGES = """CREATE TABLE IF NOT EXISTS messages (
+    mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, id BLOB NOT NULL, envelope BLOB NOT NULL)"""
+
+_QUEUE = """CREATE TABLE IF NOT EXISTS {name} (
+    recipient TEXT NOT NULL, seq INTEGER NOT NULL, prec INTEGER NOT NULL, msg INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL, queued_ms INTEGER NOT NULL,
+    PRIMARY KEY (recipient, seq)) WITHOUT ROWID"""
+
+# The index makes the trigger's "still referenced?" one lookup instead of a queue scan.
+_RELEASE = [
+    "CREATE INDEX IF NOT EXISTS queue_msg ON queue (msg)",
+    """CREATE TRIGGER IF NOT EXISTS queue_release AFTER DELETE ON queue BEGIN
+        DELETE FROM messages WHERE mid = old.msg
+            AND NOT EXISTS (SELECT 1 FROM queue WHERE msg = old.msg);
+    END""",
+]
+
+_CREATE = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS nodes (
+    level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS cosignatures (
+    size INTEGER NOT NULL, witness TEXT NOT NULL, line TEXT NOT NULL,
+    PRIMARY KEY (size, witness)) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS bundles (hash BLOB PRIMARY KEY, content BLOB NOT NULL)",
+    _MESSAGES,
+    _QUEUE.format(name="queue"),
+    *_RELEASE,
+    "CREATE TABLE IF NOT EXISTS node_status (node TEXT PRIMARY KEY, status TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS notices (
+    sender TEXT NOT NULL, id BLOB NOT NULL, recipient TEXT NOT NULL,
+    PRIMARY KEY (sender, id, recipient)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS subscriptions (
+    node TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (node, pattern)) WITHOUT ROWID""",
+]
+
+#: Version 2 → 3: one message per distinct (sender, id, envelope), numbered in queue order and
+#: matched back through a temporary index (without it the join could compare every pair).
+UPGRADE_FROM_2 = [
+    _MESSAGES,
+    "CREATE INDEX upgrade_messages ON messages (sender, id)",
+    "INSERT INTO messages (sender, id, envelope) "
+    "SELECT sender, id, envelope FROM queue GROUP BY sender, id, envelope ORDER BY min(seq)",
+    _QUEUE.format(name="queue_v3"),
+    "INSERT INTO queue_v3 SELECT q.recipient, q.seq, q.prec, m.mid, q.expires_ms, q.queued_ms "
+    "FROM queue AS q JOIN messages AS m "
+    "ON m.sender = q.sender AND m.id = q.id AND m.envelope = q.envelope",
+    "DROP INDEX upgrade_messages",
+    "DROP TABLE queue",
+    "ALTER TABLE queue_v3 RENAME TO queue",
+    *_RELEASE,
+    "UPDATE meta SET value = '3' WHERE key = 'schema'",
+]
+
+_ORPHANS = "FROM messages WHERE NOT EXISTS (SELECT 1 FROM queue WHERE msg = mid)"
+
+
+def _stored_version(conn: sqlite3.Connection) -> str | None:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                    ).fetchone() is None:
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    # Each statement takes no lock when its table, index or trigger exists.
+    for statement in _CREATE:
+        conn.execute(statement)
+
+
+def _create_new(conn: sqlite3.Connection) -> None:
+    _create(conn)
+    conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+
+def _upgrade_from_2(conn: sqlite3.Connection) -> None:
+    (queued,) = conn.execute("SELECT count(*) FROM queue").fetchone()
+    for statement in UPGRADE_FROM_2:
+        conn.execute(statement)
+    (kept,) = conn.execute("SELECT count(*) FROM queue").fetchone()
+    if kept != queued:  # cannot happen (every row's triple is in messages); checked all the same
+        raise StorageError(f"the upgrade to schema 3 kept {kept} of {queued} queue rows")
+
+
+def _transaction(conn: sqlite3.Connection, expect: str | None,
+                 step: Callable[[sqlite3.Connection], None]) -> None:
+    """Run ``step`` in one write transaction if the stored version is still ``expect``: read
+    again under the write lock, as another process may have got there first."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _stored_version(conn) == expect:
+            step(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        # The original error is the one to report; the store is as it was.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+def prepare(conn: sqlite3.Connection, path: Path) -> None:
+    """Make the store on ``conn`` (autocommit) a version-3 store, or raise ``StorageError``.
+
+    A new store is created; a version-2 store is upgraded in place in one transaction (nothing
+    changes if any step fails); a store of another version is refused untouched. Then messages
+    no queue row references (a commit never leaves one; damage might) are deleted.
+    """
+    version = _stored_version(conn)
+    if version is None:
+        _transaction(conn, None, _create_new)
+    elif version == "2":
+        _transaction(conn, "2", _upgrade_from_2)
+    version = _stored_version(conn)
+    if version != str(SCHEMA_VERSION):
+        raise StorageError(f"{path} has schema version {version}; this broker reads "
+                           f"version {SCHEMA_VERSION} (nothing was changed)")
+    _create(conn)  # as every version did at open: a table added since is created (if absent)
+    # Looked for first: a store opened only to read (an export of a live store) takes no write
+    # lock when there is nothing to delete.
+    if conn.execute(f"SELECT 1 {_ORPHANS} LIMIT 1").fetchone() is not None:
+        conn.execute(f"DELETE {_ORPHANS}")
