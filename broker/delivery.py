@@ -17,9 +17,9 @@ import dataclasses
 import heapq
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class QueuedMessage:
-    """One message owed to one recipient."""
+    """One message owed to one recipient (slots: a backlog holds one per queued copy)."""
 
     sort_key: tuple[int, int]
     seq: int = dataclasses.field(compare=False)

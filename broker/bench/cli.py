@@ -40,6 +40,8 @@ def register(commands: Any) -> None:
                        "(default 100000)")
     bench.add_argument("--size", type=int, help="envelope bytes (default 1024)")
     bench.add_argument("--window", type=int, help="receipts a publisher may await (default 256)")
+    bench.add_argument("--commit-delay-ms", type=int, metavar="MS",
+                       help="the broker's audit.max_delay_ms (default: the configured default)")
     bench.add_argument("--log-level", help="broker log level (default info, as deployed)")
     bench.add_argument("--profile", type=Path, metavar="DIR",
                        help="profile every broker process into DIR (py-spy when installed, "
@@ -61,7 +63,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 _OVERRIDES = ("messages", "latency_messages", "latency_fractions", "fanout_messages",
               "policy_messages", "audit_entries", "backlog", "size", "window", "log_level",
-              "profile")
+              "profile", "commit_delay_ms")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -57,11 +57,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int) -> Path:
+def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int, *,
+                 commit_delay_ms: int | None = None) -> Path:
     """A broker configuration for ``coalition`` at ``path``.
 
-    Production defaults, except: the admin listener off; the per-connection
-    abuse rate limits (2,000 frames/s by default) raised so that they do not cap a load
+    Production defaults (the audit group-commit delay too, unless ``commit_delay_ms`` is
+    given), except: the admin listener off; the per-connection abuse rate limits (2,000 frames/s by default) raised so that they do not cap a load
     generator; the clock skew an envelope may have widened to an hour, since envelopes are
     built before the run; queues may hold up to 16 GiB per node (the backlog).
     """
@@ -74,8 +75,8 @@ def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int) ->
         "[policy]\n"
         f'dir = "{coalition.policy_dir}"\n'
         f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'
-        "[audit]\nmax_batch = 1024\nmax_delay_ms = 2\ncheckpoint_interval_ms = 1000\n"
-        "[limits]\n"
+        + ("" if commit_delay_ms is None else f"[audit]\nmax_delay_ms = {commit_delay_ms}\n")
+        + "[limits]\n"
         "frames_per_second = 1000000\nframes_burst = 10000000\n"
         "bytes_per_second = 1099511627776\nbytes_burst = 1099511627776\n"
         "clock_skew_seconds = 3600\n"
