@@ -62,9 +62,10 @@ def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int, *,
     """A broker configuration for ``coalition`` at ``path``.
 
     Production defaults (the audit group-commit delay too, unless ``commit_delay_ms`` is
-    given), except: the admin listener off; the per-connection abuse rate limits (2,000 frames/s by default) raised so that they do not cap a load
-    generator; the clock skew an envelope may have widened to an hour, since envelopes are
-    built before the run; queues may hold up to 16 GiB per node (the backlog).
+    given), except: the admin listener off; the per-connection abuse rate limits (2,000
+    frames/s by default) raised so that they do not cap a load generator; the clock skew an
+    envelope may have widened to an hour, since envelopes are built before the run; queues may
+    hold up to 16 GiB per node (the backlog).
     """
     path.write_text(
         "[broker]\n"
