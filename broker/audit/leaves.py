@@ -53,6 +53,11 @@ def _decision_to_map(decision: Decision) -> dict[str, Any]:
     return out
 
 
+def _exact(*values: object, kind: type) -> bool:
+    """Every value is exactly of type ``kind`` (not a subclass: ``bool`` is not an ``int``)."""
+    return all(type(value) is kind for value in values)
+
+
 @functools.lru_cache(maxsize=4096)
 def _decision_value(decision: Decision) -> dict[str, Any]:
     # Entries repeat a handful of decisions (one per reason set and agreement tier): each is
@@ -120,7 +125,11 @@ class RouteEntry(_Entry):
     def to_bytes(self) -> bytes:
         """As :meth:`_Entry.to_bytes`, built in canonical order and packed once: this runs for
         every publish, and the label and the decisions are normalised once, not per entry
-        (tests check it against the generic encoding)."""
+        (tests check it against the generic encoding). A field of an unexpected type takes the
+        generic path, so it is refused exactly as there (and never reaches the decision cache,
+        where an equal ``Decision(permit=1)`` would stand in for ``permit=True``)."""
+        if not self._plain_types():
+            return super().to_bytes()
         return canonical.encode_ordered({
             "bundle": self.bundle,
             "decisions": {node: _decision_value(self.decisions[node])
@@ -129,6 +138,14 @@ class RouteEntry(_Entry):
             "label": self.label.canonical_map, "prec": self.prec,
             "sealed": sorted(self.sealed), "topic": self.topic, "ts": self.ts, "ttl": self.ttl,
         })
+
+    def _plain_types(self) -> bool:
+        return (_exact(self.ts, self.prec, self.ttl, kind=int)
+                and _exact(self.id, self.env, self.bundle, kind=bytes)
+                and _exact(self.sender, self.topic, *self.sealed, *self.decisions, kind=str)
+                and all(type(d.permit) is bool and _exact(*d.reasons, kind=str)
+                        and (d.via is None or type(d.via) is str)
+                        for d in self.decisions.values()))
 
     @classmethod
     def from_map(cls, ts: int, value: Mapping[str, Any]) -> RouteEntry:
@@ -171,7 +188,11 @@ class DeliverEntry(_Entry):
         return {"id": self.id, "to": self.to, "seq": self.seq}
 
     def to_bytes(self) -> bytes:
-        """As :meth:`_Entry.to_bytes`, without the generic pass: one per delivered copy."""
+        """As :meth:`_Entry.to_bytes`, without the generic pass: one per delivered copy (a
+        field of an unexpected type takes the generic path, and its refusal)."""
+        if not (_exact(self.ts, self.seq, kind=int) and type(self.id) is bytes
+                and type(self.to) is str):
+            return super().to_bytes()
         return canonical.encode_ordered({"id": self.id, "kind": self.KIND, "seq": self.seq,
                                          "to": self.to, "ts": self.ts})
 

@@ -2,7 +2,8 @@
 
 One writer task owns every write. :meth:`AuditLog.append` queues an entry (with the queue and
 subscription writes that must become durable with it) and returns a future; the writer takes up to
-``max_batch`` queued items, waits at most ``max_delay_s`` for more, computes the tree nodes the new
+``max_batch`` queued items, waits at most ``max_delay_s`` for more when the log is busy (the
+previous commit was large; see :meth:`CommitPolicy.wait_to_fill`), computes the tree nodes the new
 entries complete, and commits everything in one transaction in a worker thread. Only then are the
 futures resolved, so callers release receipts and deliveries after their entry is durable. A
 checkpoint is signed over the durable size only, at most every ``checkpoint_interval_s``.
@@ -43,6 +44,15 @@ class CommitPolicy:
     max_batch: int = 1024
     max_delay_s: float = 0.002
     checkpoint_interval_s: float = 1.0
+    #: The writer waits ``max_delay_s`` for a batch to fill only after a commit of at least
+    #: this many entries (the log is busy). Under light load each request is committed at
+    #: once: waiting would add the delay to every receipt and delivery and save little.
+    busy_entries: int = 12
+
+    def wait_to_fill(self, queued: int, last_commit: int) -> bool:
+        """Whether the writer, holding ``queued`` requests, waits for more before committing,
+        given that the previous commit carried ``last_commit`` entries."""
+        return 0 < queued < self.max_batch and last_commit >= self.busy_entries
 
 
 DEFAULT_COMMIT = CommitPolicy()
@@ -96,6 +106,7 @@ class AuditLog:
         #: Called with (seconds, entries) after each durable commit (metrics).
         self.commit_observers: list[Callable[[float, int], None]] = []
         self._last_checkpoint_at = 0.0
+        self._last_commit = 0  # entries in the previous commit (how busy the log is)
         self._opened = False
         self._closing = False
 
@@ -275,8 +286,8 @@ class AuditLog:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-            if self._queued and len(self._queued) < self.policy.max_batch:
-                await asyncio.sleep(self.policy.max_delay_s)  # let the batch fill
+            if self.policy.wait_to_fill(len(self._queued), self._last_commit):
+                await asyncio.sleep(self.policy.max_delay_s)  # busy: let the batch fill
             if self._queued and not await self._commit_queued():
                 return
             if self._checkpoint_due(loop.time()) and not await self._sign_checkpoint():
@@ -307,6 +318,7 @@ class AuditLog:
         for observe in self.commit_observers:
             observe(time.perf_counter() - started, len(batch.entries))
         self.size += len(batch.entries)
+        self._last_commit = len(batch.entries)
         for item, index in zip(items, indexes, strict=True):
             if not item.future.done():
                 item.future.set_result(index)

@@ -173,3 +173,46 @@ async def test_queue_rows_commit_with_their_entry_and_leave_with_the_ack(tmp_pat
         assert audit.store.queue_rows() == []
     finally:
         await audit.stop()
+
+
+@pytest.mark.parametrize("queued, last_commit, waits", [
+    (0, 100, False),    # nothing to commit
+    (1, 0, False),      # idle log: commit at once
+    (1, 11, False),     # light load: commit at once
+    (1, 12, True),      # busy: let the batch fill
+    (63, 500, True),
+    (64, 500, False),   # a full batch never waits
+])
+def test_the_writer_waits_for_a_batch_only_when_busy(queued: int, last_commit: int,
+                                                      waits: bool) -> None:
+    assert FAST.wait_to_fill(queued, last_commit) is waits
+
+
+async def test_a_lone_append_is_not_held_for_the_commit_delay(tmp_path: Path) -> None:
+    # A delay no test could sit out: if the writer waited for a batch to fill while idle,
+    # the append would not be durable within the bound.
+    audit = _log(tmp_path, CommitPolicy(max_batch=64, max_delay_s=60.0,
+                                        checkpoint_interval_s=0.05))
+    await audit.start()
+    try:
+        assert await asyncio.wait_for(audit.append(_entry(0)), timeout=10) == 0
+    finally:
+        await audit.stop()
+
+
+async def test_a_busy_log_waits_for_the_batch_to_fill(tmp_path: Path) -> None:
+    policy = CommitPolicy(max_batch=64, max_delay_s=0.3, checkpoint_interval_s=0.05,
+                          busy_entries=12)
+    audit = _log(tmp_path, policy)
+    await audit.start()
+    try:
+        await _append_many(audit, 20)  # committed at once, as one batch of 20: now busy
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        later = [audit.append(_entry(100))]
+        await asyncio.sleep(0.05)
+        later.append(audit.append(_entry(101)))  # joins the batch that is filling
+        assert await asyncio.gather(*later) == [20, 21]
+        assert loop.time() - started >= 0.25  # sleep() never wakes early
+    finally:
+        await audit.stop()

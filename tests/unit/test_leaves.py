@@ -3,6 +3,8 @@ another valid entry of a different meaning without its bytes changing)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from broker import canonical
@@ -14,6 +16,8 @@ from broker.audit.leaves import (
     PolicyEntry,
     RouteEntry,
     SessionEntry,
+    _decision_value,
+    _Entry,
     entry_from_bytes,
 )
 from broker.errors import ProtocolError
@@ -86,3 +90,38 @@ def test_non_canonical_bytes_are_refused() -> None:
     data = bytearray(EXAMPLES[4].to_bytes())
     with pytest.raises(ProtocolError):
         entry_from_bytes(bytes(data) + b"\x00")
+
+
+def _generic_outcome(entry: Entry) -> bytes | str:
+    try:
+        return _Entry.to_bytes(entry)
+    except ProtocolError as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("entry", [
+    dataclasses.replace(ROUTE, ttl=2.0),  # type: ignore[arg-type]
+    dataclasses.replace(ROUTE, topic=None),  # type: ignore[arg-type]
+    dataclasses.replace(ROUTE, prec=True),
+    dataclasses.replace(ROUTE, decisions={"FRA-GW1": Decision(permit=1)}),  # type: ignore[arg-type]
+    DeliverEntry(ts=1.5, id=b"\x01" * 16, to="FRA-GW1", seq=7),  # type: ignore[arg-type]
+    DeliverEntry(ts=5, id=None, to="FRA-GW1", seq=7),  # type: ignore[arg-type]
+    DeliverEntry(ts=5, id=b"\x01" * 16, to="FRA-GW1", seq=1 << 64),
+], ids=["float-ttl", "nil-topic", "bool-prec", "int-permit", "float-ts", "nil-id", "huge-seq"])
+def test_direct_entry_encoders_refuse_or_encode_exactly_as_the_generic_path(entry: Entry) -> None:
+    try:
+        fast: bytes | str = entry.to_bytes()
+    except ProtocolError as exc:
+        fast = exc.code
+    assert fast == _generic_outcome(entry)
+
+
+def test_an_int_permit_does_not_poison_the_decision_cache() -> None:
+    # Decision(permit=1) == Decision(permit=True): if the first reached the cache, every later
+    # PERMIT would be encoded with an int and no longer parse.
+    _decision_value.cache_clear()  # as in a fresh broker: the odd one comes first
+    same = Decision(permit=1, reasons=(), via="CORE@1/inner")  # type: ignore[arg-type]
+    assert same == ROUTE.decisions["FRA-GW1"]
+    dataclasses.replace(ROUTE, decisions={"FRA-GW1": same}).to_bytes()
+    assert entry_from_bytes(ROUTE.to_bytes()) == ROUTE
+    assert ROUTE.to_bytes() == _Entry.to_bytes(ROUTE)
