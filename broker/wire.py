@@ -283,7 +283,8 @@ def _checker(hint: Any, where: str) -> _Check:
                                  where=where)
     if origin is Mapping:
         _key_type, value_type = typing.get_args(hint)
-        return functools.partial(_check_map, value_type=value_type, where=where)
+        item = None if value_type is Any else _checker(value_type, f"{where}[…]")
+        return functools.partial(_check_map, item=item, value_type=value_type, where=where)
     raise AssertionError(f"unsupported annotation {hint!r} at {where}")  # pragma: no cover
 
 
@@ -311,12 +312,20 @@ def _check_tuple(value: Any, *, item: _Check, where: str) -> Any:
     return tuple(map(item, value))
 
 
-def _check_map(value: Any, *, value_type: Any, where: str) -> Any:
+def _check_map(value: Any, *, item: _Check | None, value_type: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise ProtocolError(f"{where} must be a map", code="bad_frame")
-    if value_type is Any:
+    if item is None:
         return value
-    return {k: _checker(value_type, f"{where}[{k!r}]")(v) for k, v in value.items()}
+    out = {}
+    for key, entry in value.items():
+        try:
+            out[key] = item(entry)
+        except ProtocolError:
+            # Checked again by a checker that names the key (only on the way to an error).
+            _checker(value_type, f"{where}[{key!r}]")(entry)
+            raise
+    return out
 
 
 #: Per frame type: each field's (optional, checker).
