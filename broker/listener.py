@@ -106,6 +106,14 @@ class StallWatchdog:
                 log.exception("stall_watchdog_failed", listener=self.listener)
 
 
+async def close_listener(watchdog: StallWatchdog | None, runner: web.BaseRunner | None) -> None:
+    """Stop a listener's stall watchdog, then its runner (either may never have started)."""
+    if watchdog is not None:
+        await watchdog.stop()
+    if runner is not None:
+        await runner.cleanup()
+
+
 def _peer(transport: asyncio.BaseTransport) -> str | None:
     peername = transport.get_extra_info("peername")
     if isinstance(peername, tuple) and peername:

@@ -37,7 +37,7 @@ from broker.guard import ConnectionGuard, LogLimiter, Refusal, address_key
 from broker.hub import Hub, stored_bundle
 from broker.limits import Limits as Limits  # re-exported: callers build servers with it
 from broker.limits import limits_from_section
-from broker.listener import ReadDeadline, StallWatchdog, http_server_kwargs
+from broker.listener import ReadDeadline, StallWatchdog, close_listener, http_server_kwargs
 from broker.peer import WsPeer
 from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
@@ -215,12 +215,8 @@ class BrokerServer:
         """Close every connection and the listener, then commit and close the audit log."""
         for peer in list(self._peers):
             peer.close("unavailable", "broker shutting down")
-        if self._watchdog is not None:
-            await self._watchdog.stop()
-            self._watchdog = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close_listener(self._watchdog, self._runner)
+        self._watchdog = self._runner = None
         if self._expiry is not None:
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,7 +24,7 @@ from aiohttp.typedefs import Middleware
 from broker.admin.auth import TokenTable
 from broker.config import AdminToken
 from broker.errors import BrokerError, StorageError
-from broker.listener import StallWatchdog, http_server_kwargs
+from broker.listener import StallWatchdog, close_listener, http_server_kwargs
 from policies.bundle import Bundle
 
 if TYPE_CHECKING:
@@ -230,12 +230,8 @@ class AdminServer:
         log.info("admin_ready", url=self.url)
 
     async def stop(self) -> None:
-        if self._watchdog is not None:
-            await self._watchdog.stop()
-            self._watchdog = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await close_listener(self._watchdog, self._runner)
+        self._watchdog = self._runner = None
 
     async def __aenter__(self) -> AdminServer:
         await self.start()
