@@ -338,12 +338,13 @@ class Hub:
         if acked:
             self.metrics.deliveries.inc(len(acked))
             # One request for the frame's acks: their entries are consecutive and durable
-            # together, as they would be in one group commit anyway.
+            # together, as they would be in one group commit anyway. Lazy: nothing waits for
+            # it (were it lost in a crash, the copies would be delivered again).
             entries = [DeliverEntry(ts=now, id=item.message_id, to=node, seq=item.seq)
                        for item in acked]
             try:
-                self.audit.append_all(entries, dequeue=[(node, item.seq) for item in acked]
-                                      ).add_done_callback(_log_failure)
+                self.audit.append_all(entries, dequeue=[(node, item.seq) for item in acked],
+                                      lazy=True).add_done_callback(_log_failure)
             except StorageError as exc:
                 log.error("audit_append_refused", kind="deliver", reason=exc.reason)
         self._pump(node)

@@ -2,11 +2,13 @@
 
 One writer task owns every write. :meth:`AuditLog.append` queues an entry (with the queue and
 subscription writes that must become durable with it) and returns a future; the writer takes up to
-``max_batch`` queued items, waits at most ``max_delay_s`` for more when the log is busy (the
-previous commit was large; see :meth:`CommitPolicy.wait_to_fill`), computes the tree nodes the new
-entries complete, and commits everything in one transaction in a worker thread. Only then are the
-futures resolved, so callers release receipts and deliveries after their entry is durable. A
-checkpoint is signed over the durable size only, at most every ``checkpoint_interval_s``.
+``max_batch`` queued items as soon as one is due (a lazy request, which nobody waits for, may wait
+``lazy_delay_s`` to share a commit), waits at most ``max_delay_s`` for more when the log is busy
+(the previous commit merged many requests; see :meth:`CommitPolicy.wait_to_fill`), computes the
+tree nodes the new entries complete, and commits everything in one transaction in a worker
+thread. Only then are the futures resolved, so callers release receipts and deliveries after their
+entry is durable. A checkpoint is signed over the durable size only, at most every
+``checkpoint_interval_s``.
 
 A failed commit is never retried: the log stops, every pending and later append fails with
 ``StorageError`` (``unavailable``) and the broker stops accepting work, having lost nothing it
@@ -22,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
@@ -44,15 +47,21 @@ class CommitPolicy:
     max_batch: int = 1024
     max_delay_s: float = 0.002
     checkpoint_interval_s: float = 1.0
-    #: The writer waits ``max_delay_s`` for a batch to fill only after a commit of at least
-    #: this many entries (the log is busy). Under light load each request is committed at
-    #: once: waiting would add the delay to every receipt and delivery and save little.
-    busy_entries: int = 12
+    #: The writer waits ``max_delay_s`` for a batch to fill only after a commit that merged at
+    #: least this many requests (the log is busy). Requests, not entries: the acks of one frame
+    #: are one request of up to 16 entries and say nothing about how busy the log is. Under
+    #: light load each request is committed at once: waiting would add the delay to every
+    #: receipt and delivery and save little.
+    busy_requests: int = 16
+    #: A lazy request (one nobody waits for: the ``deliver`` entries of an ack) joins the next
+    #: commit, or is committed on its own after at most this long. At light load this halves
+    #: the commits, and a receipt no longer waits behind a commit of acks.
+    lazy_delay_s: float = 0.005
 
-    def wait_to_fill(self, queued: int, last_commit: int) -> bool:
+    def wait_to_fill(self, queued: int, last_requests: int) -> bool:
         """Whether the writer, holding ``queued`` requests, waits for more before committing,
-        given that the previous commit carried ``last_commit`` entries."""
-        return 0 < queued < self.max_batch and last_commit >= self.busy_entries
+        given that the previous commit merged ``last_requests`` requests."""
+        return 0 < queued < self.max_batch and last_requests >= self.busy_requests
 
 
 DEFAULT_COMMIT = CommitPolicy()
@@ -68,6 +77,8 @@ class _Item:
     #: Only the non-empty ``Batch`` fields (most appends carry one list, or none).
     writes: dict[str, list[object]]
     future: asyncio.Future[int]
+    #: Loop time by which the item must be in a commit (now, unless the request is lazy).
+    due: float
 
 
 class LogDamaged(StorageError):
@@ -106,7 +117,8 @@ class AuditLog:
         #: Called with (seconds, entries) after each durable commit (metrics).
         self.commit_observers: list[Callable[[float, int], None]] = []
         self._last_checkpoint_at = 0.0
-        self._last_commit = 0  # entries in the previous commit (how busy the log is)
+        self._last_commit = 0  # requests merged by the previous commit (how busy the log is)
+        self._earliest_due = math.inf  # of the queued items
         self._opened = False
         self._closing = False
 
@@ -190,16 +202,19 @@ class AuditLog:
                    dequeue: Sequence[tuple[str, int]] = (),
                    bundles: Sequence[tuple[bytes, bytes]] = (),
                    notices: Sequence[Notice] = (),
-                   node_status: Sequence[tuple[str, str]] = ()) -> asyncio.Future[int]:
+                   node_status: Sequence[tuple[str, str]] = (),
+                   lazy: bool = False) -> asyncio.Future[int]:
         """Queue ``entries`` (consecutive in the log, in this order) and the writes that go
         with them, durable together; the future gives the first entry's index. One request
-        for what arrives together (the acks of one frame)."""
+        for what arrives together (the acks of one frame). ``lazy``: nothing waits for this
+        request to be durable, so it may wait up to ``policy.lazy_delay_s`` to share a
+        commit (the entries keep their place in the log either way)."""
         writes: dict[str, list[object]] = {}
         for name, values in (("enqueue", enqueue), ("dequeue", dequeue), ("bundles", bundles),
                              ("notices", notices), ("node_status", node_status)):
             if values:
                 writes[name] = list(values)
-        return self._submit([entry.to_bytes() for entry in entries], writes)
+        return self._submit([entry.to_bytes() for entry in entries], writes, lazy=lazy)
 
     def write(self, batch: Batch) -> asyncio.Future[int]:
         """Queue writes that carry no entry (subscriptions, cosignatures)."""
@@ -210,15 +225,19 @@ class AuditLog:
                 writes[name] = list(values)
         return self._submit((), writes)
 
-    def _submit(self, entries: Sequence[bytes], writes: dict[str, list[object]]
-                ) -> asyncio.Future[int]:
+    def _submit(self, entries: Sequence[bytes], writes: dict[str, list[object]], *,
+                lazy: bool = False) -> asyncio.Future[int]:
         if self.failed is not None:
             raise StorageError(f"the audit log stopped: {self.failed.reason}")
         if self._task is None or self._closing:
             raise StorageError("the audit log is not running")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queued.append(_Item(entries, writes, future))
-        self._wake.set()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        due = loop.time() + (self.policy.lazy_delay_s if lazy else 0.0)
+        self._queued.append(_Item(entries, writes, future, due))
+        if due < self._earliest_due:  # only then can the writer's plan change
+            self._earliest_due = due
+            self._wake.set()
         return future
 
     def on_checkpoint(self, listener: CheckpointListener) -> None:
@@ -279,21 +298,35 @@ class AuditLog:
     async def _write_until_closed(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            timeout = self._until_checkpoint(loop.time())
-            if not self._queued:
+            if not self._commit_due(loop.time()):
                 self._wake.clear()
-                if self._closing:
+                if self._closing and not self._queued:
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-            if self.policy.wait_to_fill(len(self._queued), self._last_commit):
-                await asyncio.sleep(self.policy.max_delay_s)  # busy: let the batch fill
-            if self._queued and not await self._commit_queued():
-                return
+                    await asyncio.wait_for(self._wake.wait(), self._until_due(loop.time()))
+            if self._commit_due(loop.time()):
+                if self.policy.wait_to_fill(len(self._queued), self._last_commit):
+                    await asyncio.sleep(self.policy.max_delay_s)  # busy: let the batch fill
+                if not await self._commit_queued():
+                    return
             if self._checkpoint_due(loop.time()) and not await self._sign_checkpoint():
                 return
         if self.latest is None or self.latest.size < self.size:
             await self._sign_checkpoint()
+
+    def _commit_due(self, now: float) -> bool:
+        """Something queued must be committed now: a request somebody waits for, a lazy
+        one that waited long enough, a full batch, or the log is closing."""
+        return bool(self._queued) and (now >= self._earliest_due or self._closing
+                                       or len(self._queued) >= self.policy.max_batch)
+
+    def _until_due(self, now: float) -> float | None:
+        """How long the writer may sleep: until the next checkpoint or lazy request is due."""
+        waits = [max(0.0, self._earliest_due - now)] if self._queued else []
+        checkpoint = self._until_checkpoint(now)
+        if checkpoint is not None:
+            waits.append(checkpoint)
+        return min(waits, default=None)
 
     def _until_checkpoint(self, now: float) -> float | None:
         if self.latest is not None and self.latest.size >= self.size:
@@ -307,6 +340,7 @@ class AuditLog:
     async def _commit_queued(self) -> bool:
         items = self._queued[: self.policy.max_batch]
         del self._queued[: len(items)]
+        self._earliest_due = min((item.due for item in self._queued), default=math.inf)
         try:
             batch, indexes = self._merge(items)
             started = time.perf_counter()
@@ -318,7 +352,7 @@ class AuditLog:
         for observe in self.commit_observers:
             observe(time.perf_counter() - started, len(batch.entries))
         self.size += len(batch.entries)
-        self._last_commit = len(batch.entries)
+        self._last_commit = len(items)
         for item, index in zip(items, indexes, strict=True):
             if not item.future.done():
                 item.future.set_result(index)
@@ -356,6 +390,7 @@ class AuditLog:
             if not item.future.done():
                 item.future.set_exception(StorageError(f"the audit log stopped: {error.reason}"))
         self._queued.clear()
+        self._earliest_due = math.inf
 
     async def _sign_checkpoint(self) -> bool:
         size = self.size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -175,17 +176,17 @@ async def test_queue_rows_commit_with_their_entry_and_leave_with_the_ack(tmp_pat
         await audit.stop()
 
 
-@pytest.mark.parametrize("queued, last_commit, waits", [
+@pytest.mark.parametrize("queued, last_requests, waits", [
     (0, 100, False),    # nothing to commit
     (1, 0, False),      # idle log: commit at once
-    (1, 11, False),     # light load: commit at once
-    (1, 12, True),      # busy: let the batch fill
+    (1, 15, False),     # light load: commit at once
+    (1, 16, True),      # busy: let the batch fill
     (63, 500, True),
     (64, 500, False),   # a full batch never waits
 ])
-def test_the_writer_waits_for_a_batch_only_when_busy(queued: int, last_commit: int,
+def test_the_writer_waits_for_a_batch_only_when_busy(queued: int, last_requests: int,
                                                       waits: bool) -> None:
-    assert FAST.wait_to_fill(queued, last_commit) is waits
+    assert FAST.wait_to_fill(queued, last_requests) is waits
 
 
 async def test_a_lone_append_is_not_held_for_the_commit_delay(tmp_path: Path) -> None:
@@ -202,11 +203,11 @@ async def test_a_lone_append_is_not_held_for_the_commit_delay(tmp_path: Path) ->
 
 async def test_a_busy_log_waits_for_the_batch_to_fill(tmp_path: Path) -> None:
     policy = CommitPolicy(max_batch=64, max_delay_s=0.3, checkpoint_interval_s=0.05,
-                          busy_entries=12)
+                          busy_requests=12)
     audit = _log(tmp_path, policy)
     await audit.start()
     try:
-        await _append_many(audit, 20)  # committed at once, as one batch of 20: now busy
+        await _append_many(audit, 20)  # 20 requests committed at once, in one batch: busy
         loop = asyncio.get_running_loop()
         started = loop.time()
         later = [audit.append(_entry(100))]
@@ -216,3 +217,58 @@ async def test_a_busy_log_waits_for_the_batch_to_fill(tmp_path: Path) -> None:
         assert loop.time() - started >= 0.25  # sleep() never wakes early
     finally:
         await audit.stop()
+
+
+async def test_one_request_of_many_entries_does_not_make_the_log_busy(tmp_path: Path) -> None:
+    # The acks of one frame are one request: 20 entries, yet the next lone append must not
+    # sit out a fill delay no test could wait for.
+    audit = _log(tmp_path, CommitPolicy(max_batch=64, max_delay_s=60.0,
+                                        checkpoint_interval_s=0.05, busy_requests=2))
+    await audit.start()
+    try:
+        assert await audit.append_all([_entry(i) for i in range(20)]) == 0
+        assert await asyncio.wait_for(audit.append(_entry(20)), timeout=10) == 20
+    finally:
+        await audit.stop()
+
+
+LAZY = CommitPolicy(max_batch=64, max_delay_s=0.001, checkpoint_interval_s=0.05,
+                    lazy_delay_s=0.2)
+
+
+async def test_a_lazy_request_alone_is_committed_after_its_delay(tmp_path: Path) -> None:
+    audit = _log(tmp_path, LAZY)
+    await audit.start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        lazy = audit.append_all([_entry(0), _entry(1)], lazy=True)
+        assert await asyncio.wait_for(lazy, timeout=10) == 0
+        assert loop.time() - started >= 0.2  # waited for company (sleep never wakes early)
+        assert [index for index, _ in audit.store.iter_entries()] == [0, 1]
+    finally:
+        await audit.stop()
+
+
+async def test_a_lazy_request_rides_with_the_next_urgent_one_in_order(tmp_path: Path) -> None:
+    # A lazy delay no test could sit out: both must be durable once the urgent one is.
+    audit = _log(tmp_path, dataclasses.replace(LAZY, lazy_delay_s=60.0))
+    await audit.start()
+    try:
+        lazy = audit.append_all([_entry(0), _entry(1)], lazy=True)
+        await asyncio.sleep(0.05)  # the writer has seen the lazy request and gone back to sleep
+        assert not lazy.done()
+        urgent = await asyncio.wait_for(audit.append(_entry(2)), timeout=10)
+        assert lazy.done() and lazy.result() == 0 and urgent == 2
+    finally:
+        await audit.stop()
+
+
+async def test_stop_commits_lazy_requests_at_once(tmp_path: Path) -> None:
+    audit = _log(tmp_path, dataclasses.replace(LAZY, lazy_delay_s=60.0))
+    await audit.start()
+    lazy = audit.append_all([_entry(0)], lazy=True)
+    await asyncio.wait_for(audit.stop(), timeout=10)
+    assert lazy.result() == 0
+    latest = audit.store.latest_checkpoint()
+    assert latest is not None and latest.size == 1  # and the final checkpoint covers it
