@@ -5,10 +5,10 @@ subscription writes that must become durable with it) and returns a future; the 
 ``max_batch`` queued items as soon as one is due (a lazy request, which nobody waits for, may wait
 ``lazy_delay_s`` to share a commit), waits at most ``max_delay_s`` for more when the log is busy
 (the previous commit merged many requests; see :meth:`CommitPolicy.wait_to_fill`), computes the
-tree nodes the new entries complete, and commits everything in one transaction in a worker
-thread. Only then are the futures resolved, so callers release receipts and deliveries after their
-entry is durable. A checkpoint is signed over the durable size only, at most every
-``checkpoint_interval_s``.
+tree nodes the new entries complete, and commits everything in one transaction (on the event
+loop's thread: docs/decisions.md, "Commits on the event loop"). Only then are the futures
+resolved, so callers release receipts and deliveries after their entry is durable. A checkpoint
+is signed over the durable size only, at most every ``checkpoint_interval_s``.
 
 A failed commit is never retried: the log stops, every pending and later append fails with
 ``StorageError`` (``unavailable``) and the broker stops accepting work, having lost nothing it
@@ -21,7 +21,6 @@ extend the last signed checkpoint with the same root at that size.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -112,7 +111,6 @@ class AuditLog:
         self._queued: list[_Item] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
         self._listeners: list[CheckpointListener] = []
         #: Called with (seconds, entries) after each durable commit (metrics).
         self.commit_observers: list[Callable[[float, int], None]] = []
@@ -184,7 +182,6 @@ class AuditLog:
                 await self._task
             finally:
                 self._task = None
-        self._executor.shutdown(wait=True)
 
     # --- appends ------------------------------------------------------------------------
 
@@ -307,12 +304,12 @@ class AuditLog:
             if self._commit_due(loop.time()):
                 if self.policy.wait_to_fill(len(self._queued), self._last_commit):
                     await asyncio.sleep(self.policy.max_delay_s)  # busy: let the batch fill
-                if not await self._commit_queued():
+                if not self._commit_queued():
                     return
-            if self._checkpoint_due(loop.time()) and not await self._sign_checkpoint():
+            if self._checkpoint_due(loop.time()) and not self._sign_checkpoint():
                 return
         if self.latest is None or self.latest.size < self.size:
-            await self._sign_checkpoint()
+            self._sign_checkpoint()
 
     def _commit_due(self, now: float) -> bool:
         """Something queued must be committed now: a request somebody waits for, a lazy
@@ -337,15 +334,16 @@ class AuditLog:
         timeout = self._until_checkpoint(now)
         return timeout is not None and timeout <= 0
 
-    async def _commit_queued(self) -> bool:
+    def _commit_queued(self) -> bool:
         items = self._queued[: self.policy.max_batch]
         del self._queued[: len(items)]
         self._earliest_due = min((item.due for item in self._queued), default=math.inf)
         try:
             batch, indexes = self._merge(items)
             started = time.perf_counter()
-            await asyncio.get_running_loop().run_in_executor(self._executor,
-                                                             self.store.commit, batch)
+            # On the event loop's thread, on purpose: see docs/decisions.md, "Commits on the
+            # event loop". Nothing else runs meanwhile, so nothing can join this batch.
+            self.store.commit(batch)
         except BaseException as exc:
             self._fail(items, exc)
             return False
@@ -392,13 +390,12 @@ class AuditLog:
         self._queued.clear()
         self._earliest_due = math.inf
 
-    async def _sign_checkpoint(self) -> bool:
+    def _sign_checkpoint(self) -> bool:
         size = self.size
         checkpoint = Checkpoint(self.signer.name, size, self.root(size))
         note = sign_note(checkpoint.to_text(), [self.signer])
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.store.commit, Batch(checkpoints=[(size, note)]))
+            self.store.commit(Batch(checkpoints=[(size, note)]))
         except BaseException as exc:
             self._fail((), exc)
             return False

@@ -1,10 +1,10 @@
 """The embedded store: one SQLite file in the broker's data directory (WAL, ``synchronous=FULL``).
 
 SQLite gives atomic, durable transactions (torn writes are its problem); this module maps the
-:class:`~broker.store.base.Store` interface onto tables. Writes use one connection that may be
-driven from a worker thread (the audit log's writer commits off the event loop); reads use a
-second connection, which in WAL mode sees the last committed transaction and never blocks the
-writer. Every SQLite or OS failure is mapped to :class:`~broker.errors.StorageError` here.
+:class:`~broker.store.base.Store` interface onto tables. Writes use one connection, serialised
+by a lock (the audit log's writer commits on the event loop's thread; tools may write from
+others); reads use a second connection, which in WAL mode sees the last committed transaction
+and never blocks the writer. Every SQLite or OS failure is mapped to :class:`~broker.errors.StorageError` here.
 The tables, and the upgrade of a store written by an earlier version, are in
 :mod:`broker.store.sqlite_schema`.
 """
