@@ -148,8 +148,14 @@ class Hub:
         for notice in self.audit.store.notices():
             self.notices.setdefault(notice.sender, []).append(notice)
         self._in_force = stored_bundle(self.audit.store)
+        # The replay guard is memory: refill it, or an envelope accepted just before a restart
+        # could be accepted again (and routed and logged twice) for the rest of its window.
+        recent = self.audit.recent_routes(self.clock_ms() - 2 * self.replay.skew_ms)
+        for message_id, seen_ms in recent:
+            self.replay.record(message_id, seen_ms)
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
-                 queued=len(rows), notices=sum(map(len, self.notices.values())))
+                 queued=len(rows), notices=sum(map(len, self.notices.values())),
+                 recent_ids=len(recent))
 
     def activate(self, bundle: Bundle) -> asyncio.Future[int]:
         """Make ``bundle`` the policy in force: the one seam every activation goes through, so

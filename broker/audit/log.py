@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
+import msgpack
 import structlog
 
 from broker.audit import merkle
@@ -87,6 +89,10 @@ class LogDamaged(StorageError):
 
 
 CheckpointListener = Callable[[StoredCheckpoint], None]
+
+#: How far back of a horizon :meth:`AuditLog.recent_routes` keeps reading: entries are in
+#: commit order, and their clock may be a little out of it.
+_CLOCK_SLACK_MS = 60_000
 
 
 class AuditLog:
@@ -250,6 +256,24 @@ class AuditLog:
             return edge[1]
         return self.store.get_node(level, index)
 
+    def recent_routes(self, since_ms: int, *, chunk: int = 4096) -> list[tuple[bytes, int]]:
+        """``(message id, ts)`` of every durable ``route`` entry with ``ts >= since_ms``, in log
+        order. Reads the log backwards, a chunk at a time, until a chunk lies wholly a minute
+        before ``since_ms`` (entries are appended in clock order, give or take a commit and any
+        step of the clock)."""
+        found: list[list[tuple[bytes, int]]] = []
+        end = self.size
+        while end > 0:
+            start = max(0, end - chunk)
+            rows = itertools.islice(self.store.iter_entries(start, chunk=end - start),
+                                    end - start)
+            newest, routes = _routes_since(since_ms, (data for _, data in rows))
+            found.append(routes)
+            if newest < since_ms - _CLOCK_SLACK_MS:
+                break
+            end = start
+        return [route for routes in reversed(found) for route in routes]
+
     def root(self, size: int) -> bytes:
         """The tree root over the first ``size`` durable entries."""
         return merkle.tree_root(size, self.get_node)
@@ -409,3 +433,19 @@ class AuditLog:
                 log.exception("checkpoint_listener_failed")
         return True
 
+
+def _routes_since(since_ms: int, entries: Iterable[bytes]) -> tuple[int, list[tuple[bytes, int]]]:
+    """The newest ``ts`` among ``entries`` and the ``(id, ts)`` of their route entries from
+    ``since_ms`` on. Our own entries, checked against their leaf hashes at open: a plain decode
+    of the three fields suffices."""
+    newest, routes = -1, []
+    for data in entries:
+        value = msgpack.unpackb(data)
+        ts = value.get("ts") if isinstance(value, dict) else None
+        if type(ts) is not int:
+            continue
+        newest = max(newest, ts)
+        message_id = value.get("id")
+        if value.get("kind") == "route" and ts >= since_ms and type(message_id) is bytes:
+            routes.append((message_id, ts))
+    return newest, routes

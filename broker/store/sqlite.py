@@ -4,9 +4,9 @@ SQLite gives atomic, durable transactions (torn writes are its problem); this mo
 :class:`~broker.store.base.Store` interface onto tables. Writes use one connection, serialised
 by a lock (the audit log's writer commits on the event loop's thread; tools may write from
 others); reads use a second connection, which in WAL mode sees the last committed transaction
-and never blocks the writer. Every SQLite or OS failure is mapped to :class:`~broker.errors.StorageError` here.
-The tables, and the upgrade of a store written by an earlier version, are in
-:mod:`broker.store.sqlite_schema`.
+and never blocks the writer. Every SQLite or OS failure is mapped to
+:class:`~broker.errors.StorageError` here. The tables, and the upgrade of a store written by an
+earlier version, are in :mod:`broker.store.sqlite_schema`.
 """
 
 from __future__ import annotations

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from broker.audit import merkle
-from broker.audit.leaves import DeliverEntry, PolicyEntry, entry_from_bytes
+from broker.audit.leaves import DeliverEntry, PolicyEntry, RouteEntry, entry_from_bytes
 from broker.audit.log import AuditLog, CommitPolicy, LogDamaged
 from broker.audit.note import Checkpoint, Signer, verify_note
 from broker.errors import StorageError
 from broker.store.base import QueueRow
 from broker.store.sqlite import SqliteStore
+from clients.gateway import label
+from policies.decide import Decision
 
 SEED = bytes(range(32))
 FAST = CommitPolicy(max_batch=64, max_delay_s=0.001, checkpoint_interval_s=0.01)
@@ -272,3 +274,33 @@ async def test_stop_commits_lazy_requests_at_once(tmp_path: Path) -> None:
     assert lazy.result() == 0
     latest = audit.store.latest_checkpoint()
     assert latest is not None and latest.size == 1  # and the final checkpoint covers it
+
+
+def _route(i: int, ts: int) -> RouteEntry:
+    return RouteEntry(ts=ts, id=bytes([i]) * 16, env=b"\x02" * 32, sender="USA-GW1",
+                      topic="maritime.tracks", label=label("NATO", "SECRET", "USA", ["GBR"]),
+                      prec=0, ttl=60, bundle=b"\x03" * 32, sealed=("GBR-GW1",),
+                      decisions={"GBR-GW1": Decision(True, (), "CORE@1/inner")})
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4096])
+async def test_recent_routes_reads_back_to_the_horizon_in_log_order(
+        tmp_path: Path, chunk: int) -> None:
+    audit = _log(tmp_path)
+    await audit.start()
+    try:
+        # Old routes, then a deliver entry and routes inside the window (one a few ms out of
+        # clock order, as two publishes committed together can be).
+        deliver = DeliverEntry(ts=3_000, id=b"\x01" * 16, to="GBR-GW1", seq=1)
+        for entry in (_route(1, 1_000), _route(2, 2_000), deliver, _route(4, 5_000),
+                      _route(5, 5_200), _route(6, 5_100)):
+            await audit.append(entry)
+        recent = audit.recent_routes(5_000, chunk=chunk)
+        assert recent == [(bytes([4]) * 16, 5_000), (bytes([5]) * 16, 5_200),
+                          (bytes([6]) * 16, 5_100)]
+        # The newest entry is older than the horizon, the one before it is not.
+        assert audit.recent_routes(5_150, chunk=chunk) == [(bytes([5]) * 16, 5_200)]
+        assert audit.recent_routes(1_500, chunk=chunk)[0] == (bytes([2]) * 16, 2_000)
+        assert audit.recent_routes(10_000, chunk=chunk) == []
+    finally:
+        await audit.stop()

@@ -284,3 +284,33 @@ async def test_sequence_numbers_never_repeat_across_a_restart(
             seqs.append((await _first(gbr)).seq)
             await _until(lambda s=server: s.hub.queues["GBR-GW1"].depth == 0)
     assert seqs[1] > seqs[0]
+
+
+async def test_an_envelope_accepted_before_a_restart_is_still_a_replay_after_it(
+        coalition: Coalition, clock: Clock) -> None:
+    """The replay guard is memory; the broker refills it from the audit log at start, or the
+    same envelope could be routed (and logged) a second time after a restart."""
+    usa = coalition.nodes["USA-GW1"]
+
+    def envelope(payload: bytes) -> bytes:
+        return build_envelope(signing_key=usa.signing_key, sender="USA-GW1",
+                              topic="maritime.tracks", payload=payload, label=TO_GBR, prec=0,
+                              ttl=60, recipient_keys={"GBR-GW1": coalition.nodes["GBR-GW1"]
+                                                      .enc_public}, now_ms=clock())
+
+    async def publish(server: BrokerServer, env: bytes) -> wire.Frame:
+        async with RawNode(server.url) as raw:
+            assert isinstance(await raw.login(usa), wire.Welcome)
+            await raw.send(wire.Pub(env=env))
+            return await raw.recv(skip_checkpoints=True)
+
+    limits = Limits(max_frame_bytes=64 * 1024)
+    first, later = envelope(b"before"), envelope(b"after")
+    async with _broker(coalition, clock, limits) as server:
+        assert isinstance(await publish(server, first), wire.Receipt)
+    async with _broker(coalition, clock, limits) as server:
+        replayed = await publish(server, first)
+        assert isinstance(replayed, wire.Error) and replayed.code == "replay", replayed
+        assert isinstance(await publish(server, later), wire.Receipt)  # fresh ones pass
+        routes = [e for e in _entries(server) if isinstance(e, RouteEntry)]
+    assert len(routes) == 2
