@@ -151,8 +151,8 @@ class Hub:
         # The replay guard is memory: refill it, or an envelope accepted just before a restart
         # could be accepted again (and routed and logged twice) for the rest of its window.
         recent = self.audit.recent_routes(self.clock_ms() - 2 * self.replay.skew_ms)
-        for message_id, seen_ms in recent:
-            self.replay.record(message_id, seen_ms)
+        for message_id, seen_ms in sorted(recent, key=lambda route: route[1]):
+            self.replay.record(message_id, seen_ms)  # in time order: the guard expires FIFO
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
                  queued=len(rows), notices=sum(map(len, self.notices.values())),
                  recent_ids=len(recent))

@@ -109,6 +109,9 @@ class BrokerServer:
     ) -> None:
         """``ssl_context`` (see :mod:`broker.tls`): serve ``wss://``; ``None``: plain ``ws://``,
         for loopback trials and tests only."""
+        #: Freeze the start-up heap before listening (:func:`settle_heap`): set by
+        #: :func:`serve`, which owns its process; never in a process that embeds brokers.
+        self.settle_heap_before_listening = False
         self.name = name
         self.bundle = bundle
         self.key = key
@@ -198,6 +201,8 @@ class BrokerServer:
                                      **http_server_kwargs(self.limits.request_timeout_s))
         try:
             await self._runner.setup()
+            if self.settle_heap_before_listening:
+                settle_heap()  # before any connection's objects exist: they must stay collectable
             site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
             await site.start()
         except BaseException:  # e.g. the port is taken: release the log and the store too
@@ -491,12 +496,12 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
     """Run a broker from configuration until ``stop`` is set (or forever); each time
     ``reload`` is set, load the policy directory again (see :meth:`BrokerServer.reload`)."""
     server = BrokerServer.from_config(config)
+    server.settle_heap_before_listening = True  # a process of its own (not a test's)
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
     pid_file = config.broker.data_dir / PID_FILE
     async with server, _admin_listener(server, config):
         pid_file.write_text(f"{os.getpid()}\n")
-        settle_heap()
         try:
             while not stop.is_set():
                 waiters = [asyncio.ensure_future(e.wait()) for e in (stop, reload)]
@@ -508,7 +513,6 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None,
                     with contextlib.suppress(BrokerError):
                         await server.reload(config.policy.dir,
                                             pinned_root_sha256=config.policy.trust_root_sha256)
-                        settle_heap()  # the new bundle is as long-lived as the first
         finally:
             pid_file.unlink(missing_ok=True)
 
@@ -521,6 +525,8 @@ def settle_heap() -> None:
     of seconds under load: 25-45 ms with the event loop stopped, the largest single stall in a
     latency run (docs/performance.md). Frozen, a full pass walks only what the traffic
     allocated since (~1-8 ms). Reference counting still frees frozen objects that are dropped;
-    garbage is collected first so that none of it is kept."""
+    garbage is collected first so that none of it is kept. Once, before the node listener
+    accepts: a frozen object in a reference cycle is never freed, so nothing that may become
+    cyclic garbage (a connection, a request, a replaced bundle) may be alive when it runs."""
     gc.collect()
     gc.freeze()

@@ -49,8 +49,9 @@ class CommitPolicy:
     max_delay_s: float = 0.002
     checkpoint_interval_s: float = 1.0
     #: The writer waits ``max_delay_s`` for a batch to fill only after a commit that merged at
-    #: least this many requests (the log is busy). Requests, not entries: the acks of one frame
-    #: are one request of up to 16 entries and say nothing about how busy the log is. Under
+    #: least this many requests that were not lazy (the log is busy). Requests, not entries:
+    #: the acks of one frame are one request of up to 16 entries (and lazy) and say nothing
+    #: about how busy the log is. Under
     #: light load each request is committed at once: waiting would add the delay to every
     #: receipt and delivery and save little.
     busy_requests: int = 16
@@ -80,6 +81,7 @@ class _Item:
     future: asyncio.Future[int]
     #: Loop time by which the item must be in a commit (now, unless the request is lazy).
     due: float
+    lazy: bool
 
 
 class LogDamaged(StorageError):
@@ -121,7 +123,7 @@ class AuditLog:
         #: Called with (seconds, entries) after each durable commit (metrics).
         self.commit_observers: list[Callable[[float, int], None]] = []
         self._last_checkpoint_at = 0.0
-        self._last_commit = 0  # requests merged by the previous commit (how busy the log is)
+        self._last_commit = 0  # urgent requests in the previous commit (how busy the log is)
         self._earliest_due = math.inf  # of the queued items
         self._opened = False
         self._closing = False
@@ -237,7 +239,7 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         due = loop.time() + (self.policy.lazy_delay_s if lazy else 0.0)
-        self._queued.append(_Item(entries, writes, future, due))
+        self._queued.append(_Item(entries, writes, future, due, lazy))
         if due < self._earliest_due:  # only then can the writer's plan change
             self._earliest_due = due
             self._wake.set()
@@ -259,8 +261,8 @@ class AuditLog:
     def recent_routes(self, since_ms: int, *, chunk: int = 4096) -> list[tuple[bytes, int]]:
         """``(message id, ts)`` of every durable ``route`` entry with ``ts >= since_ms``, in log
         order. Reads the log backwards, a chunk at a time, until a chunk lies wholly a minute
-        before ``since_ms`` (entries are appended in clock order, give or take a commit and any
-        step of the clock)."""
+        before ``since_ms`` (entries are appended in clock order, give or take a commit; a route
+        is missed only if the clock stepped back by more than that minute)."""
         found: list[list[tuple[bytes, int]]] = []
         end = self.size
         while end > 0:
@@ -374,7 +376,9 @@ class AuditLog:
         for observe in self.commit_observers:
             observe(time.perf_counter() - started, len(batch.entries))
         self.size += len(batch.entries)
-        self._last_commit = len(items)
+        # Lazy requests are held back to be merged: only requests somebody waits for say how busy
+        # the log is (a burst of ack frames must not put the next receipt behind the delay).
+        self._last_commit = sum(not item.lazy for item in items)
         for item, index in zip(items, indexes, strict=True):
             if not item.future.done():
                 item.future.set_result(index)

@@ -304,3 +304,18 @@ async def test_recent_routes_reads_back_to_the_horizon_in_log_order(
         assert audit.recent_routes(10_000, chunk=chunk) == []
     finally:
         await audit.stop()
+
+
+async def test_a_commit_of_lazy_requests_does_not_make_the_log_busy(tmp_path: Path) -> None:
+    # Five lazy requests committed together; an urgent append after them must not sit out a
+    # fill delay no test could wait for (only requests somebody waits for count as busy).
+    audit = _log(tmp_path, CommitPolicy(max_batch=64, max_delay_s=60.0,
+                                        checkpoint_interval_s=0.05, busy_requests=2,
+                                        lazy_delay_s=0.01))
+    await audit.start()
+    try:
+        lazy = [audit.append_all([_entry(i)], lazy=True) for i in range(5)]
+        assert await asyncio.wait_for(asyncio.gather(*lazy), timeout=10) == [0, 1, 2, 3, 4]
+        assert await asyncio.wait_for(audit.append(_entry(5)), timeout=10) == 5
+    finally:
+        await audit.stop()
