@@ -526,7 +526,8 @@ def settle_heap() -> None:
     latency run (docs/performance.md). Frozen, a full pass walks only what the traffic
     allocated since (~1-8 ms). Reference counting still frees frozen objects that are dropped;
     garbage is collected first so that none of it is kept. Once, before the node listener
-    accepts: a frozen object in a reference cycle is never freed, so nothing that may become
-    cyclic garbage (a connection, a request, a replaced bundle) may be alive when it runs."""
+    accepts: a frozen object in a reference cycle is never freed, so no connection or request
+    may be alive when it runs. (The first policy bundle is; were a reload to replace it, any
+    reference cycle in it would stay: once, bounded by one bundle.)"""
     gc.collect()
     gc.freeze()

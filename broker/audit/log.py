@@ -51,9 +51,8 @@ class CommitPolicy:
     #: The writer waits ``max_delay_s`` for a batch to fill only after a commit that merged at
     #: least this many requests that were not lazy (the log is busy). Requests, not entries:
     #: the acks of one frame are one request of up to 16 entries (and lazy) and say nothing
-    #: about how busy the log is. Under
-    #: light load each request is committed at once: waiting would add the delay to every
-    #: receipt and delivery and save little.
+    #: about how busy the log is. Under light load each request is committed at once: waiting
+    #: would add the delay to every receipt and delivery and save little.
     busy_requests: int = 16
     #: A lazy request (one nobody waits for: the ``deliver`` entries of an ack) joins the next
     #: commit, or is committed on its own after at most this long. At light load this halves
@@ -62,7 +61,7 @@ class CommitPolicy:
 
     def wait_to_fill(self, queued: int, last_requests: int) -> bool:
         """Whether the writer, holding ``queued`` requests, waits for more before committing,
-        given that the previous commit merged ``last_requests`` requests."""
+        given that the previous commit merged ``last_requests`` requests that were not lazy."""
         return 0 < queued < self.max_batch and last_requests >= self.busy_requests
 
 
