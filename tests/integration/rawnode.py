@@ -42,7 +42,10 @@ class RawNode:
         assert self.ws is not None
         await self.ws.send_bytes(data)
 
-    async def recv(self, timeout: float = 5, *, skip_checkpoints: bool = False) -> wire.Frame:
+    async def recv(self, timeout: float = 5, *, skip_checkpoints: bool = True) -> wire.Frame:
+        """The next frame. ``checkpoint`` offers are skipped unless asked for: the broker pushes
+        them to every authenticated node at any moment (after its own login entry is committed,
+        say), so they are never the answer to what a test just sent."""
         assert self.ws is not None
         while True:
             msg = await self.ws.receive(timeout=timeout)

@@ -88,9 +88,7 @@ def errors(frames: list[wire.Frame]) -> list[str]:
 
 async def answer(raw: RawNode) -> wire.Frame:
     """The next frame that is not a checkpoint (offered to every gateway at any time)."""
-    while isinstance(frame := await raw.recv(), wire.Checkpoint):
-        pass
-    return frame
+    return await raw.recv(skip_checkpoints=True)
 
 
 # --- 1. frames and bytes per second ---------------------------------------------------------

@@ -130,6 +130,12 @@ async def test_several_kills_at_random_moments_lose_nothing_and_show_each_once(
                     await gbr.subscribe("reports.>")
                     tasks = [asyncio.create_task(_publish_forever(usa, receipts)),
                              asyncio.create_task(_consume_forever(gbr, shown))]
+                else:  # kill only once both are back: a client that missed a whole
+                    # incarnation (USA's quota filled before GBR's backoff came round) would
+                    # not be tested for coming back after that kill
+                    async with asyncio.timeout(30):
+                        while min(usa.reconnections, gbr.reconnections) < kill:
+                            await asyncio.sleep(0.005)
                 target = len(receipts) + rng.randrange(20, 200)
                 async with asyncio.timeout(30):
                     while len(receipts) < target:
