@@ -73,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
     path = data_dir / "broker.sqlite"
     if not path.exists():
         raise ConfigError(f"no broker store at {path}")
-    store = SqliteStore(path)
+    store = SqliteStore.open_read_only(path)  # the broker may be running: never write its store
     try:
         if origin is None:
             latest = store.latest_checkpoint()

@@ -5,10 +5,12 @@ subscription writes that must become durable with it) and returns a future; the 
 ``max_batch`` queued items as soon as one is due (a lazy request, which nobody waits for, may wait
 ``lazy_delay_s`` to share a commit), waits at most ``max_delay_s`` for more when the log is busy
 (the previous commit merged many requests; see :meth:`CommitPolicy.wait_to_fill`), computes the
-tree nodes the new entries complete, and commits everything in one transaction (on the event
-loop's thread: docs/decisions.md, "Commits on the event loop"). Only then are the futures
-resolved, so callers release receipts and deliveries after their entry is durable. A checkpoint
-is signed over the durable size only, at most every ``checkpoint_interval_s``.
+tree nodes the new entries complete, and commits everything in one transaction: on the event
+loop's thread when the batch is small, in a worker thread when it is large
+(:attr:`CommitPolicy.thread_min_entries`; docs/decisions.md, "Commits on the event loop"). Only
+then are the futures resolved, so callers release receipts and deliveries after their entry is
+durable. A checkpoint is signed over the durable size only, at most every
+``checkpoint_interval_s``.
 
 A failed commit is never retried: the log stops, every pending and later append fails with
 ``StorageError`` (``unavailable``) and the broker stops accepting work, having lost nothing it
@@ -21,6 +23,7 @@ extend the last signed checkpoint with the same root at that size.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -58,6 +61,12 @@ class CommitPolicy:
     #: commit, or is committed on its own after at most this long. At light load this halves
     #: the commits, and a receipt no longer waits behind a commit of acks.
     lazy_delay_s: float = 0.005
+    #: A batch of at least this many entries is committed in a worker thread, so that the
+    #: loop goes on reading and delivering during the SQLite work and the fsync (which release
+    #: the GIL); a smaller one on the loop's thread, where the hand-off to a thread (a wake-up
+    #: and GIL re-takes) would cost more than the commit. Small batches are light load, where
+    #: latency counts; large ones are a drain or a burst, where throughput does.
+    thread_min_entries: int = 64
 
     def wait_to_fill(self, queued: int, last_requests: int) -> bool:
         """Whether the writer, holding ``queued`` requests, waits for more before committing,
@@ -119,6 +128,8 @@ class AuditLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[CheckpointListener] = []
+        # Its thread starts at the first large batch, if there is one.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
         #: Called with (seconds, entries) after each durable commit (metrics).
         self.commit_observers: list[Callable[[float, int], None]] = []
         self._last_checkpoint_at = 0.0
@@ -189,6 +200,7 @@ class AuditLog:
                 await self._task
             finally:
                 self._task = None
+        self._executor.shutdown(wait=True)
 
     # --- appends ------------------------------------------------------------------------
 
@@ -329,7 +341,7 @@ class AuditLog:
             if self._commit_due(loop.time()):
                 if self.policy.wait_to_fill(len(self._queued), self._last_commit):
                     await asyncio.sleep(self.policy.max_delay_s)  # busy: let the batch fill
-                if not self._commit_queued():
+                if not await self._commit_queued():
                     return
             if self._checkpoint_due(loop.time()) and not self._sign_checkpoint():
                 return
@@ -359,16 +371,20 @@ class AuditLog:
         timeout = self._until_checkpoint(now)
         return timeout is not None and timeout <= 0
 
-    def _commit_queued(self) -> bool:
+    async def _commit_queued(self) -> bool:
         items = self._queued[: self.policy.max_batch]
         del self._queued[: len(items)]
         self._earliest_due = min((item.due for item in self._queued), default=math.inf)
         try:
             batch, indexes = self._merge(items)
             started = time.perf_counter()
-            # On the event loop's thread, on purpose: see docs/decisions.md, "Commits on the
-            # event loop". Nothing else runs meanwhile, so nothing can join this batch.
-            self.store.commit(batch)
+            if len(batch.entries) >= self.policy.thread_min_entries:
+                # Appends made meanwhile queue for the next batch; nothing reads `size` as
+                # durable until the commit returns.
+                await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                 self.store.commit, batch)
+            else:
+                self.store.commit(batch)  # on the loop: see CommitPolicy.thread_min_entries
         except BaseException as exc:
             self._fail(items, exc)
             return False

@@ -23,7 +23,7 @@ from typing import Any
 from broker.errors import StorageError
 from broker.store.base import Batch, Notice, QueueRow, StoredCheckpoint
 from broker.store.sqlite_schema import SCHEMA_VERSION as SCHEMA_VERSION
-from broker.store.sqlite_schema import prepare
+from broker.store.sqlite_schema import prepare, stored_version
 
 FILE_NAME = "broker.sqlite"
 
@@ -38,6 +38,7 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect()
@@ -55,6 +56,29 @@ class SqliteStore:
         """The store of a broker whose data directory is ``data_dir``."""
         return cls(data_dir / FILE_NAME)
 
+    @classmethod
+    def open_read_only(cls, path: Path) -> SqliteStore:
+        """The store at ``path`` for reading only: an export or an inspection, typically of a
+        running broker's store. Never created, upgraded, cleaned or written (SQLite refuses
+        any write on the connection); a missing file or another schema version is refused.
+        :meth:`commit` raises ``StorageError``."""
+        store = cls.__new__(cls)
+        store.path = path
+        store._write_lock = threading.Lock()
+        store._writer = None
+        try:
+            store._reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                            isolation_level=None, check_same_thread=False)
+            version = stored_version(store._reader)
+        except sqlite3.Error as exc:
+            store.close()
+            raise _storage_error(f"cannot open the store {path} to read", exc) from exc
+        if version != str(SCHEMA_VERSION):
+            store.close()
+            raise StorageError(f"{path} has schema version {version}; this broker reads "
+                               f"version {SCHEMA_VERSION}")
+        return store
+
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -69,6 +93,8 @@ class SqliteStore:
         """Write the whole batch in one durable transaction, or nothing."""
         with self._write_lock:
             conn = self._writer
+            if conn is None:
+                raise StorageError(f"{self.path} was opened read-only")
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 self._write(conn, batch)

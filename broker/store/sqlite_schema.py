@@ -83,7 +83,8 @@ UPGRADE_FROM_2 = [
 _ORPHANS = "FROM messages WHERE NOT EXISTS (SELECT 1 FROM queue WHERE msg = mid)"
 
 
-def _stored_version(conn: sqlite3.Connection) -> str | None:
+def stored_version(conn: sqlite3.Connection) -> str | None:
+    """The schema version written in the store, ``None`` for an empty file."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
                     ).fetchone() is None:
         return None
@@ -117,7 +118,7 @@ def _transaction(conn: sqlite3.Connection, expect: str | None,
     again under the write lock, as another process may have got there first."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if _stored_version(conn) == expect:
+        if stored_version(conn) == expect:
             step(conn)
         conn.execute("COMMIT")
     except BaseException:
@@ -134,12 +135,12 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
     changes if any step fails); a store of another version is refused untouched. Then messages
     no queue row references (a commit never leaves one; damage might) are deleted.
     """
-    version = _stored_version(conn)
+    version = stored_version(conn)
     if version is None:
         _transaction(conn, None, _create_new)
     elif version == "2":
         _transaction(conn, "2", _upgrade_from_2)
-    version = _stored_version(conn)
+    version = stored_version(conn)
     if version != str(SCHEMA_VERSION):
         raise StorageError(f"{path} has schema version {version}; this broker reads "
                            f"version {SCHEMA_VERSION} (nothing was changed)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,12 @@ class _FailingStore(SqliteStore):
         super().commit(batch)
 
 
-async def test_failed_commit_stops_intake_and_writes_nothing_half(tmp_path: Path) -> None:
+@pytest.mark.parametrize("thread_min_entries", [1, 1000], ids=["in-a-thread", "on-the-loop"])
+async def test_failed_commit_stops_intake_and_writes_nothing_half(
+        tmp_path: Path, thread_min_entries: int) -> None:
     store = _FailingStore(tmp_path / "broker.sqlite")
-    audit = AuditLog(store, _signer(), policy=FAST)
+    policy = dataclasses.replace(FAST, thread_min_entries=thread_min_entries)
+    audit = AuditLog(store, _signer(), policy=policy)
     await audit.start()
     try:
         await _append_many(audit, 5)
@@ -319,3 +323,43 @@ async def test_a_commit_of_lazy_requests_does_not_make_the_log_busy(tmp_path: Pa
         assert await asyncio.wait_for(audit.append(_entry(5)), timeout=10) == 5
     finally:
         await audit.stop()
+
+
+class _HoldingStore(SqliteStore):
+    """Records the thread of every commit with entries; holds large ones until released."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.commits: list[tuple[int, int]] = []  # (thread ident, entries)
+        self.release = threading.Event()
+
+    def commit(self, batch):  # type: ignore[no-untyped-def]
+        if batch.entries:
+            self.commits.append((threading.get_ident(), len(batch.entries)))
+            if len(batch.entries) >= 8:
+                self.release.wait(10)
+        super().commit(batch)
+
+
+async def test_a_large_batch_commits_in_a_thread_while_the_loop_goes_on(tmp_path: Path) -> None:
+    store = _HoldingStore(tmp_path / "broker.sqlite")
+    audit = AuditLog(store, _signer(), policy=dataclasses.replace(FAST, thread_min_entries=8))
+    await audit.start()
+    try:
+        assert await asyncio.wait_for(audit.append(_entry(0)), timeout=10) == 0
+        big = audit.append_all([_entry(i) for i in range(1, 9)])
+        for _ in range(200):  # the loop runs while the big commit is held in its thread
+            await asyncio.sleep(0.005)
+            if len(store.commits) == 2:
+                break
+        assert len(store.commits) == 2 and not big.done()
+        assert store.size() == 1 and audit.size == 1  # not durable, not counted, until it returns
+        store.release.set()
+        assert await asyncio.wait_for(big, timeout=10) == 1
+        assert await asyncio.wait_for(audit.append(_entry(9)), timeout=10) == 9
+    finally:
+        store.release.set()
+        await audit.stop()
+    loop_thread = threading.get_ident()
+    assert [(t == loop_thread, n) for t, n in store.commits] == [(True, 1), (False, 8), (True, 1)]
+    assert store.size() == 10

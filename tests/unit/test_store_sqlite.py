@@ -277,3 +277,54 @@ def test_a_backup_holds_the_queued_envelopes(store: SqliteStore, tmp_path: Path)
         assert copy.queue_rows() == rows
     finally:
         copy.close()
+
+
+# --- read-only opening (exports and inspections of a running broker's store) ------------------
+
+
+def test_a_read_only_store_reads_what_the_writer_committed(store: SqliteStore,
+                                                           path: Path) -> None:
+    store.commit(Batch(first_index=0, entries=[b"e0", b"e1"], enqueue=[_row("GBR-GW1", 1)]))
+    reader = SqliteStore.open_read_only(path)
+    try:
+        assert reader.size() == 2 and reader.entries(0, 2) == [b"e0", b"e1"]
+        store.commit(Batch(first_index=2, entries=[b"e2"]))  # the live writer goes on
+        assert reader.size() == 3
+        assert reader.queue_rows() == [_row("GBR-GW1", 1)]
+    finally:
+        reader.close()
+
+
+def test_a_read_only_store_refuses_to_commit(store: SqliteStore, path: Path) -> None:
+    reader = SqliteStore.open_read_only(path)
+    try:
+        with pytest.raises(StorageError, match="opened read-only"):
+            reader.commit(Batch(first_index=0, entries=[b"e0"]))
+    finally:
+        reader.close()
+    assert store.size() == 0
+
+
+def test_a_read_only_open_leaves_an_orphan_message_alone(store: SqliteStore,
+                                                         path: Path) -> None:
+    """Cleaning at open is the writer's job: a reader changes nothing, not even damage."""
+    store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
+    store.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO messages VALUES (99, 'USA-GW1', x'00', x'01')")
+    conn.close()
+    before = _dump(path)
+    SqliteStore.open_read_only(path).close()
+    assert _dump(path) == before
+
+
+def test_a_read_only_open_never_upgrades_or_creates(path: Path) -> None:
+    with pytest.raises(StorageError, match="cannot open the store .* to read"):
+        SqliteStore.open_read_only(path)
+    assert not path.exists()
+    _v2_store(path, V2_ROWS)
+    before = _dump(path)
+    with pytest.raises(StorageError, match="schema version 2; this broker reads version 3"):
+        SqliteStore.open_read_only(path)
+    assert _dump(path) == before
