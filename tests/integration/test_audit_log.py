@@ -337,7 +337,7 @@ class _HoldingStore(SqliteStore):
         if batch.entries:
             self.commits.append((threading.get_ident(), len(batch.entries)))
             if len(batch.entries) >= 8:
-                self.release.wait(10)
+                self.release.wait(30)
         super().commit(batch)
 
 
@@ -348,7 +348,7 @@ async def test_a_large_batch_commits_in_a_thread_while_the_loop_goes_on(tmp_path
     try:
         assert await asyncio.wait_for(audit.append(_entry(0)), timeout=10) == 0
         big = audit.append_all([_entry(i) for i in range(1, 9)])
-        for _ in range(200):  # the loop runs while the big commit is held in its thread
+        for _ in range(2000):  # the loop runs while the big commit is held in its thread
             await asyncio.sleep(0.005)
             if len(store.commits) == 2:
                 break
