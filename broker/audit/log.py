@@ -200,7 +200,8 @@ class AuditLog:
                 await self._task
             finally:
                 self._task = None
-        self._executor.shutdown(wait=True)
+                # Idle by now: the writer waits for a threaded commit even when cancelled.
+                self._executor.shutdown(wait=False)
 
     # --- appends ------------------------------------------------------------------------
 
@@ -326,7 +327,8 @@ class AuditLog:
         except BaseException as exc:
             # Whatever broke the writer, no appender may wait forever for it.
             if self.failed is None:
-                self._fail((), exc)
+                self._fail((), StorageError("the audit log's writer was cancelled")
+                           if isinstance(exc, asyncio.CancelledError) else exc)
             raise
 
     async def _write_until_closed(self) -> None:
@@ -375,17 +377,17 @@ class AuditLog:
         items = self._queued[: self.policy.max_batch]
         del self._queued[: len(items)]
         self._earliest_due = min((item.due for item in self._queued), default=math.inf)
+        cancelled = False
         try:
             batch, indexes = self._merge(items)
             started = time.perf_counter()
             if len(batch.entries) >= self.policy.thread_min_entries:
                 # Appends made meanwhile queue for the next batch; nothing reads `size` as
                 # durable until the commit returns.
-                await asyncio.get_running_loop().run_in_executor(self._executor,
-                                                                 self.store.commit, batch)
+                cancelled = await self._commit_in_thread(batch)
             else:
                 self.store.commit(batch)  # on the loop: see CommitPolicy.thread_min_entries
-        except BaseException as exc:
+        except Exception as exc:
             self._fail(items, exc)
             return False
         for observe in self.commit_observers:
@@ -397,7 +399,22 @@ class AuditLog:
         for item, index in zip(items, indexes, strict=True):
             if not item.future.done():
                 item.future.set_result(index)
+        if cancelled:  # only now: the futures above say truly that the commit is durable
+            raise asyncio.CancelledError
         return True
+
+    async def _commit_in_thread(self, batch: Batch) -> bool:
+        """Commit ``batch`` in the worker thread; ``True`` if the writer was cancelled
+        meanwhile. A commit cannot be stopped once it runs, so a cancelled writer still waits
+        for its outcome (blocking the loop for the rest of one commit): otherwise the batch's
+        futures would fail while its entries became durable. Raises what the commit raised."""
+        running = self._executor.submit(self.store.commit, batch)
+        try:
+            await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            running.result()  # a commit cancelled before it started raises: nothing written
+            return True
+        return False
 
     def _merge(self, items: Iterable[_Item]) -> tuple[Batch, list[int]]:
         batch = Batch(first_index=self.size)

@@ -2,9 +2,9 @@
 
 SQLite gives atomic, durable transactions (torn writes are its problem); this module maps the
 :class:`~broker.store.base.Store` interface onto tables. Writes use one connection, serialised
-by a lock (the audit log's writer commits on the event loop's thread; tools may write from
-others); reads use a second connection, which in WAL mode sees the last committed transaction
-and never blocks the writer. Every SQLite or OS failure is mapped to
+by a lock (the audit log commits small batches on the event loop's thread and large ones in
+its worker thread); reads use a second connection, which in WAL mode sees the last committed
+transaction and never blocks the writer. Every SQLite or OS failure is mapped to
 :class:`~broker.errors.StorageError` here. The tables, and the upgrade of a store written by an
 earlier version, are in :mod:`broker.store.sqlite_schema`.
 """
@@ -59,9 +59,11 @@ class SqliteStore:
     @classmethod
     def open_read_only(cls, path: Path) -> SqliteStore:
         """The store at ``path`` for reading only: an export or an inspection, typically of a
-        running broker's store. Never created, upgraded, cleaned or written (SQLite refuses
-        any write on the connection); a missing file or another schema version is refused.
-        :meth:`commit` raises ``StorageError``."""
+        running broker's store. The store file is never created, upgraded, cleaned or written
+        (SQLite refuses any write on the connection); a missing file or another schema version
+        is refused. :meth:`commit` raises ``StorageError``. WAL mode: when the broker is not
+        running, SQLite creates the ``-shm`` and ``-wal`` companions, so the directory must be
+        writable (read a ``coalition broker backup`` copy otherwise)."""
         store = cls.__new__(cls)
         store.path = path
         store._write_lock = threading.Lock()
@@ -72,7 +74,13 @@ class SqliteStore:
             version = stored_version(store._reader)
         except sqlite3.Error as exc:
             store.close()
-            raise _storage_error(f"cannot open the store {path} to read", exc) from exc
+            hint = (" (SQLite needs write access to the directory for the store's -shm file; "
+                    "read a `coalition broker backup` copy instead)"
+                    if path.exists() and not os.access(path.parent, os.W_OK) else "")
+            raise _storage_error(f"cannot open the store {path} to read{hint}", exc) from exc
+        if version is None:
+            store.close()
+            raise StorageError(f"{path} is not a broker store (no schema version)")
         if version != str(SCHEMA_VERSION):
             store.close()
             raise StorageError(f"{path} has schema version {version}; this broker reads "

@@ -363,3 +363,29 @@ async def test_a_large_batch_commits_in_a_thread_while_the_loop_goes_on(tmp_path
     loop_thread = threading.get_ident()
     assert [(t == loop_thread, n) for t, n in store.commits] == [(True, 1), (False, 8), (True, 1)]
     assert store.size() == 10
+
+
+async def test_a_writer_cancelled_during_a_threaded_commit_reports_it_durable(
+        tmp_path: Path) -> None:
+    """The commit cannot be stopped once it runs: a cancelled stop() waits for it, and the
+    batch's future says it is durable, which it is."""
+    store = _HoldingStore(tmp_path / "broker.sqlite")
+    audit = AuditLog(store, _signer(), policy=dataclasses.replace(FAST, thread_min_entries=8))
+    await audit.start()
+    big = audit.append_all([_entry(i) for i in range(8)])
+    for _ in range(2000):
+        await asyncio.sleep(0.005)
+        if store.commits:
+            break
+    assert store.commits and not big.done()
+    stopping = asyncio.create_task(audit.stop())
+    await asyncio.sleep(0.01)
+    threading.Timer(0.2, store.release.set).start()  # the loop is blocked once cancelled
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert big.done() and big.result() == 0
+    assert store.size() == 8
+    assert audit.failed is not None and "writer was cancelled" in audit.failed.reason
+    with pytest.raises(StorageError, match="writer was cancelled"):
+        audit.append(_entry(8))

@@ -320,7 +320,7 @@ def test_a_read_only_open_leaves_an_orphan_message_alone(store: SqliteStore,
 
 
 def test_a_read_only_open_never_upgrades_or_creates(path: Path) -> None:
-    with pytest.raises(StorageError, match="cannot open the store .* to read"):
+    with pytest.raises(StorageError, match=r"cannot open the store .* to read"):
         SqliteStore.open_read_only(path)
     assert not path.exists()
     _v2_store(path, V2_ROWS)
@@ -328,3 +328,9 @@ def test_a_read_only_open_never_upgrades_or_creates(path: Path) -> None:
     with pytest.raises(StorageError, match="schema version 2; this broker reads version 3"):
         SqliteStore.open_read_only(path)
     assert _dump(path) == before
+
+
+def test_a_file_that_is_not_a_broker_store_is_refused_read_only(path: Path) -> None:
+    sqlite3.connect(path).close()
+    with pytest.raises(StorageError, match="is not a broker store"):
+        SqliteStore.open_read_only(path)
