@@ -153,13 +153,18 @@ def test_a_queue_row_deleted_by_hand_takes_its_message_along(
     assert _count(path, "messages") == 0
 
 
-def test_an_orphan_message_is_removed_at_open(store: SqliteStore, path: Path) -> None:
+def _store_with_an_orphan(store: SqliteStore, path: Path) -> None:
+    """One queued message, then (store closed) a message no queue row references: damage."""
     store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
     store.close()
     conn = sqlite3.connect(path)
     with conn:
         conn.execute("INSERT INTO messages VALUES (99, 'USA-GW1', x'00', x'01')")
     conn.close()
+
+
+def test_an_orphan_message_is_removed_at_open(store: SqliteStore, path: Path) -> None:
+    _store_with_an_orphan(store, path)
     assert _count(path, "messages") == 2
     reopened = SqliteStore(path)
     try:
@@ -308,12 +313,7 @@ def test_a_read_only_store_refuses_to_commit(store: SqliteStore, path: Path) -> 
 def test_a_read_only_open_leaves_an_orphan_message_alone(store: SqliteStore,
                                                          path: Path) -> None:
     """Cleaning at open is the writer's job: a reader changes nothing, not even damage."""
-    store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
-    store.close()
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.execute("INSERT INTO messages VALUES (99, 'USA-GW1', x'00', x'01')")
-    conn.close()
+    _store_with_an_orphan(store, path)
     before = _dump(path)
     SqliteStore.open_read_only(path).close()
     assert _dump(path) == before
