@@ -26,7 +26,7 @@ from broker.cli_audit import print_report
 from broker.coalition import Coalition
 from broker.envelope import Envelope, build_envelope
 from broker.server import BrokerServer, Limits
-from broker.store.sqlite import FILE_NAME, SqliteStore
+from broker.store.sqlite import SqliteStore
 from clients.auditor import verify_export
 from clients.export import export_store
 from clients.gateway import (
@@ -448,7 +448,7 @@ def audit_step(coalition: Coalition, base: Path, out: TextIO) -> bool:
     """Export the broker's audit log and verify it as an auditor would, trusting only the
     pinned trust root; print the report."""
     out.write("\nAudit: export the log and verify it offline (coalition audit export/verify)\n")
-    store = SqliteStore.open_read_only(base / "broker-data" / FILE_NAME)
+    store = SqliteStore.in_dir(base / "broker-data", read_only=True)
     try:
         summary = export_store(store, coalition.broker_name, base / "audit-export")
     finally:

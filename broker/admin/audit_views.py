@@ -21,7 +21,7 @@ from aiohttp import web
 from broker.admin.app import CONTEXT, ApiError, requires, token_of
 from broker.audit.leaves import entry_from_bytes
 from broker.errors import ProtocolError
-from broker.store.sqlite import FILE_NAME, SqliteStore
+from broker.store.sqlite import SqliteStore
 from clients.export import export_store
 
 log = structlog.get_logger("broker.admin")
@@ -162,7 +162,7 @@ async def _send_export(request: web.Request, data_dir: Path, origin: str) -> web
 def _export_tar(data_dir: Path, origin: str, work: Path) -> Path:
     # Its own connection (the broker's reader belongs to the event loop thread), read-only: an
     # export never writes the live store, so it never holds the lock the broker commits under.
-    store = SqliteStore.open_read_only(data_dir / FILE_NAME)
+    store = SqliteStore.in_dir(data_dir, read_only=True)
     try:
         export_store(store, origin, work / "audit-export")
     finally:

@@ -35,10 +35,15 @@ def _storage_error(what: str, exc: BaseException) -> StorageError:
 class SqliteStore:
     """The :class:`~broker.store.base.Store` on one SQLite file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """Open (creating or upgrading if need be) the store at ``path``; with ``read_only``,
+        see :meth:`open_read_only`."""
         self.path = path
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
+        if read_only:
+            self._reader = self._open_reader()
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect()
@@ -52,9 +57,9 @@ class SqliteStore:
             raise
 
     @classmethod
-    def in_dir(cls, data_dir: Path) -> SqliteStore:
+    def in_dir(cls, data_dir: Path, *, read_only: bool = False) -> SqliteStore:
         """The store of a broker whose data directory is ``data_dir``."""
-        return cls(data_dir / FILE_NAME)
+        return cls(data_dir / FILE_NAME, read_only=read_only)
 
     @classmethod
     def open_read_only(cls, path: Path) -> SqliteStore:
@@ -64,28 +69,29 @@ class SqliteStore:
         is refused. :meth:`commit` raises ``StorageError``. WAL mode: when the broker is not
         running, SQLite creates the ``-shm`` and ``-wal`` companions, so the directory must be
         writable (read a ``coalition broker backup`` copy otherwise)."""
-        store = cls.__new__(cls)
-        store.path = path
-        store._write_lock = threading.Lock()
-        store._writer = None
+        return cls(path, read_only=True)
+
+    def _open_reader(self) -> sqlite3.Connection:
+        path = self.path
         try:
-            store._reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
-                                            isolation_level=None, check_same_thread=False)
-            version = stored_version(store._reader)
+            conn = _connect_read_only(path)
         except sqlite3.Error as exc:
-            store.close()
             hint = (" (SQLite needs write access to the directory for the store's -shm file; "
                     "read a `coalition broker backup` copy instead)"
                     if path.exists() and not os.access(path.parent, os.W_OK) else "")
             raise _storage_error(f"cannot open the store {path} to read{hint}", exc) from exc
-        if version is None:
-            store.close()
-            raise StorageError(f"{path} is not a broker store (no schema version)")
+        try:
+            version = stored_version(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _storage_error(f"cannot open the store {path} to read", exc) from exc
         if version != str(SCHEMA_VERSION):
-            store.close()
-            raise StorageError(f"{path} has schema version {version}; this broker reads "
+            conn.close()
+            raise StorageError(f"{path} is not a broker store (no schema version)"
+                               if version is None else
+                               f"{path} has schema version {version}; this broker reads "
                                f"version {SCHEMA_VERSION}")
-        return store
+        return conn
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
@@ -306,6 +312,12 @@ class SqliteStore:
                 conn.close()
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write the store (``mode=ro``); it never creates the file."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                           isolation_level=None, check_same_thread=False)
+
+
 def backup_store(data_dir: Path, dest: Path) -> None:
     """Copy a broker's store to ``dest``, also while the broker runs: SQLite's backup API in one
     step from its own read connection, so the copy is one committed state (WAL mode: the
@@ -320,7 +332,7 @@ def backup_store(data_dir: Path, dest: Path) -> None:
     partial = dest.with_name(f".{dest.name}.partial")
     try:
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        source = sqlite3.connect(source_path.as_uri() + "?mode=ro", uri=True)
+        source = _connect_read_only(source_path)
         target = sqlite3.connect(partial)
         try:
             source.backup(target)
