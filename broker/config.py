@@ -76,6 +76,10 @@ class AuditSection:
     max_batch: int = 1024
     max_delay_ms: int = 2
     checkpoint_interval_ms: int = 1000
+    #: Who commits: ``process``, a child process that owns the store's write connection (the
+    #: event loop goes on meanwhile; broker.store.writer_process), or ``loop``, the broker's
+    #: own process (small batches on the event loop, large ones in a thread).
+    writer: str = "process"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +163,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "audit.max_batch": (1, 100_000),
     "audit.max_delay_ms": (0, 1000),
     "audit.checkpoint_interval_ms": (10, 24 * 3600 * 1000),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "audit.writer": ("process", "loop"),
 }
 
 
@@ -246,6 +253,9 @@ def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
         if len(raw) != 32:
             raise ConfigError(f"{where} must be a SHA-256 (64 hex digits)")
         return raw
+    choices = _CHOICES.get(where)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

@@ -43,6 +43,7 @@ from broker.peer import WsPeer
 from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
 from broker.store.sqlite import SqliteStore
+from broker.store.writer_process import WriterProcess
 from broker.tls import server_context_for
 from broker.witnesses import Witnesses
 from clients.identity import KeyFile
@@ -106,9 +107,11 @@ class BrokerServer:
         commit: CommitPolicy = DEFAULT_COMMIT,
         clock_ms: Callable[[], int] = wall_clock_ms,
         ssl_context: ssl.SSLContext | None = None,
+        writer_process: bool = True,
     ) -> None:
         """``ssl_context`` (see :mod:`broker.tls`): serve ``wss://``; ``None``: plain ``ws://``,
-        for loopback trials and tests only."""
+        for loopback trials and tests only. ``writer_process``: the audit log commits through a
+        child process (:mod:`broker.store.writer_process`), not on the event loop."""
         #: Freeze the start-up heap before listening (:func:`settle_heap`): set by
         #: :func:`serve`, which owns its process; never in a process that embeds brokers.
         self.settle_heap_before_listening = False
@@ -122,6 +125,8 @@ class BrokerServer:
         self.commit = commit
         self.clock_ms = clock_ms
         self.ssl_context = ssl_context
+        self.writer_process = writer_process
+        self._writer: WriterProcess | None = None
         self.app = web.Application()
         self.app.router.add_get(NODE_PATH, self._node_endpoint)
         self._runner: web.AppRunner | None = None
@@ -147,7 +152,8 @@ class BrokerServer:
         return cls(name=config.broker.name, bundle=bundle, key=read_broker_key(config),
                    data_dir=config.broker.data_dir, host=config.listen.host,
                    port=config.listen.port, limits=limits, commit=commit,
-                   ssl_context=server_context_for(config.tls))
+                   ssl_context=server_context_for(config.tls),
+                   writer_process=config.audit.writer == "process")
 
     @property
     def hub(self) -> Hub:
@@ -176,9 +182,12 @@ class BrokerServer:
         check_broker_key(self.bundle, self.name, self.key)
         store = SqliteStore.in_dir(self.data_dir)
         try:
+            if self.writer_process:
+                self._writer = await WriterProcess.start(store.path)
             self._audit = AuditLog(store, Signer.from_seed(self.name, bytes(self.key.signing_key)),
                                    policy=self.commit, clock_ms=self.clock_ms,
-                                   earlier_keys=earlier_broker_keys(store, self.name))
+                                   earlier_keys=earlier_broker_keys(store, self.name),
+                                   writer=self._writer)
             self._audit.open()
             self._hub = Hub(self.bundle, self._audit, clock_ms=self.clock_ms,
                             skew_ms=self.limits.clock_skew_ms,
@@ -194,6 +203,8 @@ class BrokerServer:
                 self._hub.run_expiry(self.limits.expiry_interval_s), name="expiry")
         except BaseException:
             await self._close_audit()
+            if self._audit is None:
+                store.close()
             raise
         self.witnesses = Witnesses(self._audit, self._hub)
         self._audit.on_checkpoint(self.witnesses.broadcast)
@@ -255,11 +266,17 @@ class BrokerServer:
         return bundle
 
     async def _close_audit(self) -> None:
-        if self._audit is not None:
-            try:
+        try:
+            if self._audit is not None:
                 await self._audit.stop()
+        finally:
+            try:
+                if self._writer is not None:
+                    await self._writer.close()
             finally:
-                self._audit.store.close()
+                self._writer = None
+                if self._audit is not None:
+                    self._audit.store.close()
 
     async def __aenter__(self) -> BrokerServer:
         await self.start()

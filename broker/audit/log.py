@@ -5,8 +5,9 @@ subscription writes that must become durable with it) and returns a future; the 
 ``max_batch`` queued items as soon as one is due (a lazy request, which nobody waits for, may wait
 ``lazy_delay_s`` to share a commit), waits at most ``max_delay_s`` for more when the log is busy
 (the previous commit merged many requests; see :meth:`CommitPolicy.wait_to_fill`), computes the
-tree nodes the new entries complete, and commits everything in one transaction: on the event
-loop's thread when the batch is small, in a worker thread when it is large
+tree nodes the new entries complete, and commits everything in one transaction: through the
+broker's store writer process when it has one (:mod:`broker.store.writer_process`), else on the
+event loop's thread when the batch is small and in a worker thread when it is large
 (:attr:`CommitPolicy.thread_min_entries`; docs/decisions.md, "Commits on the event loop"). Only
 then are the futures resolved, so callers release receipts and deliveries after their entry is
 durable. A checkpoint is signed over the durable size only, at most every
@@ -39,7 +40,7 @@ from broker.audit import merkle
 from broker.audit.leaves import Entry
 from broker.audit.note import Checkpoint, Signer, Verifier, sign_note, verify_note
 from broker.errors import BrokerError, StorageError, VerificationError
-from broker.store.base import Batch, Notice, QueueRow, Store, StoredCheckpoint
+from broker.store.base import Batch, BatchWriter, Notice, QueueRow, Store, StoredCheckpoint
 
 log = structlog.get_logger("broker.audit")
 
@@ -110,10 +111,13 @@ class AuditLog:
 
     def __init__(self, store: Store, signer: Signer, *, policy: CommitPolicy = DEFAULT_COMMIT,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-                 earlier_keys: Sequence[bytes] = ()) -> None:
+                 earlier_keys: Sequence[bytes] = (), writer: BatchWriter | None = None) -> None:
         """``earlier_keys``: public keys this broker signed with before a key rotation (from the
-        trust root in force when it last ran); its last stored checkpoint may carry one."""
+        trust root in force when it last ran); its last stored checkpoint may carry one.
+        ``writer``: commits go through it (a writer process on ``store``'s file, which the
+        caller starts and closes) instead of ``store.commit`` in this process."""
         self.store = store
+        self.writer = writer
         self.signer = signer
         self.verifier: Verifier = signer.verifier()
         self._earlier = [Verifier(signer.name, key) for key in earlier_keys
@@ -345,10 +349,10 @@ class AuditLog:
                     await asyncio.sleep(self.policy.max_delay_s)  # busy: let the batch fill
                 if not await self._commit_queued():
                     return
-            if self._checkpoint_due(loop.time()) and not self._sign_checkpoint():
+            if self._checkpoint_due(loop.time()) and not await self._sign_checkpoint():
                 return
         if self.latest is None or self.latest.size < self.size:
-            self._sign_checkpoint()
+            await self._sign_checkpoint()
 
     def _commit_due(self, now: float) -> bool:
         """Something queued must be committed now: a request somebody waits for, a lazy
@@ -381,12 +385,9 @@ class AuditLog:
         try:
             batch, indexes = self._merge(items)
             started = time.perf_counter()
-            if len(batch.entries) >= self.policy.thread_min_entries:
-                # Appends made meanwhile queue for the next batch; nothing reads `size` as
-                # durable until the commit returns.
-                cancelled = await self._commit_in_thread(batch)
-            else:
-                self.store.commit(batch)  # on the loop: see CommitPolicy.thread_min_entries
+            # Appends made meanwhile queue for the next batch; nothing reads `size` as durable
+            # until the commit returns.
+            cancelled = await self._commit(batch)
         except Exception as exc:
             self._fail(items, exc)
             return False
@@ -402,6 +403,16 @@ class AuditLog:
         if cancelled:  # only now: the futures above say truly that the commit is durable
             raise asyncio.CancelledError
         return True
+
+    async def _commit(self, batch: Batch) -> bool:
+        """Commit ``batch`` (in the writer process, a thread or on the loop); ``True`` if the
+        writer task was cancelled meanwhile (the outcome was awaited all the same)."""
+        if self.writer is not None:
+            return await self.writer.commit(batch)
+        if len(batch.entries) >= self.policy.thread_min_entries:
+            return await self._commit_in_thread(batch)
+        self.store.commit(batch)  # on the loop: see CommitPolicy.thread_min_entries
+        return False
 
     async def _commit_in_thread(self, batch: Batch) -> bool:
         """Commit ``batch`` in the worker thread; ``True`` if the writer was cancelled
@@ -450,13 +461,13 @@ class AuditLog:
         self._queued.clear()
         self._earliest_due = math.inf
 
-    def _sign_checkpoint(self) -> bool:
+    async def _sign_checkpoint(self) -> bool:
         size = self.size
         checkpoint = Checkpoint(self.signer.name, size, self.root(size))
         note = sign_note(checkpoint.to_text(), [self.signer])
         try:
-            self.store.commit(Batch(checkpoints=[(size, note)]))
-        except BaseException as exc:
+            cancelled = await self._commit(Batch(checkpoints=[(size, note)]))
+        except Exception as exc:
             self._fail((), exc)
             return False
         self._last_checkpoint_at = asyncio.get_running_loop().time()
@@ -467,6 +478,8 @@ class AuditLog:
                 listener(self.latest)
             except Exception:
                 log.exception("checkpoint_listener_failed")
+        if cancelled:  # only now: the checkpoint is stored and announced
+            raise asyncio.CancelledError
         return True
 
 

@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from broker.coalition import Coalition, NodeSpec, build_coalition
 from broker.server import NODE_PATH, PID_FILE
@@ -94,6 +96,41 @@ def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from ``/proc/PID/stat``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every living descendant (from ``/proc/PID/task/TID/children``): the broker
+    and its store writer process."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo.extend(int(child) for child in children.read_text().split())
+            except OSError:  # the task or process ended meanwhile
+                continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its living descendants (see :func:`process_tree`)."""
+    return sum(_if_alive(process_cpu_seconds, p) for p in process_tree(pid))
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its living descendants, added up."""
+    return sum(_if_alive(process_rss_bytes, p) for p in process_tree(pid))
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _if_alive(measure: Callable[[int], _N], pid: int) -> _N | int:
+    try:
+        return measure(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
 
 
 def process_rss_bytes(pid: int) -> int:
@@ -182,10 +219,12 @@ class BrokerProcess:
             errors="replace")
 
     def rss_bytes(self) -> int:
-        return process_rss_bytes(self.pid)
+        """The broker's resident memory, its store writer process's included."""
+        return tree_rss_bytes(self.pid)
 
     def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.pid)
+        """The broker's CPU time, its store writer process's included."""
+        return tree_cpu_seconds(self.pid)
 
     def log_events(self, event: str) -> int:
         """How many log lines name ``event`` (e.g. errors the broker logged)."""

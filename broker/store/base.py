@@ -141,3 +141,11 @@ class Store(Protocol):
     def close(self) -> None:
         """Release the store's resources."""
 
+
+
+class BatchWriter(Protocol):
+    """Commits batches to a :class:`Store` away from the caller's thread (a writer process)."""
+
+    async def commit(self, batch: Batch) -> bool:
+        """Make ``batch`` durable like :meth:`Store.commit`; ``True`` if the caller was
+        cancelled meanwhile (the outcome was awaited all the same). Raises ``StorageError``."""

@@ -46,10 +46,10 @@ class SqliteStore:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = self._connect()
+            self._writer = _connect(path)
             # Creates, upgrades (version 2) or refuses untouched (any other version).
             prepare(self._writer, path)
-            self._reader = self._connect()
+            self._reader = _connect(path)
         except BaseException as exc:
             self.close()  # a store refused or failing to open is not held open
             if isinstance(exc, (sqlite3.Error, OSError)):
@@ -93,87 +93,14 @@ class SqliteStore:
                                f"version {SCHEMA_VERSION}")
         return conn
 
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        return conn
-
     # --- writes -------------------------------------------------------------------------
 
     def commit(self, batch: Batch) -> None:
         """Write the whole batch in one durable transaction, or nothing."""
         with self._write_lock:
-            conn = self._writer
-            if conn is None:
+            if self._writer is None:
                 raise StorageError(f"{self.path} was opened read-only")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                self._write(conn, batch)
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    # The original error is the one to report.
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                if isinstance(exc, (sqlite3.Error, OSError)):
-                    raise _storage_error("commit failed", exc) from exc
-                raise
-
-    @staticmethod
-    def _write(conn: sqlite3.Connection, batch: Batch) -> None:
-        if batch.entries:
-            conn.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
-                             ((batch.first_index + i, data) for i, data in
-                              enumerate(batch.entries)))
-        conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)
-        if batch.enqueue:
-            SqliteStore._enqueue(conn, batch.enqueue)
-            conn.execute("INSERT INTO meta VALUES ('seq_high', ?) ON CONFLICT (key) DO UPDATE "
-                         "SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS "
-                         "INTEGER))", (str(max(r.seq for r in batch.enqueue)),))
-        conn.executemany("DELETE FROM queue WHERE recipient = ? AND seq = ?", batch.dequeue)
-        conn.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?, ?)", batch.subscribe)
-        conn.executemany("DELETE FROM subscriptions WHERE node = ? AND pattern = ?",
-                         batch.unsubscribe)
-        conn.executemany("INSERT OR IGNORE INTO bundles VALUES (?, ?)", batch.bundles)
-        if batch.bundles:  # a bundle is written when it is activated: the last one is in force
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('active_bundle', ?)",
-                         (batch.bundles[-1][0].hex(),))
-        conn.executemany("INSERT INTO checkpoints VALUES (?, ?)", batch.checkpoints)
-        conn.executemany("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)",
-                         batch.cosignatures)
-        conn.executemany("INSERT OR IGNORE INTO notices VALUES (?, ?, ?)",
-                         ((n.sender, n.id, n.recipient) for n in batch.notices))
-        conn.executemany("DELETE FROM notices WHERE sender = ? AND id = ? AND recipient = ?",
-                         ((n.sender, n.id, n.recipient) for n in batch.notices_sent))
-        conn.executemany("INSERT OR REPLACE INTO node_status VALUES (?, ?)",
-                         ((n, st) for n, st in batch.node_status if st != "active"))
-        conn.executemany("DELETE FROM node_status WHERE node = ?",
-                         ((n,) for n, st in batch.node_status if st == "active"))
-
-    @staticmethod
-    def _enqueue(conn: sqlite3.Connection, rows: list[QueueRow]) -> None:
-        # The rows of one message (its recipients) share one `messages` row. They are matched
-        # on the whole (sender, id, envelope), not on the id: a sender may reuse an id once the
-        # replay window has passed, while its earlier message is still queued. A message
-        # enqueued again in a later batch gets a row of its own (the hub never does that).
-        # Numbered here, inside the write transaction, so one statement inserts them all.
-        (top,) = conn.execute("SELECT coalesce(max(mid), 0) FROM messages").fetchone()
-        mids: dict[tuple[str, bytes, bytes], int] = {}
-        messages: list[tuple[int, str, bytes, bytes]] = []
-        queue: list[tuple[str, int, int, int, int, int]] = []
-        for r in rows:
-            key = (r.sender, r.id, r.envelope)
-            mid = mids.get(key)
-            if mid is None:
-                mid = mids[key] = top + len(mids) + 1
-                messages.append((mid, r.sender, r.id, r.envelope))
-            queue.append((r.recipient, r.seq, r.prec, mid, r.expires_ms, r.queued_ms))
-        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
-        conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?)", queue)
+            commit_batch(self._writer, batch)
 
     # --- reads --------------------------------------------------------------------------
 
@@ -310,6 +237,104 @@ class SqliteStore:
         for conn in (getattr(self, "_reader", None), getattr(self, "_writer", None)):
             if conn is not None:
                 conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def open_writer(path: Path) -> sqlite3.Connection:
+    """A connection that commits batches to the existing store at ``path`` (see
+    :func:`commit_batch`): for a writer in another process. The store must have been opened
+    (created or upgraded) by :class:`SqliteStore` first; this one only checks the version."""
+    try:
+        conn = _connect(path)
+    except sqlite3.Error as exc:
+        raise _storage_error(f"cannot open the store {path} to write", exc) from exc
+    try:
+        version = stored_version(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _storage_error(f"cannot open the store {path} to write", exc) from exc
+    if version != str(SCHEMA_VERSION):
+        conn.close()
+        raise StorageError(f"{path} has schema version {version}; this broker writes version "
+                           f"{SCHEMA_VERSION}")
+    return conn
+
+
+def commit_batch(conn: sqlite3.Connection, batch: Batch) -> None:
+    """Write the whole batch on ``conn`` in one durable transaction, or nothing; SQLite and
+    OS failures are raised as ``StorageError``."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        _write_batch(conn, batch)
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            # The original error is the one to report.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        if isinstance(exc, (sqlite3.Error, OSError)):
+            raise _storage_error("commit failed", exc) from exc
+        raise
+
+
+def _write_batch(conn: sqlite3.Connection, batch: Batch) -> None:
+    if batch.entries:
+        conn.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
+                         ((batch.first_index + i, data) for i, data in
+                          enumerate(batch.entries)))
+    conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)
+    if batch.enqueue:
+        _enqueue(conn, batch.enqueue)
+        conn.execute("INSERT INTO meta VALUES ('seq_high', ?) ON CONFLICT (key) DO UPDATE "
+                     "SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS "
+                     "INTEGER))", (str(max(r.seq for r in batch.enqueue)),))
+    conn.executemany("DELETE FROM queue WHERE recipient = ? AND seq = ?", batch.dequeue)
+    conn.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?, ?)", batch.subscribe)
+    conn.executemany("DELETE FROM subscriptions WHERE node = ? AND pattern = ?",
+                     batch.unsubscribe)
+    conn.executemany("INSERT OR IGNORE INTO bundles VALUES (?, ?)", batch.bundles)
+    if batch.bundles:  # a bundle is written when it is activated: the last one is in force
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('active_bundle', ?)",
+                     (batch.bundles[-1][0].hex(),))
+    conn.executemany("INSERT INTO checkpoints VALUES (?, ?)", batch.checkpoints)
+    conn.executemany("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)",
+                     batch.cosignatures)
+    conn.executemany("INSERT OR IGNORE INTO notices VALUES (?, ?, ?)",
+                     ((n.sender, n.id, n.recipient) for n in batch.notices))
+    conn.executemany("DELETE FROM notices WHERE sender = ? AND id = ? AND recipient = ?",
+                     ((n.sender, n.id, n.recipient) for n in batch.notices_sent))
+    conn.executemany("INSERT OR REPLACE INTO node_status VALUES (?, ?)",
+                     ((n, st) for n, st in batch.node_status if st != "active"))
+    conn.executemany("DELETE FROM node_status WHERE node = ?",
+                     ((n,) for n, st in batch.node_status if st == "active"))
+
+def _enqueue(conn: sqlite3.Connection, rows: list[QueueRow]) -> None:
+    # The rows of one message (its recipients) share one `messages` row. They are matched
+    # on the whole (sender, id, envelope), not on the id: a sender may reuse an id once the
+    # replay window has passed, while its earlier message is still queued. A message
+    # enqueued again in a later batch gets a row of its own (the hub never does that).
+    # Numbered here, inside the write transaction, so one statement inserts them all.
+    (top,) = conn.execute("SELECT coalesce(max(mid), 0) FROM messages").fetchone()
+    mids: dict[tuple[str, bytes, bytes], int] = {}
+    messages: list[tuple[int, str, bytes, bytes]] = []
+    queue: list[tuple[str, int, int, int, int, int]] = []
+    for r in rows:
+        key = (r.sender, r.id, r.envelope)
+        mid = mids.get(key)
+        if mid is None:
+            mid = mids[key] = top + len(mids) + 1
+            messages.append((mid, r.sender, r.id, r.envelope))
+        queue.append((r.recipient, r.seq, r.prec, mid, r.expires_ms, r.queued_ms))
+    conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
+    conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?)", queue)
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:

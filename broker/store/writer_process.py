@@ -1,0 +1,252 @@
+"""The store's writer in a process of its own, so that commits leave the event loop's process.
+
+The audit log commits every batch (entries, tree nodes, queue rows, checkpoints) through one
+writer. In the broker's own process a commit holds the event loop (or, in a thread, the GIL
+for the SQLite calls' argument binding) for the SQLite work and the fsync: about a quarter of
+the loop's time at full load (docs/performance.md). :class:`WriterProcess` moves that work to a
+child process that owns a write connection to the same store file: the loop pickles the batch,
+sends it over a socket pair, and goes on serving nodes until the child answers; a second CPU
+core does the SQLite work. The broker's own connection still reads (WAL: a commit by the child
+is visible to the next read once it returned).
+
+One batch is in flight at a time (the audit log's writer awaits each commit), so the child is
+always reading when a batch is sent and the reply is a few bytes. What the child answers is
+the truth about durability: ``ok`` after ``COMMIT`` returned, or the ``StorageError`` the
+commit raised (nothing written). If the child dies, the outcome of a commit in flight is
+unknown and the caller must treat it as failed; the log stops (nothing acknowledged is lost:
+a commit that did complete is found at the next start). The child exits when its socket
+closes, so it never outlives the broker for long, also after a ``SIGKILL``; it ignores
+``SIGINT`` and ``SIGTERM`` (a terminal's Ctrl-C or a service manager's stop signal reach the
+whole process group) so that the broker's orderly stop can still commit its last batch and
+checkpoint through it.
+
+The child is started with ``subprocess`` (``python -m broker.store.writer_process``), not
+:mod:`multiprocessing`: it needs no copy of the broker's state, and nothing of the parent's
+``__main__`` is re-imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+
+from broker.errors import StorageError
+from broker.store.base import Batch
+from broker.store.sqlite import commit_batch, open_writer
+
+#: How long :meth:`WriterProcess.start` waits for the child to open the store.
+START_TIMEOUT_S = 30.0
+
+
+def _gone(what: str, process: subprocess.Popen[bytes]) -> StorageError:
+    code = process.poll()
+    status = "is still running" if code is None else f"exited with status {code}"
+    return StorageError(f"the store writer process {what} (it {status})", code="unavailable")
+
+
+class WriterProcess:
+    """A child process that commits :class:`~broker.store.base.Batch` es to one SQLite store."""
+
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket, path: Path) -> None:
+        """Use :meth:`start`."""
+        self.process = process
+        self.path = path
+        self._sock = sock
+        self._exchange: asyncio.Task[list[str]] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The child's process id (its CPU time is the broker's too)."""
+        return self.process.pid
+
+    @classmethod
+    async def start(cls, path: Path, *, timeout: float = START_TIMEOUT_S) -> WriterProcess:
+        """Start a writer for the store at ``path`` (already created by
+        :class:`~broker.store.sqlite.SqliteStore`); return once it has opened the store.
+        Raises ``StorageError`` if it cannot."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "broker.store.writer_process", str(theirs.fileno()),
+                 str(path)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            raise StorageError(f"cannot start the store writer process: {exc}",
+                               code="unavailable") from exc
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        writer = cls(process, ours, path)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await writer._receive()
+            if reply[0] != "ready":
+                raise StorageError(f"the store writer process did not start: {reply[-1]}",
+                                   code="unavailable")
+        except TimeoutError:
+            await writer.close()
+            raise _gone(f"did not open the store within {timeout:g} s", process) from None
+        except BaseException:
+            await writer.close()
+            raise
+        return writer
+
+    async def commit(self, batch: Batch) -> bool:
+        """Commit ``batch`` in the child; ``True`` if the caller was cancelled meanwhile. As
+        with a commit in a thread, a cancelled caller still waits for the outcome (the
+        exchange with the child runs as a task of its own, shielded): otherwise the caller
+        could not tell whether its entries became durable. Raises ``StorageError`` if the
+        commit failed or the child is gone (then the outcome is unknown)."""
+        if self._exchange is not None:
+            raise RuntimeError("one commit at a time")
+        payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        exchange = self._exchange = asyncio.ensure_future(self._round_trip(payload))
+        cancelled = False
+        try:
+            while True:
+                try:
+                    reply = await asyncio.shield(exchange)
+                    break
+                except asyncio.CancelledError:
+                    if exchange.done():  # the exchange itself was cancelled: no outcome
+                        raise
+                    cancelled = True
+        finally:
+            self._exchange = None
+        if reply[0] == "error":
+            raise StorageError(reply[2], code=reply[1])
+        if reply[0] != "ok":
+            raise StorageError(f"the store writer process answered {reply[0]!r}",
+                               code="unavailable")
+        return cancelled
+
+    async def _round_trip(self, payload: bytes) -> list[str]:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(self._sock, _HEADER.pack(len(payload)))
+            await loop.sock_sendall(self._sock, payload)
+        except OSError as exc:
+            raise _gone(f"cannot be reached ({exc})", self.process) from exc
+        return await self._receive()
+
+    async def _receive(self) -> list[str]:
+        """The child's next reply."""
+        (length,) = _HEADER.unpack(await self._read(_HEADER.size))
+        if length > _MAX_REPLY:
+            raise StorageError("the store writer process answered garbage", code="unavailable")
+        reply = msgpack.unpackb(await self._read(length))
+        if not (isinstance(reply, list) and reply and all(isinstance(r, str) for r in reply)):
+            raise StorageError("the store writer process answered garbage", code="unavailable")
+        return reply
+
+    async def _read(self, size: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        data = b""
+        while len(data) < size:
+            try:
+                chunk = await loop.sock_recv(self._sock, size - len(data))
+            except OSError as exc:
+                raise _gone(f"stopped answering ({exc})", self.process) from exc
+            if not chunk:
+                raise _gone("stopped answering", self.process)
+            data += chunk
+        return data
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Close the child's socket (it exits when it reads the end) and wait for it; kill it
+        if it has not gone within ``timeout``."""
+        self._sock.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.process.poll() is None and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        if self.process.poll() is None:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait)
+
+
+#: Every message is its length (8 bytes, big-endian), then the bytes: a pickled ``Batch`` to
+#: the child, a msgpack array of strings back.
+_HEADER = struct.Struct("!Q")
+_MAX_REPLY = 1 << 20
+
+
+# --- the child -------------------------------------------------------------------------------
+
+def _send(sock: socket.socket, message: list[str]) -> None:
+    body = msgpack.packb(message)
+    sock.sendall(_HEADER.pack(len(body)) + body)
+
+
+def _receive_batch(sock: socket.socket) -> bytes | None:
+    """The next request's bytes; ``None`` when the broker closed the socket."""
+    header = _read_exactly(sock, _HEADER.size)
+    if header is None:
+        return None
+    return _read_exactly(sock, _HEADER.unpack(header)[0])
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 1 << 20))
+        if not chunk:
+            return None  # a partial request is no request: nothing of it is committed
+        data += chunk
+    return bytes(data)
+
+
+def serve(sock: socket.socket, path: Path) -> int:
+    """The child's loop: commit each batch received, answer ``ok`` or the error; return when
+    the broker closes the socket."""
+    for ignored in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(ignored, signal.SIG_IGN)
+    try:
+        writer = open_writer(path)
+    except StorageError as exc:
+        _send(sock, ["error", exc.code, exc.reason])
+        return 1
+    try:
+        _send(sock, ["ready", str(os.getpid())])
+        while True:
+            try:
+                request = _receive_batch(sock)
+            except OSError:
+                return 0
+            if request is None:
+                return 0
+            batch = pickle.loads(request)  # from the broker that started us, over our socket
+            try:
+                commit_batch(writer, batch)
+            except StorageError as exc:
+                reply = ["error", exc.code, exc.reason]
+            else:
+                reply = ["ok"]
+            try:
+                _send(sock, reply)
+            except OSError:
+                return 0  # the broker is gone; what was committed is found at its next start
+    finally:
+        writer.close()
+
+
+def main(argv: list[str]) -> int:
+    """``python -m broker.store.writer_process FD PATH``."""
+    fd, path = int(argv[0]), Path(argv[1])
+    with socket.socket(fileno=fd) as sock:
+        return serve(sock, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
