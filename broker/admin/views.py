@@ -61,7 +61,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @requires(None)
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: listening, the audit log accepting, the store with room."""
+    """Readiness: listening, the audit log accepting and not stalled, the store with room."""
     reason = not_ready_reason(_ctx(request))
     if reason is not None:
         raise ApiError(503, "not_ready", reason)
@@ -74,6 +74,9 @@ def not_ready_reason(ctx: AdminContext) -> str | None:
         return "the node listener is not up"
     if broker.audit.failed is not None:
         return f"the audit log stopped: {broker.audit.failed.reason}"
+    stalled = broker.audit.stalled_reason()
+    if stalled is not None:
+        return stalled
     capacity = broker.hub.capacity
     return capacity.check() if capacity is not None else None
 

@@ -68,6 +68,10 @@ class CommitPolicy:
     #: and GIL re-takes) would cost more than the commit. Small batches are light load, where
     #: latency counts; large ones are a drain or a burst, where throughput does.
     thread_min_entries: int = 64
+    #: A commit running longer than this is a stalled disk: the broker reports itself not
+    #: ready (``/readyz``) until it returns. With a writer process the event loop goes on
+    #: meanwhile, so the admin API can say so.
+    stall_s: float = 5.0
 
     def wait_to_fill(self, queued: int, last_requests: int) -> bool:
         """Whether the writer, holding ``queued`` requests, waits for more before committing,
@@ -137,6 +141,7 @@ class AuditLog:
         #: Called with (seconds, entries) after each durable commit (metrics).
         self.commit_observers: list[Callable[[float, int], None]] = []
         self._last_checkpoint_at = 0.0
+        self._commit_started: float | None = None  # loop time, while a commit runs
         self._last_commit = 0  # urgent requests in the previous commit (how busy the log is)
         self._earliest_due = math.inf  # of the queued items
         self._opened = False
@@ -306,6 +311,20 @@ class AuditLog:
         self._check_size(new)
         return merkle.consistency_proof(old, new, self.get_node)
 
+    def commit_running_s(self) -> float:
+        """How long the commit now running has been running (0 if none)."""
+        started = self._commit_started
+        return 0.0 if started is None else asyncio.get_running_loop().time() - started
+
+    def stalled_reason(self) -> str | None:
+        """Why the log is stalled (a commit has been running over ``policy.stall_s``), or
+        ``None``."""
+        running = self.commit_running_s()
+        if running <= self.policy.stall_s:
+            return None
+        return (f"an audit commit has been running for {running:.1f} s (the store's disk does "
+                "not answer)")
+
     def _check_size(self, size: int) -> None:
         if not 0 <= size <= self.size:
             raise VerificationError(f"size {size} is beyond the log ({self.size} entries)",
@@ -407,12 +426,16 @@ class AuditLog:
     async def _commit(self, batch: Batch) -> bool:
         """Commit ``batch`` (in the writer process, a thread or on the loop); ``True`` if the
         writer task was cancelled meanwhile (the outcome was awaited all the same)."""
-        if self.writer is not None:
-            return await self.writer.commit(batch)
-        if len(batch.entries) >= self.policy.thread_min_entries:
-            return await self._commit_in_thread(batch)
-        self.store.commit(batch)  # on the loop: see CommitPolicy.thread_min_entries
-        return False
+        self._commit_started = asyncio.get_running_loop().time()
+        try:
+            if self.writer is not None:
+                return await self.writer.commit(batch)
+            if len(batch.entries) >= self.policy.thread_min_entries:
+                return await self._commit_in_thread(batch)
+            self.store.commit(batch)  # on the loop: see CommitPolicy.thread_min_entries
+            return False
+        finally:
+            self._commit_started = None
 
     async def _commit_in_thread(self, batch: Batch) -> bool:
         """Commit ``batch`` in the worker thread; ``True`` if the writer was cancelled

@@ -16,9 +16,9 @@ commit raised (nothing written). If the child dies, the outcome of a commit in f
 unknown and the caller must treat it as failed; the log stops (nothing acknowledged is lost:
 a commit that did complete is found at the next start). The child exits when its socket
 closes, so it never outlives the broker for long, also after a ``SIGKILL``; it ignores
-``SIGINT`` and ``SIGTERM`` (a terminal's Ctrl-C or a service manager's stop signal reach the
-whole process group) so that the broker's orderly stop can still commit its last batch and
-checkpoint through it.
+``SIGINT``, ``SIGTERM`` and ``SIGHUP`` (a terminal's Ctrl-C or hang-up, a service manager's
+stop signal reach the whole process group), so that the broker's orderly stop can still commit
+its last batch and checkpoint through it, and a reload does not end it.
 
 The child is started with ``subprocess`` (``python -m broker.store.writer_process``), not
 :mod:`multiprocessing`: it needs no copy of the broker's state, and nothing of the parent's
@@ -210,7 +210,8 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
 def serve(sock: socket.socket, path: Path) -> int:
     """The child's loop: commit each batch received, answer ``ok`` or the error; return when
     the broker closes the socket."""
-    for ignored in (signal.SIGINT, signal.SIGTERM):
+    # Signals sent to the whole process group are the broker's to act on (stop, reload).
+    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(ignored, signal.SIG_IGN)
     try:
         writer = open_writer(path)

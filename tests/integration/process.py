@@ -78,10 +78,10 @@ def free_port() -> int:
 
 
 def write_broker_config(tmp_path: Path, coalition: Coalition, *, port: int = 0,
-                        limits: str = "", admin: str = "") -> Path:
+                        limits: str = "", admin: str = "", audit: str = "") -> Path:
     """A config for ``coalition`` (on ``port``, 0: any free one), data in ``tmp_path/data``,
-    fast checkpoints, the admin API on a free port; ``limits`` and ``admin`` are extra TOML for
-    those sections."""
+    fast checkpoints, the admin API on a free port; ``limits``, ``admin`` and ``audit`` are
+    extra TOML for those sections."""
     path = tmp_path / "broker.toml"
     path.write_text(
         "[broker]\n"
@@ -92,7 +92,7 @@ def write_broker_config(tmp_path: Path, coalition: Coalition, *, port: int = 0,
         "[policy]\n"
         f'dir = "{coalition.policy_dir}"\n'
         f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'
-        "[audit]\nmax_batch = 64\nmax_delay_ms = 1\ncheckpoint_interval_ms = 50\n"
+        f"[audit]\nmax_batch = 64\nmax_delay_ms = 1\ncheckpoint_interval_ms = 50\n{audit}\n"
         f"[limits]\n{limits}\n"
         f"[admin]\nport = 0\n{admin}\n"
     )

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
+import signal
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from broker.coalition import Coalition
 from broker.config import AdminToken
 from broker.errors import StorageError
 from broker.server import BrokerServer, Limits
+from broker.store.writer_process import WriterProcess
 from clients.auditor import verify_export
 from clients.gateway import AuthenticationError, GatewayClient, label
 from tests.integration.conftest import FAST_COMMIT
@@ -104,6 +108,32 @@ async def test_health_is_public_and_everything_else_needs_a_token(admin: Admin) 
     assert (status, body["error"]) == (401, "unauthorized")
     async with admin.http.get(admin.url + "/v1/status") as response:
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_a_stalled_disk_makes_the_broker_not_ready_until_the_commit_returns(
+        admin: Admin, broker: BrokerServer, gateway: Callable[[str], GatewayClient]) -> None:
+    broker.audit.policy = dataclasses.replace(broker.audit.policy, stall_s=0.2)
+    writer = broker.audit.writer
+    assert isinstance(writer, WriterProcess)
+    async with gateway("USA-GW1") as usa:
+        writer.process.send_signal(signal.SIGSTOP)  # a disk whose fsync does not return
+        valve = threading.Timer(15, writer.process.send_signal, (signal.SIGCONT,))
+        valve.start()
+        try:
+            publishing = asyncio.create_task(
+                usa.publish("reports.daily", b"x", label("NATO", "SECRET", "USA", ["GBR"])))
+            async with asyncio.timeout(5):
+                while (status := await admin.call("GET", "/readyz", role=None))[0] == 200:
+                    await asyncio.sleep(0.05)
+            assert status[0] == 503 and status[1]["error"] == "not_ready"
+            assert "audit commit has been running" in status[1]["detail"]
+            # Liveness is another question: the process answers.
+            assert await admin.call("GET", "/healthz", role=None) == (200, {"status": "ok"})
+        finally:
+            valve.cancel()
+            writer.process.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(publishing, 10)
+    assert await admin.call("GET", "/readyz", role=None) == (200, {"status": "ready"})
 
 
 @pytest.mark.parametrize(("role", "method", "path", "expected"), [

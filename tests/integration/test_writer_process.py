@@ -7,7 +7,8 @@ import asyncio
 import os
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,15 @@ import pytest
 from broker.audit.leaves import DeliverEntry
 from broker.audit.log import AuditLog, CommitPolicy
 from broker.audit.note import Signer, verify_note
+from broker.coalition import Coalition
+from broker.config import load_config
 from broker.errors import StorageError
+from broker.server import BrokerServer
 from broker.store.base import Batch
 from broker.store.sqlite import SqliteStore
 from broker.store.writer_process import WriterProcess
+from clients.gateway import GatewayClient, label
+from tests.integration.process import write_broker_config
 
 FAST = CommitPolicy(max_batch=64, max_delay_s=0.001, checkpoint_interval_s=0.01)
 
@@ -28,7 +34,7 @@ def _entries(first: int, count: int) -> Batch:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
     opened = SqliteStore.in_dir(tmp_path)
     yield opened
     opened.close()
@@ -101,9 +107,9 @@ async def test_the_child_exits_when_the_broker_closes_its_socket(writer: WriterP
 
 async def test_the_child_ignores_stop_signals_sent_to_the_whole_group(
         store: SqliteStore, writer: WriterProcess) -> None:
-    # Ctrl-C or a service manager's SIGTERM reach the child too; the broker's orderly stop
-    # must still commit through it.
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # Ctrl-C, a hang-up or a service manager's SIGTERM reach the child too; the broker's
+    # orderly stop (or reload) must still commit through it.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         writer.process.send_signal(sig)
     await asyncio.sleep(0.2)
     assert writer.process.poll() is None
@@ -165,3 +171,46 @@ async def test_the_audit_log_stops_when_its_writer_process_dies(
     finally:
         await audit.stop()
     assert store.size() == 1
+
+
+async def test_a_stalled_disk_does_not_stall_the_broker(
+        server: BrokerServer, gateway: Callable[[str], GatewayClient]) -> None:
+    # A stopped writer is a disk whose fsync does not return. Commits wait (no receipt before
+    # the message is durable), but the event loop goes on: a node connects and reads the
+    # directory meanwhile. With commits on the loop, this connection would hang too.
+    writer = server.audit.writer
+    assert isinstance(writer, WriterProcess)
+    async with gateway("USA-GW1") as usa, gateway("GBR-GW1") as gbr:
+        await gbr.subscribe("reports.>")
+        writer.process.send_signal(signal.SIGSTOP)
+        # Were the loop blocked by the commit, nothing below could resume the child: this
+        # thread does, so that the test fails (the receipt arrives early) rather than hangs.
+        valve = threading.Timer(15, writer.process.send_signal, (signal.SIGCONT,))
+        valve.start()
+        try:
+            publishing = asyncio.create_task(
+                usa.publish("reports.daily", b"while the disk stalls",
+                            label("NATO", "SECRET", "USA", ["GBR"])))
+            await asyncio.sleep(0.3)
+            assert not publishing.done()
+            async with asyncio.timeout(5), gateway("FRA-GW1") as fra:
+                assert "USA-GW1" in await fra.directory()
+            assert not publishing.done()
+        finally:
+            valve.cancel()
+            writer.process.send_signal(signal.SIGCONT)
+        receipt = await asyncio.wait_for(publishing, 10)
+        assert receipt.recipients == {"GBR-GW1": "delivered"}
+
+
+@pytest.mark.parametrize("who", ["process", "loop"])
+async def test_the_config_chooses_who_commits(who: str, coalition: Coalition,
+                                              tmp_path: Path) -> None:
+    config = load_config(write_broker_config(tmp_path, coalition, audit=f'writer = "{who}"'))
+    async with BrokerServer.from_config(config) as server:
+        writer = server.audit.writer
+        assert (writer is not None) is (who == "process")
+        if isinstance(writer, WriterProcess):
+            assert writer.process.poll() is None
+    if isinstance(writer, WriterProcess):  # stopped with the broker
+        assert writer.process.returncode == 0

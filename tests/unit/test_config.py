@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import load_config, parse_config
+from broker.config import AuditSection, load_config, parse_config
 from broker.errors import ConfigError
 
 PIN = "ab" * 32
@@ -23,7 +23,7 @@ def with_change(section: str, key: str, value: object) -> dict[str, dict[str, ob
     if value is None:
         del table[section][key]
     else:
-        table[section][key] = value
+        table.setdefault(section, {})[key] = value
     return table
 
 
@@ -86,6 +86,8 @@ def test_valid_config_resolves_paths_against_the_config_directory(tmp_path: Path
          "limits.bytes_burst must be at least limits.max_frame_bytes (65536)"),
         ("limits", "auth_backoff_initial_seconds", 600,
          "limits.auth_backoff_initial_seconds must not exceed limits.auth_backoff_max_seconds"),
+        ("audit", "writer", "thread", "audit.writer must be one of process, loop, got 'thread'"),
+        ("audit", "writer", 1, "audit.writer must be a non-empty string"),
     ],
 )
 def test_bad_field_is_named(section: str, key: str, value: object, message: str,
@@ -93,6 +95,13 @@ def test_bad_field_is_named(section: str, key: str, value: object, message: str,
     with pytest.raises(ConfigError) as caught:
         parse_config(with_change(section, key, value), base=tmp_path)
     assert message in caught.value.reason
+
+
+@pytest.mark.parametrize("writer", ["process", "loop"])
+def test_the_audit_writer_is_chosen_in_the_config(writer: str, tmp_path: Path) -> None:
+    assert AuditSection().writer == "process"
+    config = parse_config(with_change("audit", "writer", writer), base=tmp_path)
+    assert config.audit.writer == writer
 
 
 def test_unknown_section_is_refused(tmp_path: Path) -> None:
