@@ -107,7 +107,7 @@ class BrokerServer:
         commit: CommitPolicy = DEFAULT_COMMIT,
         clock_ms: Callable[[], int] = wall_clock_ms,
         ssl_context: ssl.SSLContext | None = None,
-        writer_process: bool = True,
+        writer_process: bool = False,
     ) -> None:
         """``ssl_context`` (see :mod:`broker.tls`): serve ``wss://``; ``None``: plain ``ws://``,
         for loopback trials and tests only. ``writer_process``: the audit log commits through a

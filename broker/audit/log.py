@@ -105,6 +105,11 @@ class LogDamaged(StorageError):
 
 CheckpointListener = Callable[[StoredCheckpoint], None]
 
+#: The exchange with the writer process was cancelled (the event loop is being torn down):
+#: whether the batch became durable is unknown, so its requests fail and the log stops (the
+#: next start finds whatever was committed).
+_OUTCOME_UNKNOWN = StorageError("a commit was cancelled: its outcome is unknown")
+
 #: How far back of a horizon :meth:`AuditLog.recent_routes` keeps reading: entries are in
 #: commit order, and their clock may be a little out of it.
 _CLOCK_SLACK_MS = 60_000
@@ -410,6 +415,9 @@ class AuditLog:
         except Exception as exc:
             self._fail(items, exc)
             return False
+        except asyncio.CancelledError:
+            self._fail(items, _OUTCOME_UNKNOWN)
+            return False
         for observe in self.commit_observers:
             observe(time.perf_counter() - started, len(batch.entries))
         self.size += len(batch.entries)
@@ -492,6 +500,9 @@ class AuditLog:
             cancelled = await self._commit(Batch(checkpoints=[(size, note)]))
         except Exception as exc:
             self._fail((), exc)
+            return False
+        except asyncio.CancelledError:
+            self._fail((), _OUTCOME_UNKNOWN)
             return False
         self._last_checkpoint_at = asyncio.get_running_loop().time()
         self.latest = StoredCheckpoint(size, note, {})

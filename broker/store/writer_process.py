@@ -28,6 +28,7 @@ The child is started with ``subprocess`` (``python -m broker.store.writer_proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import signal
@@ -48,6 +49,10 @@ START_TIMEOUT_S = 30.0
 
 
 def _gone(what: str, process: subprocess.Popen[bytes]) -> StorageError:
+    # A child that closed its socket is usually about to exit: give it a moment, so that the
+    # reason names its status (and it is reaped).
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(0.5)
     code = process.poll()
     status = "is still running" if code is None else f"exited with status {code}"
     return StorageError(f"the store writer process {what} (it {status})", code="unavailable")
@@ -62,6 +67,9 @@ class WriterProcess:
         self.path = path
         self._sock = sock
         self._exchange: asyncio.Task[list[str]] | None = None
+        #: Set when an exchange ended abnormally: the socket may be out of step (a late reply
+        #: could be taken for the next batch's), so no commit goes through it again.
+        self._broken: str | None = None
 
     @property
     def pid(self) -> int:
@@ -79,11 +87,16 @@ class WriterProcess:
                 [sys.executable, "-m", "broker.store.writer_process", str(theirs.fileno()),
                  str(path)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL)
-        except OSError as exc:
+                stdout=subprocess.DEVNULL,
+                # Its own process group: a terminal's Ctrl-C does not reach it even before
+                # it ignores SIGINT (the broker stops it).
+                process_group=0)
+        except BaseException as exc:
             ours.close()
-            raise StorageError(f"cannot start the store writer process: {exc}",
-                               code="unavailable") from exc
+            if isinstance(exc, (OSError, subprocess.SubprocessError)):
+                raise StorageError(f"cannot start the store writer process: {exc}",
+                                   code="unavailable") from exc
+            raise
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -93,7 +106,7 @@ class WriterProcess:
                 reply = await writer._receive()
             if reply[0] != "ready":
                 raise StorageError(f"the store writer process did not start: {reply[-1]}",
-                                   code="unavailable")
+                                   code=reply[1] if reply[0] == "error" else "unavailable")
         except TimeoutError:
             await writer.close()
             raise _gone(f"did not open the store within {timeout:g} s", process) from None
@@ -110,26 +123,38 @@ class WriterProcess:
         commit failed or the child is gone (then the outcome is unknown)."""
         if self._exchange is not None:
             raise RuntimeError("one commit at a time")
+        if self._broken is not None:
+            raise StorageError(f"the store writer process is unusable: {self._broken}",
+                               code="unavailable")
         payload = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
         exchange = self._exchange = asyncio.ensure_future(self._round_trip(payload))
         cancelled = False
         try:
-            while True:
+            while not exchange.done():
                 try:
-                    reply = await asyncio.shield(exchange)
-                    break
+                    await asyncio.shield(exchange)
                 except asyncio.CancelledError:
-                    if exchange.done():  # the exchange itself was cancelled: no outcome
+                    if exchange.cancelled():  # the exchange itself: its outcome is unknown
+                        self._broken = "a commit was cancelled mid-exchange"
                         raise
+                    # The caller: it still waits for the outcome (which may be there already:
+                    # the cancellation can land after the reply).
                     cancelled = True
+                except Exception:
+                    pass  # raised by result() below
+            try:
+                reply = exchange.result()
+            except BaseException as exc:
+                self._broken = str(exc)
+                raise
         finally:
             self._exchange = None
-        if reply[0] == "error":
+        if reply == ["ok"]:
+            return cancelled
+        if reply[0] == "error" and len(reply) == 3:
             raise StorageError(reply[2], code=reply[1])
-        if reply[0] != "ok":
-            raise StorageError(f"the store writer process answered {reply[0]!r}",
-                               code="unavailable")
-        return cancelled
+        self._broken = f"it answered {reply!r}"
+        raise StorageError(f"the store writer process answered {reply!r}", code="unavailable")
 
     async def _round_trip(self, payload: bytes) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -145,7 +170,10 @@ class WriterProcess:
         (length,) = _HEADER.unpack(await self._read(_HEADER.size))
         if length > _MAX_REPLY:
             raise StorageError("the store writer process answered garbage", code="unavailable")
-        reply = msgpack.unpackb(await self._read(length))
+        try:
+            reply = msgpack.unpackb(await self._read(length))
+        except (ValueError, msgpack.UnpackException):
+            reply = None
         if not (isinstance(reply, list) and reply and all(isinstance(r, str) for r in reply)):
             raise StorageError("the store writer process answered garbage", code="unavailable")
         return reply
@@ -166,6 +194,10 @@ class WriterProcess:
     async def close(self, timeout: float = 10.0) -> None:
         """Close the child's socket (it exits when it reads the end) and wait for it; kill it
         if it has not gone within ``timeout``."""
+        if self._exchange is not None:  # only if the caller itself was abandoned
+            self._exchange.cancel()
+            with contextlib.suppress(BaseException):
+                await self._exchange
         self._sock.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -227,11 +259,13 @@ def serve(sock: socket.socket, path: Path) -> int:
                 return 0
             if request is None:
                 return 0
-            batch = pickle.loads(request)  # from the broker that started us, over our socket
             try:
-                commit_batch(writer, batch)
+                # From the broker that started us, over our socket.
+                commit_batch(writer, pickle.loads(request))
             except StorageError as exc:
                 reply = ["error", exc.code, exc.reason]
+            except Exception as exc:  # rolled back by commit_batch: a definite "not written"
+                reply = ["error", "internal", f"the store writer failed: {exc!r}"]
             else:
                 reply = ["ok"]
             try:

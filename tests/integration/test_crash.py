@@ -9,6 +9,8 @@ import itertools
 import random
 from pathlib import Path
 
+import pytest
+
 from broker.audit.leaves import RouteEntry, entry_from_bytes
 from broker.coalition import Coalition
 from broker.store.sqlite import SqliteStore
@@ -39,9 +41,10 @@ async def _publish_until_killed(client: GatewayClient, receipts: list[Receipt]) 
             i += 16
 
 
-async def test_kill_9_under_load_loses_nothing_receipted(coalition: Coalition,
-                                                         tmp_path: Path) -> None:
-    config = write_broker_config(tmp_path, coalition)
+@pytest.mark.parametrize("writer", ["loop", "process"])
+async def test_kill_9_under_load_loses_nothing_receipted(coalition: Coalition, tmp_path: Path,
+                                                         writer: str) -> None:
+    config = write_broker_config(tmp_path, coalition, audit=f'writer = "{writer}"')
     receipts: list[Receipt] = []
     async with running_broker(config) as broker:
         async with _client(broker.url, coalition, "GBR-GW1", tmp_path) as gbr:
@@ -111,7 +114,9 @@ async def test_several_kills_at_random_moments_lose_nothing_and_show_each_once(
     seed = random.randrange(1 << 32)
     print(f"\nrandom seed {seed}")  # a failure names the seed that reproduces its timings
     rng = random.Random(seed)
-    config = write_broker_config(tmp_path, coalition, port=free_port())
+    # The writer process (killed with it: it exits when the broker's socket closes).
+    config = write_broker_config(tmp_path, coalition, port=free_port(),
+                                 audit='writer = "process"')
     backoff = Backoff(initial=0.05, maximum=0.5)
 
     def client(url: str, node: str) -> GatewayClient:

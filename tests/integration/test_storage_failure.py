@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from broker.coalition import Coalition
 from broker.store.sqlite import SqliteStore
 from clients.auditor import verify_export
@@ -22,11 +24,13 @@ def _client(url: str, coalition: Coalition, node: str) -> GatewayClient:
                          broker_name=coalition.broker_name, timeout=10)
 
 
+@pytest.mark.parametrize("writer", ["loop", "process"])
 async def test_disk_full_stops_intake_clearly_and_loses_nothing_receipted(
-        coalition: Coalition, tmp_path: Path) -> None:
+        coalition: Coalition, tmp_path: Path, writer: str) -> None:
     # The free-space guard is off so that the write itself fails, as on a disk that fills
     # faster than the broker measures it.
-    config = write_broker_config(tmp_path, coalition, limits="min_free_disk_bytes = 0")
+    config = write_broker_config(tmp_path, coalition, limits="min_free_disk_bytes = 0",
+                                 audit=f'writer = "{writer}"')
     receipts: list[Receipt] = []
     async with running_broker(config, max_file_bytes=1_500_000) as broker:
         async with _client(broker.url, coalition, "GBR-GW1") as gbr:

@@ -19,11 +19,12 @@ from broker.audit.note import Signer, verify_note
 from broker.coalition import Coalition
 from broker.config import load_config
 from broker.errors import StorageError
-from broker.server import BrokerServer
+from broker.server import BrokerServer, Limits
 from broker.store.base import Batch
 from broker.store.sqlite import SqliteStore
 from broker.store.writer_process import WriterProcess
 from clients.gateway import GatewayClient, label
+from tests.integration.conftest import FAST_COMMIT
 from tests.integration.process import write_broker_config
 
 FAST = CommitPolicy(max_batch=64, max_delay_s=0.001, checkpoint_interval_s=0.01)
@@ -38,6 +39,16 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
     opened = SqliteStore.in_dir(tmp_path)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+async def server(coalition: Coalition) -> AsyncIterator[BrokerServer]:
+    """The integration suite's broker, with its writer process."""
+    async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=coalition.base / "broker-data",
+                            limits=Limits(max_frame_bytes=64 * 1024), commit=FAST_COMMIT,
+                            writer_process=True) as running:
+        yield running
 
 
 @pytest.fixture
@@ -76,6 +87,60 @@ async def test_a_failed_commit_writes_nothing_and_the_child_goes_on(
     assert store.size() == 2
     await writer.commit(_entries(2, 1))
     assert store.size() == 3
+
+
+async def test_an_unexpected_error_in_the_child_is_answered_and_writes_nothing(
+        store: SqliteStore, writer: WriterProcess) -> None:
+    # An index SQLite cannot hold raises OverflowError (not an sqlite3.Error) while binding.
+    with pytest.raises(StorageError) as refused:
+        await writer.commit(Batch(first_index=1 << 70, entries=[b"a"]))
+    assert refused.value.code == "internal"
+    assert "OverflowError" in refused.value.reason
+    await writer.commit(_entries(0, 1))
+    assert store.entries(0, 5) == [b"entry 0"]
+
+
+async def test_a_cancellation_that_lands_after_the_reply_still_reports_durable(
+        store: SqliteStore, writer: WriterProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = writer._round_trip
+
+    async def answered_then_cancelled(payload: bytes) -> list[str]:
+        reply = await real(payload)
+        caller.cancel()  # the child said "ok"; the caller has not resumed yet
+        return reply
+
+    monkeypatch.setattr(writer, "_round_trip", answered_then_cancelled)
+    caller = asyncio.create_task(writer.commit(_entries(0, 2)))
+    assert await caller is True
+    assert store.size() == 2
+
+
+async def test_a_cancelled_exchange_fails_the_log_rather_than_leave_appends_waiting(
+        store: SqliteStore, writer: WriterProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What tearing the event loop down does: the exchange task itself is cancelled, here
+    # after the child committed. The outcome is unknown to the broker: the append fails, the
+    # log stops, and no later commit goes through the out-of-step socket.
+    real = writer._round_trip
+
+    async def committed_then_cancelled(payload: bytes) -> list[str]:
+        await real(payload)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(writer, "_round_trip", committed_then_cancelled)
+    audit = AuditLog(store, Signer.from_seed("broker.test", bytes(range(32))), policy=FAST,
+                     writer=writer)
+    await audit.start()
+    try:
+        with pytest.raises(StorageError) as failed:
+            await asyncio.wait_for(
+                audit.append(DeliverEntry(ts=1, id=bytes(16), to="GBR-GW1", seq=1)), 10)
+        assert "outcome is unknown" in failed.value.reason
+        assert audit.failed is not None
+    finally:
+        await audit.stop()
+    assert store.size() == 1  # it was durable after all: the next start finds it
+    with pytest.raises(StorageError, match="unusable"):
+        await writer.commit(_entries(1, 1))
 
 
 async def test_a_dead_child_fails_the_commit_with_its_exit_status(

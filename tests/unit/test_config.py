@@ -86,7 +86,7 @@ def test_valid_config_resolves_paths_against_the_config_directory(tmp_path: Path
          "limits.bytes_burst must be at least limits.max_frame_bytes (65536)"),
         ("limits", "auth_backoff_initial_seconds", 600,
          "limits.auth_backoff_initial_seconds must not exceed limits.auth_backoff_max_seconds"),
-        ("audit", "writer", "thread", "audit.writer must be one of process, loop, got 'thread'"),
+        ("audit", "writer", "thread", "audit.writer must be one of loop, process, got 'thread'"),
         ("audit", "writer", 1, "audit.writer must be a non-empty string"),
     ],
 )
@@ -99,7 +99,7 @@ def test_bad_field_is_named(section: str, key: str, value: object, message: str,
 
 @pytest.mark.parametrize("writer", ["process", "loop"])
 def test_the_audit_writer_is_chosen_in_the_config(writer: str, tmp_path: Path) -> None:
-    assert AuditSection().writer == "process"
+    assert AuditSection().writer == "loop"
     config = parse_config(with_change("audit", "writer", writer), base=tmp_path)
     assert config.audit.writer == writer
 
