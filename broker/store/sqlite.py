@@ -80,18 +80,7 @@ class SqliteStore:
                     "read a `coalition broker backup` copy instead)"
                     if path.exists() and not os.access(path.parent, os.W_OK) else "")
             raise _storage_error(f"cannot open the store {path} to read{hint}", exc) from exc
-        try:
-            version = stored_version(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise _storage_error(f"cannot open the store {path} to read", exc) from exc
-        if version != str(SCHEMA_VERSION):
-            conn.close()
-            raise StorageError(f"{path} is not a broker store (no schema version)"
-                               if version is None else
-                               f"{path} has schema version {version}; this broker reads "
-                               f"version {SCHEMA_VERSION}")
-        return conn
+        return _with_our_schema(conn, path, "read")
 
     # --- writes -------------------------------------------------------------------------
 
@@ -256,15 +245,22 @@ def open_writer(path: Path) -> sqlite3.Connection:
         conn = _connect(path)
     except sqlite3.Error as exc:
         raise _storage_error(f"cannot open the store {path} to write", exc) from exc
+    return _with_our_schema(conn, path, "write")
+
+
+def _with_our_schema(conn: sqlite3.Connection, path: Path, to: str) -> sqlite3.Connection:
+    """``conn`` if the store has this version's schema; else close it and raise."""
     try:
         version = stored_version(conn)
     except sqlite3.Error as exc:
         conn.close()
-        raise _storage_error(f"cannot open the store {path} to write", exc) from exc
+        raise _storage_error(f"cannot open the store {path} to {to}", exc) from exc
     if version != str(SCHEMA_VERSION):
         conn.close()
-        raise StorageError(f"{path} has schema version {version}; this broker writes version "
-                           f"{SCHEMA_VERSION}")
+        raise StorageError(f"{path} is not a broker store (no schema version)"
+                           if version is None else
+                           f"{path} has schema version {version}; this broker {to}s "
+                           f"version {SCHEMA_VERSION}")
     return conn
 
 

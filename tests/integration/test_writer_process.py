@@ -161,7 +161,7 @@ async def test_the_child_refuses_a_file_that_is_not_a_broker_store(tmp_path: Pat
     with pytest.raises(StorageError) as refused:
         await WriterProcess.start(other)
     assert "did not start" in refused.value.reason
-    assert "schema version None" in refused.value.reason
+    assert "is not a broker store" in refused.value.reason
 
 
 async def test_the_child_exits_when_the_broker_closes_its_socket(writer: WriterProcess) -> None:
