@@ -105,10 +105,13 @@ class LogDamaged(StorageError):
 
 CheckpointListener = Callable[[StoredCheckpoint], None]
 
-#: The exchange with the writer process was cancelled (the event loop is being torn down):
-#: whether the batch became durable is unknown, so its requests fail and the log stops (the
-#: next start finds whatever was committed).
-_OUTCOME_UNKNOWN = StorageError("a commit was cancelled: its outcome is unknown")
+
+def _outcome_unknown() -> StorageError:
+    """The exchange with the writer process was cancelled (the event loop is being torn
+    down): whether the batch became durable is unknown, so its requests fail and the log
+    stops (the next start finds whatever was committed)."""
+    return StorageError("a commit was cancelled: its outcome is unknown")
+
 
 #: How far back of a horizon :meth:`AuditLog.recent_routes` keeps reading: entries are in
 #: commit order, and their clock may be a little out of it.
@@ -416,7 +419,7 @@ class AuditLog:
             self._fail(items, exc)
             return False
         except asyncio.CancelledError:
-            self._fail(items, _OUTCOME_UNKNOWN)
+            self._fail(items, _outcome_unknown())
             return False
         for observe in self.commit_observers:
             observe(time.perf_counter() - started, len(batch.entries))
@@ -502,7 +505,7 @@ class AuditLog:
             self._fail((), exc)
             return False
         except asyncio.CancelledError:
-            self._fail((), _OUTCOME_UNKNOWN)
+            self._fail((), _outcome_unknown())
             return False
         self._last_checkpoint_at = asyncio.get_running_loop().time()
         self.latest = StoredCheckpoint(size, note, {})

@@ -1,24 +1,24 @@
-"""The store's writer in a process of its own, so that commits leave the event loop's process.
+"""The store's writer in a process of its own (``[audit] writer = "process"``; opt-in).
 
-The audit log commits every batch (entries, tree nodes, queue rows, checkpoints) through one
-writer. In the broker's own process a commit holds the event loop (or, in a thread, the GIL
-for the SQLite calls' argument binding) for the SQLite work and the fsync: about a quarter of
-the loop's time at full load (docs/performance.md). :class:`WriterProcess` moves that work to a
-child process that owns a write connection to the same store file: the loop pickles the batch,
-sends it over a socket pair, and goes on serving nodes until the child answers; a second CPU
-core does the SQLite work. The broker's own connection still reads (WAL: a commit by the child
-is visible to the next read once it returned).
+By default the audit log commits in the broker's own process: small batches on the event
+loop, whose thread then waits for the SQLite work and the fsync, large ones in a thread.
+:class:`WriterProcess` moves every commit to a child process that owns a write connection to
+the same store file: the loop pickles the batch, sends it over a socket pair and goes on
+serving nodes until the child answers. The broker's own connection still reads (WAL: a commit
+by the child is visible to the next read once it returned). Measured on two cores it does not
+raise throughput and costs ~0.3 ms per commit (docs/decisions.md, "Commits in a writer
+process"); what it buys is an event loop that never waits on the disk.
 
 One batch is in flight at a time (the audit log's writer awaits each commit), so the child is
 always reading when a batch is sent and the reply is a few bytes. What the child answers is
-the truth about durability: ``ok`` after ``COMMIT`` returned, or the ``StorageError`` the
-commit raised (nothing written). If the child dies, the outcome of a commit in flight is
-unknown and the caller must treat it as failed; the log stops (nothing acknowledged is lost:
-a commit that did complete is found at the next start). The child exits when its socket
-closes, so it never outlives the broker for long, also after a ``SIGKILL``; it ignores
-``SIGINT``, ``SIGTERM`` and ``SIGHUP`` (a terminal's Ctrl-C or hang-up, a service manager's
-stop signal reach the whole process group), so that the broker's orderly stop can still commit
-its last batch and checkpoint through it, and a reload does not end it.
+the truth about durability: ``ok`` after ``COMMIT`` returned, or the error the commit raised
+(rolled back: nothing written). If the child dies or the exchange is cancelled, the outcome
+of the commit in flight is unknown: the caller treats it as failed and the log stops (nothing
+acknowledged is lost; a commit that did complete is found at the next start). The child exits
+when its socket closes, so it never outlives the broker for long, also after a ``SIGKILL``.
+It runs in its own process group (a terminal's Ctrl-C does not reach it) and ignores
+``SIGINT``, ``SIGTERM`` and ``SIGHUP`` (a service manager signals the whole control group), so
+that the broker's orderly stop can still commit its last batch and checkpoint through it.
 
 The child is started with ``subprocess`` (``python -m broker.store.writer_process``), not
 :mod:`multiprocessing`: it needs no copy of the broker's state, and nothing of the parent's
