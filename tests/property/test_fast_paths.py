@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import random
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -208,22 +208,22 @@ def _nest(levels: int, innermost: Any, kind: str) -> Any:
     return value
 
 
-def _encodes(value: Any) -> bool:
+def _accepts(step: Callable[[Any], object], value: Any) -> bool:
+    """Whether ``step`` takes ``value``; a refusal must be ``bad_frame``."""
     try:
-        canonical.encode(value)
+        step(value)
     except ProtocolError as exc:
         assert exc.code == "bad_frame", exc
         return False
     return True
+
+
+def _encodes(value: Any) -> bool:
+    return _accepts(canonical.encode, value)
 
 
 def _decodes(data: bytes) -> bool:
-    try:
-        canonical.decode(data)
-    except ProtocolError as exc:
-        assert exc.code == "bad_frame", exc
-        return False
-    return True
+    return _accepts(canonical.decode, data)
 
 
 # --- 1, 2: audit entries -------------------------------------------------------------------------
