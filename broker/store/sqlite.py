@@ -47,8 +47,10 @@ class SqliteStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = _connect(path)
-            # Creates, upgrades (version 2) or refuses untouched (any other version).
+            # Creates, upgrades (version 2) or refuses untouched (any other version, or a
+            # database of something else); only then is the file switched to WAL.
             prepare(self._writer, path)
+            _use_wal(self._writer)
             self._reader = _connect(path)
         except BaseException as exc:
             self.close()  # a store refused or failing to open is not held open
@@ -229,12 +231,19 @@ class SqliteStore:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """A connection for writing. Journal mode is left as the file has it: switching to WAL
+    rewrites the file's header, so it is done (:func:`_use_wal`) only once the file is known to
+    be a broker store, never to a database of something else opened by mistake."""
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    # Persistent in the file: a no-op for every open after the store's creation.
+    conn.execute("PRAGMA journal_mode=WAL")
 
 
 def open_writer(path: Path) -> sqlite3.Connection:
@@ -245,7 +254,13 @@ def open_writer(path: Path) -> sqlite3.Connection:
         conn = _connect(path)
     except sqlite3.Error as exc:
         raise _storage_error(f"cannot open the store {path} to write", exc) from exc
-    return _with_our_schema(conn, path, "write")
+    conn = _with_our_schema(conn, path, "write")
+    try:
+        _use_wal(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _storage_error(f"cannot open the store {path} to write", exc) from exc
+    return conn
 
 
 def _with_our_schema(conn: sqlite3.Connection, path: Path, to: str) -> sqlite3.Connection:

@@ -92,6 +92,15 @@ def stored_version(conn: sqlite3.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
+def _refuse_a_foreign_database(conn: sqlite3.Connection, path: Path) -> None:
+    names = [row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 6")]
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise StorageError(f"{path} is not a broker store (a database with other tables: "
+                           f"{shown}); nothing was changed")
+
+
 def _create(conn: sqlite3.Connection) -> None:
     # Each statement takes no lock when its table, index or trigger exists.
     for statement in _CREATE:
@@ -131,12 +140,14 @@ def _transaction(conn: sqlite3.Connection, expect: str | None,
 def prepare(conn: sqlite3.Connection, path: Path) -> None:
     """Make the store on ``conn`` (autocommit) a version-3 store, or raise ``StorageError``.
 
-    A new store is created; a version-2 store is upgraded in place in one transaction (nothing
-    changes if any step fails); a store of another version is refused untouched. Then messages
-    no queue row references (a commit never leaves one; damage might) are deleted.
+    A new store is created (in an empty file only: a database with tables of its own is another
+    program's, refused untouched); a version-2 store is upgraded in place in one transaction
+    (nothing changes if any step fails); a store of another version is refused untouched. Then
+    messages no queue row references (a commit never leaves one; damage might) are deleted.
     """
     version = stored_version(conn)
     if version is None:
+        _refuse_a_foreign_database(conn, path)
         _transaction(conn, None, _create_new)
     elif version == "2":
         _transaction(conn, "2", _upgrade_from_2)

@@ -12,7 +12,7 @@ import pytest
 from broker.errors import StorageError
 from broker.store import sqlite_schema
 from broker.store.base import Batch, QueueRow
-from broker.store.sqlite import SqliteStore, backup_store
+from broker.store.sqlite import SqliteStore, backup_store, open_writer
 
 ENVELOPE = bytes(range(256)) * 4 + b"tail"
 
@@ -328,6 +328,45 @@ def test_a_read_only_open_never_upgrades_or_creates(path: Path) -> None:
     with pytest.raises(StorageError, match="schema version 2; this broker reads version 3"):
         SqliteStore.open_read_only(path)
     assert _dump(path) == before
+
+
+def _foreign_database(path: Path) -> bytes:
+    """Another program's SQLite database (rollback journal, a table of its own): its bytes."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("CREATE TABLE accounts (name TEXT, balance INTEGER)")
+        conn.execute("INSERT INTO accounts VALUES ('x', 1)")
+        conn.commit()
+    finally:
+        conn.close()
+    return path.read_bytes()
+
+
+def test_another_programs_database_is_refused_byte_for_byte_untouched(path: Path) -> None:
+    """Neither our tables nor WAL mode (which rewrites the file header) go into a database
+    that is not ours, e.g. a data directory pointed at the wrong place."""
+    before = _foreign_database(path)
+    with pytest.raises(StorageError, match=r"is not a broker store \(a database with other "
+                                           r"tables: accounts\); nothing was changed"):
+        SqliteStore(path)
+    assert path.read_bytes() == before
+    assert not path.with_name(path.name + "-wal").exists()
+
+
+def test_the_writer_connection_leaves_another_programs_database_untouched(path: Path) -> None:
+    before = _foreign_database(path)
+    with pytest.raises(StorageError, match="is not a broker store"):
+        open_writer(path)
+    assert path.read_bytes() == before
+
+
+def test_a_new_store_is_in_wal_mode(path: Path) -> None:
+    SqliteStore(path).close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        conn.close()
 
 
 def test_a_file_that_is_not_a_broker_store_is_refused_read_only(path: Path) -> None:
