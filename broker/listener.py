@@ -15,14 +15,17 @@ What aiohttp's server offers, and what it does not (aiohttp 3.14):
   listener and aborts one whose transport stays paused for writing, without progress, for
   ``write_stall_timeout_s``.
 
-TLS handshakes are bounded by asyncio's own ``ssl_handshake_timeout`` (60 s), which aiohttp's
-``TCPSite`` does not expose.
+- aiohttp's ``TCPSite`` does not expose the event loop's ``ssl_handshake_timeout`` (60 s by
+  default): a client that opens a connection and never finishes its TLS handshake would hold it
+  that long. :class:`TlsSite` (ours) binds the handshake to the node protocol's own handshake
+  timeout (``limits.handshake_timeout_seconds``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,6 +48,25 @@ def http_server_kwargs(request_timeout_s: float) -> dict[str, Any]:
     return {"keepalive_timeout": request_timeout_s, "lingering_time": request_timeout_s,
             "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
             "max_headers": MAX_HEADERS}
+
+
+class TlsSite(web.TCPSite):
+    """A ``TCPSite`` whose TLS handshakes must complete within ``handshake_timeout`` seconds."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
+                 ssl_context: ssl.SSLContext, handshake_timeout: float) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self.handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        # What TCPSite.start does, plus the one argument it does not pass through.
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context,
+            ssl_handshake_timeout=self.handshake_timeout)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
 class StallWatchdog:

@@ -38,7 +38,13 @@ from broker.guard import ConnectionGuard, LogLimiter, Refusal, address_key
 from broker.hub import Hub, stored_bundle
 from broker.limits import Limits as Limits  # re-exported: callers build servers with it
 from broker.limits import limits_from_section
-from broker.listener import ReadDeadline, StallWatchdog, close_listener, http_server_kwargs
+from broker.listener import (
+    ReadDeadline,
+    StallWatchdog,
+    TlsSite,
+    close_listener,
+    http_server_kwargs,
+)
 from broker.peer import WsPeer
 from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
@@ -214,7 +220,10 @@ class BrokerServer:
             await self._runner.setup()
             if self.settle_heap_before_listening:
                 settle_heap()  # before any connection's objects exist: they must stay collectable
-            site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+            site = (web.TCPSite(self._runner, self.host, self.port)
+                    if self.ssl_context is None else
+                    TlsSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
+                            handshake_timeout=self.limits.handshake_timeout_s))
             await site.start()
         except BaseException:  # e.g. the port is taken: release the log and the store too
             await self.stop()

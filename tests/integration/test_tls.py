@@ -110,11 +110,12 @@ def self_signed(directory: Path, name: str = "broker",
 
 
 @contextlib.asynccontextmanager
-async def tls_broker(coalition: Coalition, context: ssl.SSLContext,
-                     port: int = 0) -> AsyncIterator[BrokerServer]:
+async def tls_broker(coalition: Coalition, context: ssl.SSLContext, port: int = 0,
+                     handshake_timeout_s: float = 10.0) -> AsyncIterator[BrokerServer]:
+    limits = Limits(max_frame_bytes=64 * 1024, handshake_timeout_s=handshake_timeout_s)
     async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
                             key=coalition.broker_key, data_dir=coalition.base / "broker-data",
-                            port=port, limits=Limits(max_frame_bytes=64 * 1024),
+                            port=port, limits=limits,
                             commit=FAST_COMMIT, ssl_context=context) as server:
         yield server
 
@@ -180,6 +181,24 @@ async def test_a_gateway_that_does_not_trust_the_broker_fails_at_once(
         assert isinstance(error, aiohttp.ClientConnectorCertificateError)
         assert "CERTIFICATE_VERIFY_FAILED" in str(error)
         assert sessions(server) == []  # nothing reached the WebSocket layer
+
+
+@pytest.mark.parametrize("sends", [b"", b"\x16\x03\x01"])
+async def test_a_client_that_never_finishes_its_tls_handshake_is_dropped(
+        coalition: Coalition, tmp_path: Path, sends: bytes) -> None:
+    """The TLS handshake is bounded by ``handshake_timeout_s``, not the event loop's 60 s: a
+    connection that sends nothing, or the start of a ClientHello and then nothing, is closed."""
+    cert, key = self_signed(tmp_path)
+    async with tls_broker(coalition, server_context(cert, key), handshake_timeout_s=0.5) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(sends)
+            # Closed by the broker (end of stream, or reset); the bound is far below 60 s.
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+        finally:
+            writer.close()
+        assert sessions(server) == []
 
 
 async def test_a_plain_ws_client_gets_nowhere_on_the_tls_listener(
