@@ -258,7 +258,8 @@ class GatewayClient:
         await self._connection.confirmed(wire.Unsub(topic=pattern))
 
     async def directory(self) -> dict[str, NodeCert]:
-        """Fetch node certificates and keep those that verify against the trust root."""
+        """Fetch node certificates, keep those that verify against the trust root and do not
+        step back from the ones held (:class:`~clients.certs.CertBook`); return those held."""
         answer = await self._connection.control(wire.Directory())
         if not isinstance(answer, wire.Directory) or answer.certs is None:
             raise RequestRejected("unexpected answer to directory", code="bad_frame")
@@ -281,8 +282,9 @@ class GatewayClient:
             # another nation uses): trust neither rather than guess.
             log.error("directory_conflicting_certs", node=node)
             del certs[node]
-        self.certs.update(certs)
-        return certs
+        for problem in self.certs.update(certs):
+            log.error("directory_rollback_refused", reason=problem)
+        return dict(self.certs.current)
 
     async def route(self, topic: str, label: Label, to: tuple[str, ...] = (), *,
                     catalogue: bool = False) -> RoutePlan:
@@ -448,10 +450,11 @@ class GatewayClient:
         if any(map(stale, plan.permitted)):  # unknown, or another key: maybe rotated since
             await self.directory()
         audience = self.trust_root.expand_audience(label.rel) | {label.orig}
+        now = _now_ms()
         keys = {}
         for node in plan.permitted:
             cert = self.certs.get(node)
-            if cert is None:
+            if cert is None or not cert.is_valid_at(now):  # kept over a rollback, expired since
                 log.warning("recipient_without_certificate", node=node)
                 continue
             if cert.nation not in audience:

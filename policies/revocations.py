@@ -117,6 +117,21 @@ def _document_bytes(cert: NodeCert) -> bytes:
     return SignedDocument.from_bytes(cert.signed).data if cert.signed else b""
 
 
+def cert_step_back(old: NodeCert, new: NodeCert) -> str | None:
+    """Why ``new`` may not replace ``old``, the certificate of the same node in force (``None``:
+    it may). The one rule for a broker taking a new bundle and a gateway taking a directory
+    from the broker: a node keeps its nation, and a changed certificate raises its serial."""
+    if new.nation != old.nation:
+        return (f"node {new.node}: certified by {new.nation}, but by {old.nation} in force "
+                "(a node id does not change nation)")
+    if new.serial < old.serial:
+        return (f"node {new.node}: certificate serial {new.serial} is lower than {old.serial} "
+                "in force (a rolled-back certificate)")
+    if new.serial == old.serial and _document_bytes(new) != _document_bytes(old):
+        return f"node {new.node}: a changed certificate must raise its serial (still {new.serial})"
+    return None
+
+
 def succession_problems(
     *,
     old_nodes: Mapping[str, NodeCert],
@@ -130,17 +145,9 @@ def succession_problems(
     problems = []
     for node, new in sorted(new_nodes.items()):
         old = old_nodes.get(node)
-        if old is None:
-            continue
-        if new.nation != old.nation:
-            problems.append(f"node {node}: certified by {new.nation}, but by {old.nation} in "
-                            "force (a node id does not change nation)")
-        elif new.serial < old.serial:
-            problems.append(f"node {node}: certificate serial {new.serial} is lower than "
-                            f"{old.serial} in force (a rolled-back certificate)")
-        elif new.serial == old.serial and _document_bytes(new) != _document_bytes(old):
-            problems.append(f"node {node}: a changed certificate must raise its serial "
-                            f"(still {new.serial})")
+        problem = None if old is None else cert_step_back(old, new)
+        if problem is not None:
+            problems.append(problem)
     kept = {(r.nation, r.node, r.sign_key) for r in new_revocations}
     for r in old_revocations:
         if (r.nation, r.node, r.sign_key) not in kept:

@@ -242,21 +242,43 @@ def test_cert_book_keeps_a_replaced_certificate_only_for_older_envelopes() -> No
     assert list(book.for_envelope("N", NOW - 1)) == []
 
 
-def test_cert_book_does_not_retire_on_a_lower_serial() -> None:
+def test_cert_book_refuses_a_rolled_back_certificate_and_keeps_the_one_it_holds() -> None:
+    """A broker serving an older certificate (validly signed, since replaced) gets nowhere."""
     book = CertBook()
     high, low = _cert("N", 3, NOW), _cert("N", 2, NOW + 1)
-    book.update({"N": high})
-    book.update({"N": low})
-    assert list(book.for_envelope("N", 0)) == [low]
+    assert book.update({"N": high}) == []
+    refused = book.update({"N": low})
+    assert refused == ["node N: certificate serial 2 is lower than 3 in force "
+                       "(a rolled-back certificate)"]
+    assert book.get("N") == high
+    assert list(book.for_envelope("N", 0)) == [high]
 
 
-def test_cert_book_does_not_retire_a_certificate_of_another_nation() -> None:
+def test_cert_book_refuses_a_changed_certificate_under_the_same_serial() -> None:
+    book = CertBook()
+    held, other = _cert("N", 2, NOW), _cert("N", 2, NOW)  # another key, same serial
+    book.update({"N": held})
+    assert book.update({"N": other}) == [
+        "node N: a changed certificate must raise its serial (still 2)"]
+    assert book.get("N") == held
+
+
+def test_cert_book_refuses_a_certificate_of_another_nation() -> None:
     book = CertBook()
     usa = _cert("N", 1, NOW - DAY_MS)
     gbr = dataclasses.replace(_cert("N", 2, NOW), nation="GBR")
     book.update({"N": usa})
-    book.update({"N": gbr})
-    assert list(book.for_envelope("N", NOW - 1)) == [gbr]
+    assert book.update({"N": gbr}) == [
+        "node N: certified by GBR, but by USA in force (a node id does not change nation)"]
+    assert list(book.for_envelope("N", NOW - 1)) == [usa]
+
+
+def test_cert_book_keeps_nothing_of_a_node_left_out_even_after_a_refusal() -> None:
+    book = CertBook()
+    book.update({"N": _cert("N", 3, NOW)})
+    book.update({"N": _cert("N", 2, NOW)})
+    book.update({})
+    assert book.get("N") is None and list(book.for_envelope("N", 0)) == []
 
 
 # --- CLI ------------------------------------------------------------------------------------
