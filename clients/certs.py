@@ -9,49 +9,74 @@ later: an envelope signed with the old key after the switch is refused.
 The directory comes from the broker, which is not trusted: every certificate in it is signed
 by its nation, but a broker could serve an older one, still within its validity, that its
 nation has since replaced (say, after the old key leaked). So the book never steps back: a
-certificate with a lower serial than the one it holds, the same serial with other contents, or
-another nation for the node is refused, and the one held stays (the rule brokers apply between
-bundles, :func:`policies.revocations.cert_step_back`). Pure: no I/O.
+certificate with a lower serial than the highest it ever took for the node, the same serial
+with other contents, or another nation is refused (the rule brokers apply between bundles,
+:func:`policies.revocations.cert_step_back`). Those highest certificates are the book's
+*floor*; with a state directory, :class:`CertFloorFile` keeps it across restarts.
+
+:class:`CertBook` is pure; :class:`CertFloorFile` does the file I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
-from policies.model import NodeCert
+import structlog
+
+from broker import canonical
+from broker.errors import BrokerError, StorageError
+from clients.dedup import StateReadFailed, StateWriteFailed
+from clients.witness import write_atomically
+from policies.documents import SignedDocument, verify_node_cert
+from policies.model import NodeCert, TrustRoot
 from policies.revocations import cert_step_back
+
+log = structlog.get_logger("clients.certs")
 
 #: Replaced certificates kept per node (enough for several rotations in a backlog).
 MAX_RETIRED = 4
 
+FLOOR_FILE = "cert-floor.msgpack"
+
 
 class CertBook:
-    """Current certificates by node id, and the ones they replaced."""
+    """Current certificates by node id, the ones they replaced, and the floor."""
 
-    def __init__(self) -> None:
+    def __init__(self, floor: Iterable[NodeCert] = ()) -> None:
+        """``floor``: the highest certificate taken per node before (from a state file)."""
         self.current: dict[str, NodeCert] = {}
         self._retired: dict[str, list[tuple[NodeCert, int]]] = {}
+        self._floor: dict[str, NodeCert] = {cert.node: cert for cert in floor}
+
+    @property
+    def floor(self) -> Mapping[str, NodeCert]:
+        """The highest certificate ever taken per node, also of nodes no longer listed."""
+        return self._floor
 
     def update(self, certs: Mapping[str, NodeCert]) -> list[str]:
         """Take a freshly verified directory; return why certificates in it were refused.
 
         A certificate replaced by one with a higher serial is retired until ``not_before`` of
-        its successor; one that would step back is refused and the one held is kept; anything
-        else not listed is dropped (revoked or removed: never trusted again)."""
+        its successor; one that would step back from the floor is refused (the one held, if
+        any, stays); anything else not listed is dropped (revoked or removed: never trusted
+        again)."""
         refused = []
-        taken = dict(certs)
+        taken: dict[str, NodeCert] = {}
         for node, new in certs.items():
-            old = self.current.get(node)
-            if old is None or old == new:
-                continue
-            problem = cert_step_back(old, new)
+            floor = self._floor.get(node)
+            problem = None if floor is None or floor == new else cert_step_back(floor, new)
             if problem is not None:
                 refused.append(problem)
-                taken[node] = old
-            elif old.serial < new.serial:
+                if node in self.current:
+                    taken[node] = self.current[node]
+                continue
+            old = self.current.get(node)
+            if old is not None and old != new:  # a step forward (checked above): retire it
                 retired = self._retired.setdefault(node, [])
                 retired.append((old, new.not_before))
                 del retired[:-MAX_RETIRED]
+            taken[node] = self._floor[node] = new
         for node in set(self._retired) - set(taken):
             del self._retired[node]
         self.current = taken
@@ -74,3 +99,42 @@ class CertBook:
         for old, until in reversed(self._retired.get(node, [])):
             if ts < until:
                 yield old
+
+
+class CertFloorFile:
+    """The floor of a :class:`CertBook` in ``directory``: the certificates' signed documents,
+    as one canonical msgpack array, replaced atomically when the floor changes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / FLOOR_FILE
+
+    def load(self, trust_root: TrustRoot) -> list[NodeCert]:
+        """The certificates kept, each verified again against ``trust_root``; one that no
+        longer verifies (its nation's key was replaced since) is left out, with a warning."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StateReadFailed(f"cannot read {self.path}: {exc.strerror}") from exc
+        try:
+            documents = canonical.decode(data)
+        except BrokerError as exc:
+            raise StateReadFailed(f"cannot read {self.path}: {exc.reason}") from exc
+        if not isinstance(documents, list) or not all(type(d) is bytes for d in documents):
+            raise StateReadFailed(f"{self.path} is not an array of certificates")
+        floor = []
+        for raw in documents:
+            try:
+                floor.append(verify_node_cert(SignedDocument.from_bytes(raw), trust_root))
+            except BrokerError as exc:
+                log.warning("cert_floor_entry_dropped", path=str(self.path), reason=exc.reason)
+        return floor
+
+    def save(self, floor: Mapping[str, NodeCert]) -> None:
+        """Replace the file with ``floor``; raise :class:`StateWriteFailed` if it cannot be."""
+        data = canonical.encode(sorted(cert.signed for cert in floor.values()))
+        try:
+            write_atomically(self.path, data)
+        except StorageError as exc:
+            raise StateWriteFailed(exc.reason) from exc

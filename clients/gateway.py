@@ -33,7 +33,7 @@ from broker.audit.note import Checkpoint
 from broker.audit.witness import Equivocation
 from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
 from broker.errors import BrokerError, PolicyDocumentError, ProtocolError, VerificationError
-from clients.certs import CertBook
+from clients.certs import CertBook, CertFloorFile
 from clients.connection import (
     DEFAULT_BACKOFF,
     AuthenticationError,
@@ -150,8 +150,9 @@ class GatewayClient:
         on_expired: Callable[[Expired], None] | None = None,
         ssl: SSLContext | None = None,
     ) -> None:
-        """``state_dir`` keeps the witness state and the last ``dedup_capacity`` ids of the
-        messages the application finished (memory only without it). ``reconnect``: the backoff
+        """``state_dir`` keeps the witness state, the last ``dedup_capacity`` ids of the
+        messages the application finished and the highest node certificates taken
+        (:mod:`clients.certs`; memory only without it). ``reconnect``: the backoff
         to reconnect with when the connection drops (see :mod:`clients.connection` for when it
         does not); ``None``: the first drop ends the client. ``heartbeat``: seconds between
         WebSocket pings. ``timeout`` bounds each request, including a wait for reconnection.
@@ -170,7 +171,8 @@ class GatewayClient:
         self.timeout = timeout
         self.max_frame = max_frame
         #: Verified node certificates (with the ones a key rotation replaced).
-        self.certs = CertBook()
+        self._cert_floor = CertFloorFile(state_dir) if state_dir is not None else None
+        self.certs = CertBook(self._cert_floor.load(trust_root) if self._cert_floor else ())
         self.welcome: wire.Welcome | None = None
         #: Ids of the messages the application finished (durable with ``state_dir``).
         self.seen = SeenIds(state_dir, dedup_capacity)
@@ -282,8 +284,11 @@ class GatewayClient:
             # another nation uses): trust neither rather than guess.
             log.error("directory_conflicting_certs", node=node)
             del certs[node]
+        floor = dict(self.certs.floor)
         for problem in self.certs.update(certs):
             log.error("directory_rollback_refused", reason=problem)
+        if self._cert_floor is not None and self.certs.floor != floor:
+            self._cert_floor.save(self.certs.floor)
         return dict(self.certs.current)
 
     async def route(self, topic: str, label: Label, to: tuple[str, ...] = (), *,

@@ -29,6 +29,7 @@ from broker.server import BrokerServer
 from clients.gateway import GatewayClient, label
 from clients.identity import KeyFile
 from policies import authoring
+from policies.bundle import Bundle
 from policies.documents import SignedDocument, parse_node_cert
 from policies.loader import load_bundle
 from policies.model import Revocation
@@ -211,6 +212,40 @@ async def test_the_broker_will_not_restart_on_older_documents(
     assert refused.value.code == "rollback"
     assert "revocation of USA-GW2 by USA was dropped" in refused.value.reason
     assert "serial 1 is lower than 2" in refused.value.reason
+
+
+async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_after_a_restart(
+    coalition: Coalition, tmp_path: Path
+) -> None:
+    """A broker is not trusted to serve the newest certificates: once a gateway (with a state
+    directory) has taken serial 2 of a node, a broker serving the replaced serial 1, even a
+    fresh one and after the gateway restarted, gets it refused and logged."""
+    old_bundle = coalition.bundle()
+    state = tmp_path / "gbr-state"
+    state.mkdir()
+
+    def broker(bundle: Bundle, data: str) -> BrokerServer:
+        return BrokerServer(name=coalition.broker_name, bundle=bundle, key=coalition.broker_key,
+                            data_dir=tmp_path / data, commit=FAST_COMMIT)
+
+    def gbr(server: BrokerServer) -> GatewayClient:
+        return GatewayClient(server.url, coalition.nodes["GBR-GW1"], coalition.trust_root,
+                             broker_name=coalition.broker_name, timeout=5, reconnect=None,
+                             state_dir=state)
+
+    new_key = rotate(coalition, "USA-GW1", serial=2)
+    async with broker(coalition.bundle(), "honest") as honest, gbr(honest) as gateway:
+        assert (await gateway.directory())["USA-GW1"].serial == 2
+    assert old_bundle.nodes["USA-GW1"].serial == 1
+    async with broker(old_bundle, "stale") as stale:  # serves the replaced certificate
+        async with gbr(stale) as gateway:
+            with capture_logs() as logs:
+                directory = await gateway.directory()
+            assert "USA-GW1" not in directory and "USA-GW2" in directory
+            assert [e["reason"] for e in logs if e["event"] == "directory_rollback_refused"] == [
+                "node USA-GW1: certificate serial 1 is lower than 2 in force "
+                "(a rolled-back certificate)"]
+            assert gateway.certs.floor["USA-GW1"].sign_key == new_key.sign_public
 
 
 # --- revocation ---------------------------------------------------------------------------------

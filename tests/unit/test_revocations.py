@@ -6,11 +6,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.cli import main
 from broker.coalition import DAY_MS, CoalitionDocuments, NodeSpec, coalition_documents
 from broker.errors import PolicyDocumentError
-from clients.certs import CertBook
+from clients.certs import FLOOR_FILE, CertBook, CertFloorFile
+from clients.dedup import StateReadFailed
 from clients.identity import KeyFile
 from policies import authoring
 from policies.bundle import Bundle, build_bundle, check_succession
@@ -279,6 +281,53 @@ def test_cert_book_keeps_nothing_of_a_node_left_out_even_after_a_refusal() -> No
     book.update({"N": _cert("N", 2, NOW)})
     book.update({})
     assert book.get("N") is None and list(book.for_envelope("N", 0)) == []
+
+
+def test_cert_book_floor_outlives_a_removal_and_refuses_a_rollback_on_return() -> None:
+    book = CertBook()
+    book.update({"N": _cert("N", 3, NOW)})
+    book.update({})  # left out of one directory (a broker may omit it)
+    assert book.update({"N": _cert("N", 2, NOW)}) != []
+    assert book.get("N") is None and book.floor["N"].serial == 3
+
+
+def test_cert_book_starting_from_a_floor_refuses_what_steps_back_from_it() -> None:
+    high = _cert("N", 3, NOW)
+    book = CertBook(floor=[high])
+    assert book.update({"N": _cert("N", 2, NOW)}) != [] and book.get("N") is None
+    higher = _cert("N", 4, NOW)
+    assert book.update({"N": higher}) == [] and book.get("N") == higher
+    assert book.floor["N"] == higher
+
+
+def test_cert_floor_file_keeps_the_verified_certificates(made: CoalitionDocuments,
+                                                         tmp_path: Path) -> None:
+    bundle = made.bundle()
+    floor_file = CertFloorFile(tmp_path)
+    assert floor_file.load(bundle.trust_root) == []  # no file yet
+    floor_file.save(bundle.nodes)
+    assert {c.node: c for c in floor_file.load(bundle.trust_root)} == dict(bundle.nodes)
+
+
+def test_cert_floor_file_drops_a_certificate_that_no_longer_verifies(
+        made: CoalitionDocuments, tmp_path: Path) -> None:
+    bundle = made.bundle()
+    forged = dataclasses.replace(bundle.nodes["USA-GW1"],
+                                 signed=bundle.nodes["GBR-GW1"].signed[:-1] + b"x")
+    floor_file = CertFloorFile(tmp_path)
+    floor_file.save({"USA-GW1": forged, "GBR-GW1": bundle.nodes["GBR-GW1"]})
+    with capture_logs() as logs:
+        kept = floor_file.load(bundle.trust_root)
+    assert [c.node for c in kept] == ["GBR-GW1"]
+    assert [e["event"] for e in logs] == ["cert_floor_entry_dropped"]
+
+
+@pytest.mark.parametrize("content", [b"\xc1", b"\x91\x01", b"\x80"])
+def test_a_damaged_cert_floor_file_is_refused(made: CoalitionDocuments, tmp_path: Path,
+                                              content: bytes) -> None:
+    (tmp_path / FLOOR_FILE).write_bytes(content)
+    with pytest.raises(StateReadFailed, match="cert-floor.msgpack"):
+        CertFloorFile(tmp_path).load(made.bundle().trust_root)
 
 
 # --- CLI ------------------------------------------------------------------------------------
