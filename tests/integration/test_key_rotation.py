@@ -237,15 +237,15 @@ async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_a
     async with broker(coalition.bundle(), "honest") as honest, gbr(honest) as gateway:
         assert (await gateway.directory())["USA-GW1"].serial == 2
     assert old_bundle.nodes["USA-GW1"].serial == 1
-    async with broker(old_bundle, "stale") as stale:  # serves the replaced certificate
-        async with gbr(stale) as gateway:
-            with capture_logs() as logs:
-                directory = await gateway.directory()
-            assert "USA-GW1" not in directory and "USA-GW2" in directory
-            assert [e["reason"] for e in logs if e["event"] == "directory_rollback_refused"] == [
-                "node USA-GW1: certificate serial 1 is lower than 2 in force "
-                "(a rolled-back certificate)"]
-            assert gateway.certs.floor["USA-GW1"].sign_key == new_key.sign_public
+    # A fresh broker serving the replaced certificate; the gateway restarted.
+    async with broker(old_bundle, "stale") as stale, gbr(stale) as gateway:
+        with capture_logs() as logs:
+            directory = await gateway.directory()
+        assert "USA-GW1" not in directory and "USA-GW2" in directory
+        assert [e["reason"] for e in logs if e["event"] == "directory_rollback_refused"] == [
+            "node USA-GW1: certificate serial 1 is lower than 2 in force "
+            "(a rolled-back certificate)"]
+        assert gateway.certs.floor["USA-GW1"].sign_key == new_key.sign_public
 
 
 # --- revocation ---------------------------------------------------------------------------------

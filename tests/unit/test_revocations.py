@@ -326,7 +326,7 @@ def test_cert_floor_file_drops_a_certificate_that_no_longer_verifies(
 def test_a_damaged_cert_floor_file_is_refused(made: CoalitionDocuments, tmp_path: Path,
                                               content: bytes) -> None:
     (tmp_path / FLOOR_FILE).write_bytes(content)
-    with pytest.raises(StateReadFailed, match="cert-floor.msgpack"):
+    with pytest.raises(StateReadFailed, match=r"cert-floor\.msgpack"):
         CertFloorFile(tmp_path).load(made.bundle().trust_root)
 
 
