@@ -535,17 +535,28 @@ _ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}
 
 def stored_bundle(store: Store) -> Bundle | None:
     """The bundle in force when the broker last ran (to refuse a rollback across a restart);
-    ``None`` on a new store, or with a warning if it no longer verifies."""
+    ``None`` on a new store.
+
+    Fails closed: a store that records a bundle as in force but does not hold it, or holds
+    content that no longer verifies or is another bundle than the one recorded, raises
+    :class:`StorageError`. Without that bundle the broker could not tell a rollback from a
+    successor, so it does not start (docs/operations.md, "The stored policy bundle")."""
     digest = store.active_bundle()
-    content = store.bundle(digest) if digest is not None else None
+    if digest is None:
+        return None
+    content = store.bundle(digest)
     if content is None:
-        return None
+        raise StorageError(f"the store records policy bundle {digest.hex()} as in force but "
+                           "does not hold it: damaged store")
     try:
-        return build_bundle(documents_from_content(content), pinned_root_sha256=None)
+        bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
     except BrokerError as exc:
-        log.warning("stored_bundle_unreadable", bundle=digest.hex() if digest else None,
-                    reason=exc.reason)
-        return None
+        raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
+                           f"({exc.reason}): damaged store") from exc
+    if bundle.hash != digest:
+        raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
+                           f"{digest.hex()}, the one recorded as in force: damaged store")
+    return bundle
 
 
 def _log_failure(done: asyncio.Future[int]) -> None:

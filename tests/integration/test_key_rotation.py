@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from broker.admin.views import node_status
 from broker.audit.leaves import SessionEntry, entry_from_bytes
 from broker.coalition import DAY_MS, Coalition
 from broker.envelope import Envelope, build_envelope
-from broker.errors import PolicyDocumentError
+from broker.errors import PolicyDocumentError, StorageError
 from broker.server import BrokerServer
 from clients.gateway import GatewayClient, label
 from clients.identity import KeyFile
@@ -212,6 +213,41 @@ async def test_the_broker_will_not_restart_on_older_documents(
     assert refused.value.code == "rollback"
     assert "revocation of USA-GW2 by USA was dropped" in refused.value.reason
     assert "serial 1 is lower than 2" in refused.value.reason
+
+
+@pytest.mark.parametrize("damage", ["older content", "garbage", "row deleted"])
+async def test_the_broker_will_not_start_without_the_bundle_in_force_intact(
+    coalition: Coalition, tmp_path: Path, damage: str
+) -> None:
+    """The rollback check across a restart needs the bundle in force when the broker last ran;
+    a store whose copy of it is missing, unverifiable or swapped for an older (validly signed)
+    bundle stops the start instead of skipping the check."""
+    data_dir = tmp_path / "data"
+
+    def broker() -> BrokerServer:
+        return BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
+                            key=coalition.broker_key, data_dir=data_dir)
+
+    async with broker() as first:
+        original = first.bundle.hash
+        rotate(coalition, "USA-GW1", serial=2)
+        await reload(first, coalition)
+        in_force = first.bundle.hash
+    conn = sqlite3.connect(data_dir / "broker.sqlite")
+    try:
+        with conn:
+            if damage == "row deleted":
+                conn.execute("DELETE FROM bundles WHERE hash = ?", (in_force,))
+            else:
+                content = (b"\x80" if damage == "garbage" else conn.execute(
+                    "SELECT content FROM bundles WHERE hash = ?", (original,)).fetchone()[0])
+                conn.execute("UPDATE bundles SET content = ? WHERE hash = ?", (content, in_force))
+    finally:
+        conn.close()
+    with pytest.raises(StorageError) as refused:
+        async with broker():
+            pass
+    assert "damaged store" in refused.value.reason and in_force.hex() in refused.value.reason
 
 
 async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_after_a_restart(
