@@ -107,6 +107,8 @@ class CertFloorFile:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / FLOOR_FILE
+        #: The signed documents the file holds (by node), as last read or written.
+        self._saved: dict[str, bytes] = {}
 
     def load(self, trust_root: TrustRoot) -> list[NodeCert]:
         """The certificates kept, each verified again against ``trust_root``; one that no
@@ -129,12 +131,22 @@ class CertFloorFile:
                 floor.append(verify_node_cert(SignedDocument.from_bytes(raw), trust_root))
             except BrokerError as exc:
                 log.warning("cert_floor_entry_dropped", path=str(self.path), reason=exc.reason)
+        self._saved = {cert.node: cert.signed for cert in floor}
         return floor
 
     def save(self, floor: Mapping[str, NodeCert]) -> None:
         """Replace the file with ``floor``; raise :class:`StateWriteFailed` if it cannot be."""
-        data = canonical.encode(sorted(cert.signed for cert in floor.values()))
+        documents = {node: cert.signed for node, cert in floor.items()}
         try:
-            write_atomically(self.path, data)
+            write_atomically(self.path, canonical.encode(sorted(documents.values())))
         except StorageError as exc:
             raise StateWriteFailed(exc.reason) from exc
+        self._saved = documents
+
+    def save_if_changed(self, floor: Mapping[str, NodeCert]) -> None:
+        """:meth:`save` unless the file already holds exactly these signed documents. Compared
+        by bytes, not certificate fields: a certificate re-signed unchanged (after its nation
+        rotated its authority key) must replace the old signature, which will stop verifying.
+        A save that failed is tried again on the next call."""
+        if {node: cert.signed for node, cert in floor.items()} != self._saved:
+            self.save(floor)

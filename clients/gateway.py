@@ -284,11 +284,10 @@ class GatewayClient:
             # another nation uses): trust neither rather than guess.
             log.error("directory_conflicting_certs", node=node)
             del certs[node]
-        floor = dict(self.certs.floor)
         for problem in self.certs.update(certs):
             log.error("directory_rollback_refused", reason=problem)
-        if self._cert_floor is not None and self.certs.floor != floor:
-            self._cert_floor.save(self.certs.floor)
+        if self._cert_floor is not None:
+            self._cert_floor.save_if_changed(self.certs.floor)
         return dict(self.certs.current)
 
     async def route(self, topic: str, label: Label, to: tuple[str, ...] = (), *,

@@ -107,7 +107,10 @@ def _create(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-def _create_new(conn: sqlite3.Connection) -> None:
+def _create_new(conn: sqlite3.Connection, path: Path) -> None:
+    # Under the write lock: another broker process may have created the store meanwhile (then
+    # the version is no longer None and this does not run), or it is another program's file.
+    _refuse_a_foreign_database(conn, path)
     _create(conn)
     conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
@@ -147,8 +150,7 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
     """
     version = stored_version(conn)
     if version is None:
-        _refuse_a_foreign_database(conn, path)
-        _transaction(conn, None, _create_new)
+        _transaction(conn, None, lambda locked: _create_new(locked, path))
     elif version == "2":
         _transaction(conn, "2", _upgrade_from_2)
     version = stored_version(conn)

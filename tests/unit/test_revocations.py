@@ -10,9 +10,10 @@ from structlog.testing import capture_logs
 
 from broker.cli import main
 from broker.coalition import DAY_MS, CoalitionDocuments, NodeSpec, coalition_documents
-from broker.errors import PolicyDocumentError
+from broker.errors import PolicyDocumentError, StorageError
+from clients import certs as certs_module
 from clients.certs import FLOOR_FILE, CertBook, CertFloorFile
-from clients.dedup import StateReadFailed
+from clients.dedup import StateReadFailed, StateWriteFailed
 from clients.identity import KeyFile
 from policies import authoring
 from policies.bundle import Bundle, build_bundle, check_succession
@@ -320,6 +321,40 @@ def test_cert_floor_file_drops_a_certificate_that_no_longer_verifies(
         kept = floor_file.load(bundle.trust_root)
     assert [c.node for c in kept] == ["GBR-GW1"]
     assert [e["event"] for e in logs] == ["cert_floor_entry_dropped"]
+
+
+def test_cert_floor_file_is_written_when_the_signed_bytes_change_and_only_then(
+        made: CoalitionDocuments, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = made.bundle()
+    floor_file = CertFloorFile(tmp_path)
+    writes: list[bytes] = []
+    real_write = certs_module.write_atomically
+    monkeypatch.setattr(certs_module, "write_atomically",
+                        lambda path, data: (writes.append(data), real_write(path, data)))
+    floor_file.save_if_changed(bundle.nodes)
+    floor_file.save_if_changed(dict(bundle.nodes))
+    assert len(writes) == 1  # unchanged: not written again
+    # Re-signed, every field the same (equal as certificates): the new signature is kept.
+    resigned = dataclasses.replace(bundle.nodes["GBR-GW1"], signed=b"re-signed")
+    assert resigned == bundle.nodes["GBR-GW1"]
+    floor_file.save_if_changed({**bundle.nodes, "GBR-GW1": resigned})
+    assert len(writes) == 2 and b"re-signed" in writes[-1]
+
+
+def test_a_failed_cert_floor_save_is_tried_again(made: CoalitionDocuments, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = made.bundle()
+    floor_file = CertFloorFile(tmp_path)
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise StorageError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(certs_module, "write_atomically", full_disk)
+    with pytest.raises(StateWriteFailed, match="No space left"):
+        floor_file.save_if_changed(bundle.nodes)
+    monkeypatch.undo()
+    floor_file.save_if_changed(bundle.nodes)  # the same floor: still owed to the file
+    assert {c.node for c in floor_file.load(bundle.trust_root)} == set(bundle.nodes)
 
 
 @pytest.mark.parametrize("content", [b"\xc1", b"\x91\x01", b"\x80"])
