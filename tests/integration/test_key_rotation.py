@@ -83,6 +83,13 @@ async def reload(server: BrokerServer, coalition: Coalition) -> None:
     await server.reload(coalition.policy_dir, pinned_root_sha256=coalition.root_sha256)
 
 
+def broker_on(coalition: Coalition, data_dir: Path, bundle: Bundle | None = None) -> BrokerServer:
+    """A broker on ``data_dir`` with ``bundle`` (default: the documents as they are now)."""
+    return BrokerServer(name=coalition.broker_name,
+                        bundle=coalition.bundle() if bundle is None else bundle,
+                        key=coalition.broker_key, data_dir=data_dir, commit=FAST_COMMIT)
+
+
 def client(server: BrokerServer, coalition: Coalition, key: KeyFile) -> GatewayClient:
     return GatewayClient(server.url, key, coalition.trust_root,
                          broker_name=coalition.broker_name, timeout=5, max_frame=64 * 1024,
@@ -194,11 +201,7 @@ async def test_the_broker_will_not_restart_on_older_documents(
     old_policy = {p: p.read_bytes() for p in coalition.policy_dir.rglob("*") if p.is_file()}
     data_dir = tmp_path / "data"
 
-    def broker() -> BrokerServer:
-        return BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
-                            key=coalition.broker_key, data_dir=data_dir)
-
-    async with broker() as first:
+    async with broker_on(coalition, data_dir) as first:
         rotate(coalition, "USA-GW1", serial=2)
         revoke(coalition, "USA-GW2")
         await reload(first, coalition)
@@ -208,7 +211,7 @@ async def test_the_broker_will_not_restart_on_older_documents(
     for path, data in old_policy.items():
         path.write_bytes(data)
     with pytest.raises(PolicyDocumentError) as refused:
-        async with broker():
+        async with broker_on(coalition, data_dir):
             pass
     assert refused.value.code == "rollback"
     assert "revocation of USA-GW2 by USA was dropped" in refused.value.reason
@@ -224,11 +227,7 @@ async def test_the_broker_will_not_start_without_the_bundle_in_force_intact(
     bundle stops the start instead of skipping the check."""
     data_dir = tmp_path / "data"
 
-    def broker() -> BrokerServer:
-        return BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
-                            key=coalition.broker_key, data_dir=data_dir)
-
-    async with broker() as first:
+    async with broker_on(coalition, data_dir) as first:
         original = first.bundle.hash
         rotate(coalition, "USA-GW1", serial=2)
         await reload(first, coalition)
@@ -245,7 +244,7 @@ async def test_the_broker_will_not_start_without_the_bundle_in_force_intact(
     finally:
         conn.close()
     with pytest.raises(StorageError) as refused:
-        async with broker():
+        async with broker_on(coalition, data_dir):
             pass
     assert "damaged store" in refused.value.reason and in_force.hex() in refused.value.reason
 
@@ -260,21 +259,17 @@ async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_a
     state = tmp_path / "gbr-state"
     state.mkdir()
 
-    def broker(bundle: Bundle, data: str) -> BrokerServer:
-        return BrokerServer(name=coalition.broker_name, bundle=bundle, key=coalition.broker_key,
-                            data_dir=tmp_path / data, commit=FAST_COMMIT)
-
     def gbr(server: BrokerServer) -> GatewayClient:
         return GatewayClient(server.url, coalition.nodes["GBR-GW1"], coalition.trust_root,
                              broker_name=coalition.broker_name, timeout=5, reconnect=None,
                              state_dir=state)
 
     new_key = rotate(coalition, "USA-GW1", serial=2)
-    async with broker(coalition.bundle(), "honest") as honest, gbr(honest) as gateway:
+    async with broker_on(coalition, tmp_path / "honest") as honest, gbr(honest) as gateway:
         assert (await gateway.directory())["USA-GW1"].serial == 2
     assert old_bundle.nodes["USA-GW1"].serial == 1
     # A fresh broker serving the replaced certificate; the gateway restarted.
-    async with broker(old_bundle, "stale") as stale, gbr(stale) as gateway:
+    async with broker_on(coalition, tmp_path / "stale", old_bundle) as stale, gbr(stale) as gateway:
         with capture_logs() as logs:
             directory = await gateway.directory()
         assert "USA-GW1" not in directory and "USA-GW2" in directory
