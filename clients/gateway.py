@@ -261,7 +261,9 @@ class GatewayClient:
 
     async def directory(self) -> dict[str, NodeCert]:
         """Fetch node certificates, keep those that verify against the trust root and do not
-        step back from the ones held (:class:`~clients.certs.CertBook`); return those held."""
+        step back from the ones held (:class:`~clients.certs.CertBook`); return those held
+        that are valid now. (The book may hold one that has expired since: kept over a
+        refused rollback, it stays in the floor, but is not handed out.)"""
         answer = await self._connection.control(wire.Directory())
         if not isinstance(answer, wire.Directory) or answer.certs is None:
             raise RequestRejected("unexpected answer to directory", code="bad_frame")
@@ -288,7 +290,7 @@ class GatewayClient:
             log.error("directory_rollback_refused", reason=problem)
         if self._cert_floor is not None:
             self._cert_floor.save_if_changed(self.certs.floor)
-        return dict(self.certs.current)
+        return {node: cert for node, cert in self.certs.current.items() if cert.is_valid_at(now)}
 
     async def route(self, topic: str, label: Label, to: tuple[str, ...] = (), *,
                     catalogue: bool = False) -> RoutePlan:

@@ -279,6 +279,31 @@ async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_a
         assert gateway.certs.floor["USA-GW1"].sign_key == new_key.sign_public
 
 
+async def test_the_directory_leaves_out_a_held_certificate_that_has_expired_since(
+    server: BrokerServer, coalition: Coalition, gateway: Gateways,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The book keeps the certificate it holds over a refused rollback, also once it has
+    expired; the directory hands the application only certificates valid now (the floor
+    keeps the expired one, so the rollback stays refused)."""
+    rolled_back = server.hub.directory()  # serial 1 of USA-GW1, valid for a year
+    rotate(coalition, "USA-GW1", serial=2)  # valid for 30 days
+    await reload(server, coalition)
+    async with gateway("GBR-GW1") as gbr:
+        assert (await gbr.directory())["USA-GW1"].serial == 2
+        # 31 days on, the broker serves the replaced (still valid) serial 1.
+        later = _now() + 31 * DAY_MS
+        monkeypatch.setattr("clients.gateway._now_ms", lambda: later)
+        monkeypatch.setattr(server.hub, "directory", lambda: rolled_back)
+        with capture_logs() as logs:
+            directory = await gbr.directory()
+        assert [e["event"] for e in logs if e["event"] == "directory_rollback_refused"] == [
+            "directory_rollback_refused"]
+        assert "USA-GW1" not in directory and "GBR-GW1" in directory
+        assert all(cert.is_valid_at(later) for cert in directory.values())
+        assert gbr.certs.floor["USA-GW1"].serial == 2
+
+
 # --- revocation ---------------------------------------------------------------------------------
 
 
