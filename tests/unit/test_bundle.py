@@ -51,6 +51,26 @@ def test_missing_signature_file_refuses_the_directory(tmp_path: Path) -> None:
     assert caught.value.document == "agreements/CORE.toml"
 
 
+def test_every_missing_signature_file_is_named_in_one_refusal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator learns of all unsigned documents at once (sorted), and nothing loads."""
+    c = build_coalition(tmp_path, nations=NATIONS, nodes=NODES, now_ms=NOW,
+                        agreements=[CORE, OLD])
+    missing = ["trust-root.toml", "nodes/GBR-GW1.toml", "agreements/OLD.toml"]
+    for name in missing:
+        (c.policy_dir / f"{name}.sig").unlink()
+    read: list[Path] = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: read.append(p) or read_bytes(p))
+    with pytest.raises(PolicyDocumentError) as caught:
+        load_bundle(c.policy_dir, pinned_root_sha256=c.root_sha256)
+    assert caught.value.code == "unsigned" and caught.value.document == "agreements/OLD.toml"
+    assert caught.value.reason == (
+        "agreements/OLD.toml: unsigned: no signature files agreements/OLD.toml.sig, "
+        "nodes/GBR-GW1.toml.sig, trust-root.toml.sig (3 documents)")
+    assert read == []  # refused before any document is read
+
+
 def test_unknown_kind_of_document_refuses_the_bundle() -> None:
     w = make_world()
     stray = SignedDocument("misc/notes.toml", b"x = 1\n", b"")
