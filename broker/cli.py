@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import sys
 import time
@@ -31,8 +32,46 @@ from policies.revocations import parse_revocations
 DAY_MS = 24 * 3600 * 1000
 
 
+#: Exit status when the reader of stdout went away (128 + SIGPIPE, as a shell reports a
+#: command that the signal killed).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script.
+
+    Output piped to a reader that stops early (``coalition ... | head``) ends the command
+    quietly with :data:`EXIT_BROKEN_PIPE`, as the Python documentation advises (note on
+    SIGPIPE in :mod:`signal`): output still buffered goes to ``/dev/null``, no traceback."""
+    try:
+        try:
+            status = _main(argv)
+        except SystemExit:  # argparse: --help, or a usage error
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, not at exit, where a reader gone could not be handled
+        return status
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket (say, a connection): not ours to hide
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has closed it."""
+    if not hasattr(select, "poll"):  # Windows: trust the error, as the docs do
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor (replaced stdout), or closed
+        return False
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

@@ -118,3 +118,31 @@ async def test_broker_serve_process_accepts_gateways_and_stops_on_sigterm(
 def test_signed_document_round_trips_through_directory_encoding(coalition: Coalition) -> None:
     doc = read_document(coalition.policy_dir, "nodes/GBR-GW1.toml")
     assert SignedDocument.from_bytes(doc.to_bytes()) == doc
+
+
+def test_output_to_a_reader_gone_ends_quietly_with_status_141(coalition: Coalition) -> None:
+    """``coalition ... | head -1``: the reader closes the pipe early; the command stops with
+    128 + SIGPIPE and no traceback (the reader here is closed before anything is written)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "broker.cli", "policy", "check", str(coalition.policy_dir),
+             "--json"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_broken_pipe_other_than_stdout_is_not_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a reader of stdout gone ends the command quietly; a broken pipe elsewhere (stdout
+    still writable) is the error it is."""
+    def broken(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("broker.cli._keys_show", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["keys", "show", str(tmp_path / "any.key")])
