@@ -46,6 +46,7 @@ class LimitsSection:
     max_outbound_frames: int = 1024
     max_subscriptions_per_node: int = 1024
     max_queued_bytes_per_node: int = 256 << 20
+    queue_memory_bytes_per_node: int = 1 << 20
     max_store_bytes: int = 64 << 30
     min_free_disk_bytes: int = 64 << 20
     expiry_interval_ms: int = 1000
@@ -139,6 +140,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.max_outbound_frames": (16, 1_000_000),
     "limits.max_subscriptions_per_node": (1, 100_000),
     "limits.max_queued_bytes_per_node": (1 << 20, 1 << 50),
+    "limits.queue_memory_bytes_per_node": (0, 1 << 40),
     "limits.max_store_bytes": (0, 1 << 60),
     "limits.min_free_disk_bytes": (0, 1 << 50),
     "limits.expiry_interval_ms": (10, 3600 * 1000),

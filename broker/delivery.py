@@ -9,6 +9,12 @@ recipient's enqueue counter, so a FLASH message is never stuck behind a ROUTINE 
 Removal from the middle of the heaps (an expired message, an ack) is lazy: the dictionaries
 ``_pending`` and ``_in_flight`` are the truth, heap entries whose seq is no longer there are
 skipped when they surface. Every operation is O(log n) per message.
+
+Envelope bytes are kept in memory only up to ``memory_bytes`` per queue (the first copies
+queued while the queue is short: those of a recipient that keeps up); beyond it a copy is
+queued *cold*, ``envelope=None``, and whoever sends it reads the bytes from the store, where
+every queued copy is durable anyway. A backlog then costs a small record per copy in memory,
+not the envelope (docs/decisions.md, "Queued envelopes stay on disk").
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ class QueuedMessage:
     seq: int = dataclasses.field(compare=False)
     message_id: bytes = dataclasses.field(compare=False)
     sender: str = dataclasses.field(compare=False)
-    envelope: bytes = dataclasses.field(compare=False, repr=False)
+    #: ``None``: cold, the bytes are in the store only (read them to send the copy).
+    envelope: bytes | None = dataclasses.field(compare=False, repr=False)
+    size: int = dataclasses.field(compare=False)
     expires_ms: int = dataclasses.field(compare=False)
     queued_ms: int = dataclasses.field(compare=False, default=0)
 
@@ -37,10 +45,17 @@ class QueuedMessage:
 class RecipientQueue:
     """Messages owed to one node: pending (by precedence) and in flight (sent, not acked)."""
 
-    def __init__(self, window: int = 64, *, first_seq: int = 1) -> None:
+    def __init__(self, window: int = 64, *, first_seq: int = 1,
+                 memory_bytes: int = 1 << 20) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if memory_bytes < 0:
+            raise ValueError("memory_bytes must not be negative")
         self.window = window
+        #: Envelope bytes this queue may hold in memory; copies beyond it are queued cold.
+        self.memory_bytes = memory_bytes
+        #: Envelope bytes held in memory now (hot copies owed).
+        self.hot_bytes = 0
         #: Sequence numbers never repeat for a recipient, also across broker restarts (the
         #: hub starts new queues above the store's high-water mark): a late ack of an old
         #: delivery can then never acknowledge a different message.
@@ -75,21 +90,32 @@ class RecipientQueue:
         """Bytes owed plus bytes reserved for writes in progress: what a limit checks."""
         return self.bytes + self._reserved_bytes
 
-    def push(self, *, message_id: bytes, sender: str, envelope: bytes, prec: int,
-             expires_ms: int, seq: int | None = None, queued_ms: int = 0) -> QueuedMessage:
+    def push(self, *, message_id: bytes, sender: str, envelope: bytes | None, prec: int,
+             expires_ms: int, seq: int | None = None, queued_ms: int = 0,
+             size: int | None = None) -> QueuedMessage:
         """Queue a message under ``seq`` (reserved earlier, or restored from the store; a new
-        one if ``None``); returns it."""
+        one if ``None``); returns it. The envelope is kept in memory if the queue's
+        ``memory_bytes`` allow; without it (``envelope=None``: restored from the store),
+        ``size`` is its length and the copy is cold."""
+        if envelope is not None:
+            size = len(envelope)
+            if self.hot_bytes + size > self.memory_bytes:
+                envelope = None
+            else:
+                self.hot_bytes += size
+        elif size is None:
+            raise ValueError("a cold copy needs its size")
         if seq is None:
             seq = self.reserve_seq()
         elif seq >= self._next_seq:
             self._next_seq = seq + 1
         self._reserved_bytes -= self._reserved.pop(seq, 0)
-        item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, expires_ms,
+        item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, size, expires_ms,
                              queued_ms)
         self._pending[seq] = item
         heapq.heappush(self._order, item.sort_key)
         heapq.heappush(self._expiry, (expires_ms, seq))
-        self.bytes += len(envelope)
+        self.bytes += size
         return item
 
     # --- delivery -------------------------------------------------------------------------
@@ -112,9 +138,15 @@ class RecipientQueue:
     def ack(self, seqs: list[int] | tuple[int, ...]) -> list[QueuedMessage]:
         """Forget acknowledged messages; unknown sequence numbers are ignored."""
         done = [item for seq in seqs if (item := self._in_flight.pop(seq, None)) is not None]
-        self.bytes -= sum(len(item.envelope) for item in done)
+        self._forget(done)
         self._compact_expiry()
         return done
+
+    def _forget(self, items: list[QueuedMessage]) -> None:
+        for item in items:
+            self.bytes -= item.size
+            if item.envelope is not None:
+                self.hot_bytes -= item.size
 
     def requeue_in_flight(self) -> None:
         """Connection lost: everything unacknowledged goes back to pending, in order."""
@@ -143,7 +175,7 @@ class RecipientQueue:
             item = self._pending.pop(seq, None)
             if item is not None:
                 out.append(item)
-        self.bytes -= sum(len(item.envelope) for item in out)
+        self._forget(out)
         if len(self._order) > 2 * len(self._pending) + 64:
             # Expired messages of an offline node would otherwise stay referenced by the
             # order heap (envelopes included) until the node comes back.

@@ -97,6 +97,7 @@ class Hub:
         window: int = 64,
         max_envelope: int = 1 << 20,
         max_queued_bytes: int = 256 << 20,
+        queue_memory_bytes: int = 1 << 20,
         capacity: StoreCapacity | None = None,
         metrics: Metrics | None = None,
         envelope_limits: EnvelopeLimits | None = None,
@@ -117,6 +118,7 @@ class Hub:
         self._first_seq = 1
         self._max_envelope = max_envelope
         self.max_queued_bytes = max_queued_bytes
+        self._queue_memory = queue_memory_bytes
         self.capacity = capacity
         self.decisions = DecisionCache()
         #: Expiry notices owed to senders (durable in the store until sent).
@@ -138,11 +140,13 @@ class Hub:
             self.subscriptions.setdefault(node, set()).add(pattern)
         self._subscribers.clear()
         self._first_seq = self.audit.store.seq_high() + 1
-        rows = self.audit.store.queue_rows()
+        # Without the envelopes: a backlog is restored as small records, each read from the
+        # store when its copy is sent.
+        rows = self.audit.store.queue_records()
         for row in rows:
             self._queue(row.recipient).push(
-                message_id=row.id, sender=row.sender, envelope=row.envelope, prec=row.prec,
-                expires_ms=row.expires_ms, seq=row.seq, queued_ms=row.queued_ms)
+                message_id=row.id, sender=row.sender, envelope=None, size=row.size,
+                prec=row.prec, expires_ms=row.expires_ms, seq=row.seq, queued_ms=row.queued_ms)
         self.statuses = self.audit.store.node_statuses()
         self.inactive |= set(self.statuses)
         for notice in self.audit.store.notices():
@@ -515,7 +519,8 @@ class Hub:
     def _queue(self, node: str) -> RecipientQueue:
         queue = self.queues.get(node)
         if queue is None:
-            queue = self.queues[node] = RecipientQueue(self._window, first_seq=self._first_seq)
+            queue = self.queues[node] = RecipientQueue(self._window, first_seq=self._first_seq,
+                                                       memory_bytes=self._queue_memory)
         return queue
 
     def _pump(self, node: str) -> None:
@@ -526,8 +531,29 @@ class Hub:
         expired = queue.take_expired(now)
         if expired:
             self._expire(node, expired, now)
-        for item in queue.take_sendable():
-            peer.send(wire.Deliver(env=item.envelope, seq=item.seq))
+        items = queue.take_sendable()
+        cold = [item.seq for item in items if item.envelope is None]
+        stored = self._stored_envelopes(node, cold) if cold else {}
+        for item in items:
+            env = item.envelope if item.envelope is not None else stored.get(item.seq)
+            if env is not None:
+                peer.send(wire.Deliver(env=env, seq=item.seq))
+            # else: logged; it stays in flight unsent and is sent again after a reconnect.
+
+    def _stored_envelopes(self, node: str, seqs: list[int]) -> dict[int, bytes]:
+        """The envelopes of ``node``'s cold copies, from the store; what cannot be read is
+        logged and left out (never dropped: the copies stay owed)."""
+        try:
+            found = self.audit.store.queued_envelopes(node, seqs)
+        except StorageError as exc:
+            log.error("queued_envelopes_unreadable", node=node, count=len(seqs),
+                      reason=exc.reason)
+            return {}
+        if len(found) != len(seqs):
+            missing = sorted(set(seqs) - set(found))
+            log.error("queued_envelopes_missing", node=node, seqs=missing[:16],
+                      count=len(missing), reason="queued in memory but not in the store")
+        return found
 
 
 _ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}

@@ -93,6 +93,9 @@ class Limits:
     max_subscriptions_per_node: int = 1024
     #: Envelope bytes owed to one node (queued or in flight) before publishes to it are refused.
     max_queued_bytes_per_node: int = 256 << 20
+    #: Envelope bytes of one node's queue kept in memory; the copies beyond are read from the
+    #: store when they are sent (a backlog costs memory per copy, not per byte).
+    queue_memory_bytes_per_node: int = 1 << 20
     store: StoreLimits = dataclasses.field(default_factory=StoreLimits)
     #: How often queues are swept for messages past their TTL.
     expiry_interval_s: float = 1.0
@@ -121,6 +124,7 @@ def limits_from_section(section: LimitsSection) -> Limits:
         max_outbound_frames=section.max_outbound_frames,
         max_subscriptions_per_node=section.max_subscriptions_per_node,
         max_queued_bytes_per_node=section.max_queued_bytes_per_node,
+        queue_memory_bytes_per_node=section.queue_memory_bytes_per_node,
         store=StoreLimits(max_store_bytes=section.max_store_bytes,
                           min_free_bytes=section.min_free_disk_bytes),
         expiry_interval_s=section.expiry_interval_ms / 1000,

@@ -200,6 +200,7 @@ class BrokerServer:
                             window=self.limits.delivery_window,
                             max_envelope=self.limits.max_frame_bytes,
                             max_queued_bytes=self.limits.max_queued_bytes_per_node,
+                            queue_memory_bytes=self.limits.queue_memory_bytes_per_node,
                             capacity=StoreCapacity(store, self.limits.store),
                             envelope_limits=self.limits.envelope)
             self._hub.restore()

@@ -31,6 +31,21 @@ class QueueRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueueRecord:
+    """One message owed to one recipient, without its envelope (``size`` bytes, in the
+    store): what the queues hold in memory for a backlog."""
+
+    recipient: str
+    seq: int
+    prec: int
+    id: bytes
+    sender: str
+    size: int
+    expires_ms: int
+    queued_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Notice:
     """A sender is owed word that its message expired undelivered for ``recipient``."""
 
@@ -118,7 +133,14 @@ class Store(Protocol):
         """Every stored bundle hash."""
 
     def queue_rows(self) -> list[QueueRow]:
-        """Every queued message (for rebuilding the queues at start)."""
+        """Every queued message with its envelope (for inspection and tests)."""
+
+    def queue_records(self) -> list[QueueRecord]:
+        """Every queued message without its envelope (for rebuilding the queues at start)."""
+
+    def queued_envelopes(self, recipient: str, seqs: list[int]) -> dict[int, bytes]:
+        """The envelopes of ``recipient``'s queued copies ``seqs``, by seq, read from the
+        committed state; a seq that is not queued is absent."""
 
     def subscriptions(self) -> list[tuple[str, str]]:
         """Every durable ``(node, pattern)`` subscription."""

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import StorageError
-from broker.store.base import Batch, Notice, QueueRow, StoredCheckpoint
+from broker.store.base import Batch, Notice, QueueRecord, QueueRow, StoredCheckpoint
 from broker.store.sqlite_schema import SCHEMA_VERSION as SCHEMA_VERSION
 from broker.store.sqlite_schema import prepare, stored_version
 
 FILE_NAME = "broker.sqlite"
+#: Sequence numbers per query when reading queued envelopes (SQLite bounds host parameters).
+_SEQS_PER_QUERY = 500
 
 
 def _storage_error(what: str, exc: BaseException) -> StorageError:
@@ -41,6 +43,7 @@ class SqliteStore:
         self.path = path
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
+        self._queue_reader: sqlite3.Connection | None = None
         if read_only:
             self._reader = self._open_reader()
             return
@@ -194,6 +197,42 @@ class SqliteStore:
             out.append(QueueRow(str(r), int(s), int(p), i, f, e, int(x), int(q)))
         return out
 
+    def queue_records(self) -> list[QueueRecord]:
+        rows = self._query("SELECT q.recipient, q.seq, q.prec, q.msg, m.id, m.sender, "
+                           "length(m.envelope), q.expires_ms, q.queued_ms FROM queue AS q "
+                           "LEFT JOIN messages AS m ON m.mid = q.msg ORDER BY q.recipient, q.seq")
+        shared: dict[int, tuple[bytes, str]] = {}  # one id and sender object per message
+        out = []
+        for r, s, p, mid, i, f, n, x, q in rows:
+            if n is None:  # only damage does this; a copy must not vanish without a word
+                raise StorageError(f"queued message ({r}, {s}) has no envelope (message {mid} "
+                                   "is missing from the store)")
+            i, f = shared.setdefault(int(mid), (bytes(i), str(f)))
+            out.append(QueueRecord(str(r), int(s), int(p), i, f, int(n), int(x), int(q)))
+        return out
+
+    def queued_envelopes(self, recipient: str, seqs: list[int]) -> dict[int, bytes]:
+        # Its own connection: the reader may be inside a long snapshot (an export), which
+        # would not see copies committed since it began.
+        if self._queue_reader is None:
+            try:
+                self._queue_reader = _connect_read_only(self.path)
+            except sqlite3.Error as exc:
+                raise _storage_error("cannot open the store to read queued envelopes",
+                                     exc) from exc
+        out: dict[int, bytes] = {}
+        try:
+            for start in range(0, len(seqs), _SEQS_PER_QUERY):
+                chunk = seqs[start:start + _SEQS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                out.update(self._queue_reader.execute(
+                    "SELECT q.seq, m.envelope FROM queue AS q JOIN messages AS m "
+                    f"ON m.mid = q.msg WHERE q.recipient = ? AND q.seq IN ({marks})",
+                    (recipient, *chunk)).fetchall())
+        except sqlite3.Error as exc:
+            raise _storage_error("read of queued envelopes failed", exc) from exc
+        return out
+
     def subscriptions(self) -> list[tuple[str, str]]:
         return [(str(n), str(p)) for n, p in
                 self._query("SELECT node, pattern FROM subscriptions ORDER BY node, pattern")]
@@ -225,7 +264,8 @@ class SqliteStore:
         return shutil.disk_usage(self.path.parent).free
 
     def close(self) -> None:
-        for conn in (getattr(self, "_reader", None), getattr(self, "_writer", None)):
+        for conn in (getattr(self, "_reader", None), getattr(self, "_writer", None),
+                     getattr(self, "_queue_reader", None)):
             if conn is not None:
                 conn.close()
 

@@ -4,11 +4,13 @@ precedence over a large backlog, and a stalled recipient (DESIGN §9)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker import wire
 from broker.audit.leaves import ExpireEntry, RouteEntry, entry_from_bytes
@@ -251,6 +253,61 @@ async def test_stalled_recipient_slows_neither_others_nor_the_publisher(
         print(f"\n{count} publishes with a stalled recipient: {publish_s:.2f} s "
               f"({count / publish_s:.0f}/s); FRA got {len(received)}, GBR holds {window} "
               f"in flight and {count - window} queued")
+
+
+# --- envelopes of a backlog stay on disk ----------------------------------------------------
+
+
+async def test_a_backlog_beyond_the_queue_memory_is_delivered_from_the_store(
+        coalition: Coalition, clock: Clock, gateway: Gateway) -> None:
+    """Only the first copies' envelopes are kept in memory (4 KiB here); the rest are read
+    back from the store when they are sent, in precedence order, byte for byte (the gateway
+    verifies each signature and decrypts each payload)."""
+    limits = Limits(max_frame_bytes=64 * 1024, queue_memory_bytes_per_node=4096)
+    async with _broker(coalition, clock, limits) as server:
+        async with gateway(server, "GBR-GW1") as gbr:
+            await gbr.subscribe("maritime.>")
+        async with gateway(server, "USA-GW1") as usa:
+            sent = [await usa.publish("maritime.tracks", b"%03d" % i + b"x" * 500, TO_GBR,
+                                      precedence=3 if i == 39 else 0) for i in range(40)]
+        queue = server.hub.queues["GBR-GW1"]
+        assert queue.depth == 40 and 0 < queue.hot_bytes <= 4096 < queue.bytes
+        async with gateway(server, "GBR-GW1") as gbr:
+            stream = gbr.messages()
+            got = [await asyncio.wait_for(anext(stream), 10) for _ in sent]
+            await stream.aclose()
+            await _until(lambda: queue.depth == 0)
+    assert [m.id for m in got] == [sent[39].id] + [r.id for r in sent[:39]]  # FLASH first
+    assert [m.payload[:3] for m in got] == [b"039"] + [b"%03d" % i for i in range(39)]
+    assert queue.bytes == 0 and queue.hot_bytes == 0
+
+
+async def test_a_queued_copy_missing_from_the_store_is_logged_and_stays_owed(
+        coalition: Coalition, clock: Clock, gateway: Gateway) -> None:
+    """Damage behind the broker's back: the copies that can be read are delivered; the one
+    whose envelope is gone is logged, never silently dropped: it stays owed."""
+    limits = Limits(max_frame_bytes=64 * 1024, queue_memory_bytes_per_node=0)
+    async with _broker(coalition, clock, limits) as server:
+        async with gateway(server, "GBR-GW1") as gbr:
+            await gbr.subscribe("maritime.>")
+        async with gateway(server, "USA-GW1") as usa:
+            sent = [await usa.publish("maritime.tracks", b"%d" % i, TO_GBR) for i in range(3)]
+        conn = sqlite3.connect(server.audit.store.path)
+        with conn:
+            conn.execute("DELETE FROM messages WHERE id = ?", (sent[1].id,))
+        conn.close()
+        with capture_logs() as logs:
+            async with gateway(server, "GBR-GW1") as gbr:
+                stream = gbr.messages()
+                got = [await asyncio.wait_for(anext(stream), 10) for _ in range(2)]
+                await stream.aclose()
+                queue = server.hub.queues["GBR-GW1"]
+                await _until(lambda: queue.depth == 1)
+                await asyncio.sleep(0.2)
+                assert queue.depth == 1 and queue.in_flight == 1
+    assert [m.id for m in got] == [sent[0].id, sent[2].id]
+    (missing,) = [e for e in logs if e["event"] == "queued_envelopes_missing"]
+    assert missing["node"] == "GBR-GW1" and missing["count"] == 1
 
 
 async def test_broker_restart_redelivers_unacked_in_precedence_order(

@@ -271,3 +271,54 @@ def test_first_seq_lets_a_restarted_broker_never_reuse_a_seq() -> None:
     queue = RecipientQueue(first_seq=1_001)
     assert _push(queue, 0) == 1_001
     assert queue.reserve_seq() == 1_002
+
+
+# --- envelopes in memory up to a budget, the rest cold (read from the store to send) -------
+
+
+def test_envelopes_beyond_the_memory_budget_are_queued_cold() -> None:
+    queue = RecipientQueue(window=100, memory_bytes=250)
+    for i in range(5):
+        _push(queue, i, size=100)
+    sent = queue.take_sendable()
+    assert [item.envelope is not None for item in sent] == [True, True, False, False, False]
+    assert [item.size for item in sent] == [100] * 5
+    assert (queue.hot_bytes, queue.bytes) == (200, 500)  # owed bytes count the cold ones too
+
+
+def test_an_acked_or_expired_hot_copy_makes_room_for_the_next() -> None:
+    queue = RecipientQueue(window=1, memory_bytes=200)
+    _push(queue, 0, size=100)
+    _push(queue, 1, size=100, expires_ms=1001)
+    (first,) = queue.take_sendable()
+    queue.ack([first.seq])
+    assert queue.hot_bytes == 100
+    _push(queue, 2, size=100, expires_ms=1002)  # hot: the acked copy's bytes were released
+    assert queue.take_expired(1000) == [] and queue.hot_bytes == 200
+    expired = queue.take_expired(1002)
+    assert [item.envelope is not None for item in expired] == [True, True]
+    assert (queue.hot_bytes, queue.bytes) == (0, 0)
+
+
+def test_a_zero_budget_queues_every_copy_cold() -> None:
+    queue = RecipientQueue(memory_bytes=0)
+    _push(queue, 0, size=1)
+    (item,) = queue.take_sendable()
+    assert item.envelope is None and item.size == 1 and queue.hot_bytes == 0
+
+
+def test_a_cold_copy_restored_from_the_store_needs_its_size() -> None:
+    queue = RecipientQueue()
+    with pytest.raises(ValueError, match="size"):
+        queue.push(message_id=b"a" * 16, sender="x", envelope=None, prec=ROUTINE, expires_ms=0)
+    item = queue.push(message_id=b"a" * 16, sender="x", envelope=None, size=700, prec=FLASH,
+                      expires_ms=0, seq=7)
+    assert (item.envelope, item.size, item.seq, queue.bytes, queue.hot_bytes) == (
+        None, 700, 7, 700, 0)
+    queue.ack([s.seq for s in queue.take_sendable()])
+    assert queue.bytes == 0 and queue.hot_bytes == 0
+
+
+def test_the_memory_budget_must_not_be_negative() -> None:
+    with pytest.raises(ValueError):
+        RecipientQueue(memory_bytes=-1)

@@ -4,14 +4,14 @@ row, batches all-or-nothing, and the in-place upgrade from schema 2."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.errors import StorageError
 from broker.store import sqlite_schema
-from broker.store.base import Batch, QueueRow
+from broker.store.base import Batch, QueueRecord, QueueRow
 from broker.store.sqlite import SqliteStore, backup_store, open_writer
 
 ENVELOPE = bytes(range(256)) * 4 + b"tail"
@@ -174,7 +174,9 @@ def test_an_orphan_message_is_removed_at_open(store: SqliteStore, path: Path) ->
         reopened.close()
 
 
-def test_a_queue_row_without_its_message_is_an_error(store: SqliteStore, path: Path) -> None:
+@pytest.mark.parametrize("read", [SqliteStore.queue_rows, SqliteStore.queue_records])
+def test_a_queue_row_without_its_message_is_an_error(store: SqliteStore, path: Path,
+                                                     read: Callable[[SqliteStore], object]) -> None:
     """Damage must not make a queued copy vanish silently at restart."""
     store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
     conn = sqlite3.connect(path)
@@ -182,7 +184,54 @@ def test_a_queue_row_without_its_message_is_an_error(store: SqliteStore, path: P
         conn.execute("DELETE FROM messages")
     conn.close()
     with pytest.raises(StorageError, match=r"\(GBR-GW1, 1\) has no envelope"):
-        store.queue_rows()
+        read(store)
+
+
+def test_queue_records_are_the_rows_without_their_envelopes(store: SqliteStore) -> None:
+    rows = [_row("GBR-GW1", 1), _row("FRA-GW1", 2), _row("GBR-GW1", 3, msg=2, envelope=b"e2")]
+    store.commit(Batch(enqueue=rows))
+    records = store.queue_records()
+    assert records == [QueueRecord(r.recipient, r.seq, r.prec, r.id, r.sender, len(r.envelope),
+                                   r.expires_ms, r.queued_ms)
+                       for r in sorted(rows, key=lambda r: (r.recipient, r.seq))]
+    # One id object per message, shared by its recipients' records (memory at restore).
+    assert records[0].id is records[1].id
+
+
+def test_queued_envelopes_are_read_by_recipient_and_seq(store: SqliteStore) -> None:
+    store.commit(Batch(enqueue=[_row("GBR-GW1", 1), _row("FRA-GW1", 2),
+                                _row("GBR-GW1", 3, msg=2, envelope=b"e2")]))
+    assert store.queued_envelopes("GBR-GW1", [3, 1, 2, 99]) == {1: ENVELOPE, 3: b"e2"}
+    assert store.queued_envelopes("FRA-GW1", [2]) == {2: ENVELOPE}
+    store.commit(Batch(dequeue=[("GBR-GW1", 1)]))
+    assert store.queued_envelopes("GBR-GW1", [1, 3]) == {3: b"e2"}  # acked: gone
+    assert store.queued_envelopes("GBR-GW1", []) == {}
+
+
+def test_queued_envelopes_beyond_one_query_are_all_read(store: SqliteStore) -> None:
+    rows = [_row("GBR-GW1", seq, msg=seq, envelope=b"e%d" % seq) for seq in range(1, 1201)]
+    store.commit(Batch(enqueue=rows))
+    assert store.queued_envelopes("GBR-GW1", list(range(1, 1201))) == {
+        row.seq: row.envelope for row in rows}
+
+
+def test_queued_envelopes_see_commits_made_during_a_snapshot(store: SqliteStore) -> None:
+    """An export holds the reader in one snapshot for its whole length; a copy queued
+    meanwhile must still be readable for its delivery."""
+    with store.snapshot():
+        assert store.queue_rows() == []  # the read transaction starts here
+        store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
+        assert store.queue_rows() == []  # still the snapshot's view
+        assert store.queued_envelopes("GBR-GW1", [1]) == {1: ENVELOPE}
+
+
+def test_unreadable_queued_envelopes_are_a_storage_error(store: SqliteStore, path: Path) -> None:
+    store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
+    store.close()
+    path.unlink()
+    (path.parent / (path.name + "-wal")).unlink(missing_ok=True)
+    with pytest.raises(StorageError, match="cannot open the store to read queued envelopes"):
+        store.queued_envelopes("GBR-GW1", [1])
 
 
 def _v2_store(path: Path, rows: list[QueueRow], schema: str = "2") -> None:
