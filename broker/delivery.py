@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import sys
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,8 +111,9 @@ class RecipientQueue:
         elif seq >= self._next_seq:
             self._next_seq = seq + 1
         self._reserved_bytes -= self._reserved.pop(seq, 0)
-        item = QueuedMessage((-prec, seq), seq, message_id, sender, envelope, size, expires_ms,
-                             queued_ms)
+        # Interned: a backlog holds one sender name per copy, and there are few senders.
+        item = QueuedMessage((-prec, seq), seq, message_id, sys.intern(sender), envelope, size,
+                             expires_ms, queued_ms)
         self._pending[seq] = item
         heapq.heappush(self._order, item.sort_key)
         heapq.heappush(self._expiry, (expires_ms, seq))

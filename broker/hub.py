@@ -142,8 +142,9 @@ class Hub:
         self._first_seq = self.audit.store.seq_high() + 1
         # Without the envelopes: a backlog is restored as small records, each read from the
         # store when its copy is sent.
-        rows = self.audit.store.queue_records()
-        for row in rows:
+        queued = 0
+        for row in self.audit.store.queue_records():
+            queued += 1
             self._queue(row.recipient).push(
                 message_id=row.id, sender=row.sender, envelope=None, size=row.size,
                 prec=row.prec, expires_ms=row.expires_ms, seq=row.seq, queued_ms=row.queued_ms)
@@ -158,7 +159,7 @@ class Hub:
         for message_id, seen_ms in sorted(recent, key=lambda route: route[1]):
             self.replay.record(message_id, seen_ms)  # in time order: the guard expires FIFO
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
-                 queued=len(rows), notices=sum(map(len, self.notices.values())),
+                 queued=queued, notices=sum(map(len, self.notices.values())),
                  recent_ids=len(recent))
 
     def activate(self, bundle: Bundle) -> asyncio.Future[int]:

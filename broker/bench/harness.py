@@ -194,7 +194,7 @@ class BrokerProcess:
             runner = ["-m", "cProfile", "-o", str(self.profile_output)]
         command = [sys.executable, *runner, "-m", "broker.cli", "broker", "serve",
                    "--config", str(self.config), "--log-level", self.log_level]
-        with self.log.open("wb") as sink:
+        with self.log.open("ab") as sink:  # appended: a restart keeps the first run's lines
             self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -192,6 +192,8 @@ def _backlog(r: Result, out: TextIO) -> None:
          f"{r['broker_rss_idle_mib']} / {r['broker_rss_queued_mib']} / "
          f"{r['broker_rss_drained_mib']}"],
         ["RSS bytes per queued message", r["rss_bytes_per_queued_message"]],
+        ["restart to listening, all queued (s)", r["restart_s"]],
+        ["broker RSS after the restart (MiB)", r["broker_rss_restarted_mib"]],
         ["drain messages/s", r["drain_messages_per_s"]],
         ["drain broker CPU µs/message", r["drain_broker_cpu_us_per_message"]],
     ], out)

@@ -135,8 +135,9 @@ class Store(Protocol):
     def queue_rows(self) -> list[QueueRow]:
         """Every queued message with its envelope (for inspection and tests)."""
 
-    def queue_records(self) -> list[QueueRecord]:
-        """Every queued message without its envelope (for rebuilding the queues at start)."""
+    def queue_records(self) -> Iterator[QueueRecord]:
+        """Every queued message without its envelope, by recipient and seq, read in chunks
+        (for rebuilding the queues at start)."""
 
     def queued_envelopes(self, recipient: str, seqs: list[int]) -> dict[int, bytes]:
         """The envelopes of ``recipient``'s queued copies ``seqs``, by seq, read from the

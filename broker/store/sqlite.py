@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from broker.errors import StorageError
 from broker.store.base import Batch, Notice, QueueRecord, QueueRow, StoredCheckpoint
 from broker.store.sqlite_schema import SCHEMA_VERSION as SCHEMA_VERSION
-from broker.store.sqlite_schema import prepare, stored_version
+from broker.store.sqlite_schema import prepare, refuse_a_foreign_database, stored_version
 
 FILE_NAME = "broker.sqlite"
 #: Sequence numbers per query when reading queued envelopes (SQLite bounds host parameters).
@@ -48,10 +49,19 @@ class SqliteStore:
             self._reader = self._open_reader()
             return
         try:
+            # Another program's database is refused before any read-write connection.
+            is_store = _inspect(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = _connect(path)
+            if not is_store:
+                # A new store is switched to WAL while its file is still empty (the switch
+                # is a rollback-journal transaction that records an empty database), then
+                # created in one WAL transaction: a crash at any point leaves an empty file or
+                # database, or a whole store, never a hot journal of a non-empty one.
+                _use_wal(self._writer)
             # Creates, upgrades (version 2) or refuses untouched (any other version, or a
-            # database of something else); only then is the file switched to WAL.
+            # database of something else); only then is a store that is not yet in WAL mode
+            # (a copy made with other tools) switched.
             prepare(self._writer, path)
             _use_wal(self._writer)
             self._reader = _connect(path)
@@ -78,6 +88,11 @@ class SqliteStore:
 
     def _open_reader(self) -> sqlite3.Connection:
         path = self.path
+        # Decided first without a mode=ro connection, which creates the -shm and -wal of a WAL
+        # database that nobody has open (kept for the export itself: immutable=1 would not see
+        # a running broker's commits, or its checkpoints, safely).
+        if not _inspect(path) and path.exists():
+            raise StorageError(f"{path} is not a broker store (no schema version)")
         try:
             conn = _connect_read_only(path)
         except sqlite3.Error as exc:
@@ -197,19 +212,25 @@ class SqliteStore:
             out.append(QueueRow(str(r), int(s), int(p), i, f, e, int(x), int(q)))
         return out
 
-    def queue_records(self) -> list[QueueRecord]:
-        rows = self._query("SELECT q.recipient, q.seq, q.prec, q.msg, m.id, m.sender, "
-                           "length(m.envelope), q.expires_ms, q.queued_ms FROM queue AS q "
-                           "LEFT JOIN messages AS m ON m.mid = q.msg ORDER BY q.recipient, q.seq")
-        shared: dict[int, tuple[bytes, str]] = {}  # one id and sender object per message
-        out = []
-        for r, s, p, mid, i, f, n, x, q in rows:
-            if n is None:  # only damage does this; a copy must not vanish without a word
-                raise StorageError(f"queued message ({r}, {s}) has no envelope (message {mid} "
-                                   "is missing from the store)")
-            i, f = shared.setdefault(int(mid), (bytes(i), str(f)))
-            out.append(QueueRecord(str(r), int(s), int(p), i, f, int(n), int(x), int(q)))
-        return out
+    def queue_records(self, chunk: int = 4096) -> Iterator[QueueRecord]:
+        # In chunks (keyset on the queue's primary key), so that a large backlog is never
+        # all in memory twice, as rows and as the queues built from them.
+        after: tuple[str, int] = ("", 0)
+        while True:
+            rows = self._query(
+                "SELECT q.recipient, q.seq, q.prec, q.msg, m.id, m.sender, length(m.envelope), "
+                "q.expires_ms, q.queued_ms FROM queue AS q LEFT JOIN messages AS m "
+                "ON m.mid = q.msg WHERE (q.recipient, q.seq) > (?, ?) "
+                "ORDER BY q.recipient, q.seq LIMIT ?", (*after, chunk))
+            for r, s, p, mid, i, f, n, x, q in rows:
+                if n is None:  # only damage does this; a copy must not vanish without a word
+                    raise StorageError(f"queued message ({r}, {s}) has no envelope (message "
+                                       f"{mid} is missing from the store)")
+                yield QueueRecord(sys.intern(r), int(s), int(p), bytes(i), sys.intern(f),
+                                  int(n), int(x), int(q))
+            if len(rows) < chunk:
+                return
+            after = (str(rows[-1][0]), int(rows[-1][1]))
 
     def queued_envelopes(self, recipient: str, seqs: list[int]) -> dict[int, bytes]:
         # Its own connection: the reader may be inside a long snapshot (an export), which
@@ -271,9 +292,10 @@ class SqliteStore:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """A connection for writing. Journal mode is left as the file has it: switching to WAL
-    rewrites the file's header, so it is done (:func:`_use_wal`) only once the file is known to
-    be a broker store, never to a database of something else opened by mistake."""
+    """A connection for writing, to a file :func:`_inspect` found new or a broker store. Journal
+    mode is left as the file has it: switching to WAL rewrites the file's header, so it is done
+    (:func:`_use_wal`) only to an empty file or a broker store, never to a database of
+    something else opened by mistake."""
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA synchronous=FULL")
@@ -290,6 +312,8 @@ def open_writer(path: Path) -> sqlite3.Connection:
     """A connection that commits batches to the existing store at ``path`` (see
     :func:`commit_batch`): for a writer in another process. The store must have been opened
     (created or upgraded) by :class:`SqliteStore` first; this one only checks the version."""
+    if not _inspect(path):  # nothing is created, not even an empty file
+        raise StorageError(f"{path} is not a broker store (no schema version)")
     try:
         conn = _connect(path)
     except sqlite3.Error as exc:
@@ -386,6 +410,86 @@ def _enqueue(conn: sqlite3.Connection, rows: list[QueueRow]) -> None:
         queue.append((r.recipient, r.seq, r.prec, mid, r.expires_ms, r.queued_ms))
     conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
     conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?)", queue)
+
+
+#: A rollback journal's header begins with these bytes; the database's size in pages when its
+#: transaction began is at offset 16 (https://www.sqlite.org/fileformat.html, "The Rollback
+#: Journal").
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def _records_an_empty_database(path: Path) -> bool:
+    """Whether ``path``'s rollback journal is that of the file's first transaction (0 pages when
+    it began): its committed state is empty, whatever pages of the transaction reached the file
+    before a crash (a broker that died creating its store)."""
+    try:
+        with open(f"{path}-journal", "rb") as journal:
+            header = journal.read(20)
+    except FileNotFoundError:
+        return False
+    return header[:8] == _JOURNAL_MAGIC and header[16:20] == bytes(4)
+
+
+def _read_only_uri(path: Path) -> str:
+    """A URI that reads ``path``'s committed state creating no file and writing none.
+
+    ``mode=ro`` alone does not do that for a WAL database (header byte 19 is 2) whose ``-wal``
+    and ``-shm`` do not exist (nobody has it open: the last connection to close deletes them):
+    SQLite creates both, and a read-only connection cannot delete them again. So such a file is
+    read with ``immutable=1``: no lock, no companion; with no ``-wal``, the file alone is its
+    committed state, as its last connection checkpointed it. That is safe only while nobody
+    writes it, which is why it is never used when the companions exist (``immutable`` would
+    then miss what the -wal holds, e.g. a running broker's commits, and could read pages a
+    checkpoint is rewriting): ``mode=ro`` then creates nothing, reads through the WAL with its
+    locks, and, unable to lock the file for writing, never checkpoints a -wal into it (it may
+    rebuild the -shm index, which holds nothing persistent). A rollback-journal file gets
+    ``mode=ro`` too: a shared lock, so a consistent read while another program writes. The rare
+    race (a process opens the file in WAL mode between this look and the read) is covered by
+    the read-write check that :func:`~broker.store.sqlite_schema.prepare` repeats under the
+    write lock before it creates anything.
+    """
+    with open(path, "rb") as file:
+        header = file.read(20)
+    in_wal_mode = len(header) == 20 and header[19] == 2
+    wal, shm = (os.path.exists(f"{path}{suffix}") for suffix in ("-wal", "-shm"))
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    if wal and shm:
+        return uri
+    if in_wal_mode or wal or shm:  # SQLite would create the missing one
+        return f"{uri}&immutable=1"
+    return uri
+
+
+def _inspect(path: Path) -> bool:
+    """Whether ``path`` is a broker store (of any schema version: the caller checks that) rather
+    than new: missing, empty, a database without tables, or a store whose creation by an
+    earlier version was interrupted. Another program's database raises ``StorageError``,
+    decided without any connection that could write it or create a file next to it."""
+    if _records_an_empty_database(path):
+        return False  # the read-write open rolls the journal back, then creates the store
+    try:
+        if path.stat().st_size == 0:
+            return False
+        conn = sqlite3.connect(_read_only_uri(path), uri=True, isolation_level=None)
+    except FileNotFoundError:
+        return False
+    except (sqlite3.Error, OSError) as exc:
+        raise _storage_error(f"cannot open the store {path}", exc) from exc
+    try:
+        if stored_version(conn) is not None:
+            return True
+        refuse_a_foreign_database(conn, path)
+        return False
+    except sqlite3.Error as exc:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_READONLY_ROLLBACK:
+            raise StorageError(
+                f"{path} has a transaction that was interrupted ({path}-journal): whether it is "
+                "a broker store cannot be read without rolling it back, which writes the file; "
+                "nothing was changed (if it is the broker's store, any SQLite connection that "
+                f"may write rolls it back, e.g. sqlite3 {path} 'PRAGMA quick_check')") from exc
+        raise _storage_error(f"cannot open the store {path}", exc) from exc
+    finally:
+        conn.close()
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:

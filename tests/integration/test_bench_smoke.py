@@ -55,6 +55,7 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
     backlog = scenarios["backlog"]
     assert backlog["queued"] == backlog["drained"] == 200
     assert backlog["broker_rss_queued_mib"] > 0
+    assert backlog["restart_s"] > 0 and backlog["broker_rss_restarted_mib"] > 0
 
     peer = scenarios["peer"]
     if shutil.which("mosquitto") is None:

@@ -4,7 +4,7 @@ row, batches all-or-nothing, and the in-place upgrade from schema 2."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -175,8 +175,8 @@ def test_an_orphan_message_is_removed_at_open(store: SqliteStore, path: Path) ->
 
 
 @pytest.mark.parametrize("read", [SqliteStore.queue_rows, SqliteStore.queue_records])
-def test_a_queue_row_without_its_message_is_an_error(store: SqliteStore, path: Path,
-                                                     read: Callable[[SqliteStore], object]) -> None:
+def test_a_queue_row_without_its_message_is_an_error(
+        store: SqliteStore, path: Path, read: Callable[[SqliteStore], Iterable[object]]) -> None:
     """Damage must not make a queued copy vanish silently at restart."""
     store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
     conn = sqlite3.connect(path)
@@ -184,18 +184,18 @@ def test_a_queue_row_without_its_message_is_an_error(store: SqliteStore, path: P
         conn.execute("DELETE FROM messages")
     conn.close()
     with pytest.raises(StorageError, match=r"\(GBR-GW1, 1\) has no envelope"):
-        read(store)
+        list(read(store))
 
 
 def test_queue_records_are_the_rows_without_their_envelopes(store: SqliteStore) -> None:
     rows = [_row("GBR-GW1", 1), _row("FRA-GW1", 2), _row("GBR-GW1", 3, msg=2, envelope=b"e2")]
     store.commit(Batch(enqueue=rows))
-    records = store.queue_records()
-    assert records == [QueueRecord(r.recipient, r.seq, r.prec, r.id, r.sender, len(r.envelope),
-                                   r.expires_ms, r.queued_ms)
-                       for r in sorted(rows, key=lambda r: (r.recipient, r.seq))]
-    # One id object per message, shared by its recipients' records (memory at restore).
-    assert records[0].id is records[1].id
+    expected = [QueueRecord(r.recipient, r.seq, r.prec, r.id, r.sender, len(r.envelope),
+                            r.expires_ms, r.queued_ms)
+                for r in sorted(rows, key=lambda r: (r.recipient, r.seq))]
+    assert list(store.queue_records()) == expected
+    # Read in chunks: every chunk boundary (within a recipient and between two) loses nothing.
+    assert list(store.queue_records(chunk=1)) == list(store.queue_records(chunk=2)) == expected
 
 
 def test_queued_envelopes_are_read_by_recipient_and_seq(store: SqliteStore) -> None:
@@ -379,34 +379,48 @@ def test_a_read_only_open_never_upgrades_or_creates(path: Path) -> None:
     assert _dump(path) == before
 
 
-def _foreign_database(path: Path) -> bytes:
-    """Another program's SQLite database (rollback journal, a table of its own): its bytes."""
+def _foreign_database(path: Path, journal_mode: str = "delete") -> bytes:
+    """Another program's SQLite database (a table of its own, the journal mode given), closed
+    as that program leaves it: no -wal or -shm companion. Its bytes."""
     conn = sqlite3.connect(path)
     try:
+        assert conn.execute(f"PRAGMA journal_mode={journal_mode}").fetchone() == (journal_mode,)
         conn.execute("CREATE TABLE accounts (name TEXT, balance INTEGER)")
         conn.execute("INSERT INTO accounts VALUES ('x', 1)")
         conn.commit()
     finally:
         conn.close()
+    assert _companions(path) == []
     return path.read_bytes()
 
 
-def test_another_programs_database_is_refused_byte_for_byte_untouched(path: Path) -> None:
+def _companions(path: Path) -> list[str]:
+    """The files next to the store that SQLite names after it (-wal, -shm, -journal)."""
+    return sorted(p.name for p in path.parent.glob(path.name + "-*"))
+
+
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_another_programs_database_is_refused_byte_for_byte_untouched(
+        path: Path, journal_mode: str) -> None:
     """Neither our tables nor WAL mode (which rewrites the file header) go into a database
-    that is not ours, e.g. a data directory pointed at the wrong place."""
-    before = _foreign_database(path)
+    that is not ours, e.g. a data directory pointed at the wrong place; nor a -wal or -shm file
+    next to it: a read-write connection (or a mode=ro one, for a WAL database) creates them."""
+    before = _foreign_database(path, journal_mode)
     with pytest.raises(StorageError, match=r"is not a broker store \(a database with other "
                                            r"tables: accounts\); nothing was changed"):
         SqliteStore(path)
     assert path.read_bytes() == before
-    assert not path.with_name(path.name + "-wal").exists()
+    assert _companions(path) == []
 
 
-def test_the_writer_connection_leaves_another_programs_database_untouched(path: Path) -> None:
-    before = _foreign_database(path)
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_the_writer_connection_leaves_another_programs_database_untouched(
+        path: Path, journal_mode: str) -> None:
+    before = _foreign_database(path, journal_mode)
     with pytest.raises(StorageError, match="is not a broker store"):
         open_writer(path)
     assert path.read_bytes() == before
+    assert _companions(path) == []
 
 
 def test_a_new_store_is_in_wal_mode(path: Path) -> None:
