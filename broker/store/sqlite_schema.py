@@ -92,13 +92,39 @@ def stored_version(conn: sqlite3.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _refuse_a_foreign_database(conn: sqlite3.Connection, path: Path) -> None:
-    names = [row[0] for row in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 6")]
-    if names:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise StorageError(f"{path} is not a broker store (a database with other tables: "
-                           f"{shown}); nothing was changed")
+#: Every table a broker has created, at any schema version (1 to 3).
+_BROKER_TABLES = frozenset({"meta", "entries", "nodes", "checkpoints", "cosignatures", "bundles",
+                            "messages", "queue", "node_status", "notices", "subscriptions"})
+
+
+def _interrupted_creation(conn: sqlite3.Connection, objects: list[tuple[str, str]]) -> bool:
+    """Whether the schema objects of a database with no schema version are what a broker of
+    schema 1 or 2 leaves when it dies creating its store: those versions created the ``meta``
+    table, then the others, one statement and one transaction each, and wrote the version row
+    before the first commit. So: ``meta`` and only broker tables (and their automatic indexes),
+    every one of them empty. Version 3 creates the store in one transaction."""
+    tables = [name for kind, name in objects if kind == "table"]
+    return ("meta" in tables and set(tables) <= _BROKER_TABLES
+            and all(kind == "table" or name.startswith("sqlite_autoindex_")
+                    for kind, name in objects)
+            and not any(conn.execute(f'SELECT 1 FROM "{name}" LIMIT 1').fetchone()
+                        for name in tables))
+
+
+def refuse_a_foreign_database(conn: sqlite3.Connection, path: Path) -> list[str]:
+    """Raise ``StorageError`` if the database on ``conn``, which has no schema version, is
+    another program's: it has tables, and they are not an interrupted creation's (see
+    :func:`_interrupted_creation`). Return the tables to drop before the store is created in it:
+    none for an empty database, else the interrupted creation's (their layout may be an earlier
+    version's). Reads only: also run on a read-only connection before any read-write one."""
+    objects = [(str(kind), str(name)) for kind, name in conn.execute(
+        "SELECT type, name FROM sqlite_master ORDER BY name")]
+    names = [name for kind, name in objects if kind == "table"]
+    if not names or _interrupted_creation(conn, objects):
+        return names
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise StorageError(f"{path} is not a broker store (a database with other tables: "
+                       f"{shown}); nothing was changed")
 
 
 def _create(conn: sqlite3.Connection) -> None:
@@ -109,8 +135,11 @@ def _create(conn: sqlite3.Connection) -> None:
 
 def _create_new(conn: sqlite3.Connection, path: Path) -> None:
     # Under the write lock: another broker process may have created the store meanwhile (then
-    # the version is no longer None and this does not run), or it is another program's file.
-    _refuse_a_foreign_database(conn, path)
+    # the version is no longer None and this does not run), or it is another program's file
+    # (SqliteStore refuses one before its read-write connection; checked again here, the
+    # authority, for a file that changed since).
+    for name in refuse_a_foreign_database(conn, path):
+        conn.execute(f'DROP TABLE "{name}"')  # a name from _BROKER_TABLES
     _create(conn)
     conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
@@ -143,10 +172,12 @@ def _transaction(conn: sqlite3.Connection, expect: str | None,
 def prepare(conn: sqlite3.Connection, path: Path) -> None:
     """Make the store on ``conn`` (autocommit) a version-3 store, or raise ``StorageError``.
 
-    A new store is created (in an empty file only: a database with tables of its own is another
-    program's, refused untouched); a version-2 store is upgraded in place in one transaction
-    (nothing changes if any step fails); a store of another version is refused untouched. Then
-    messages no queue row references (a commit never leaves one; damage might) are deleted.
+    A new store is created in one transaction (in an empty file only, or in place of the empty
+    tables an earlier version left when it died creating its store: a database with tables of
+    its own is another program's, refused untouched); a version-2 store is upgraded in place in
+    one transaction (nothing changes if any step fails); a store of another version is refused
+    untouched. Then messages no queue row references (a commit never leaves one; damage might)
+    are deleted.
     """
     version = stored_version(conn)
     if version is None:
