@@ -83,7 +83,8 @@ class SqliteStore:
         (SQLite refuses any write on the connection); a missing file or another schema version
         is refused. :meth:`commit` raises ``StorageError``. WAL mode: when the broker is not
         running, SQLite creates the ``-shm`` and ``-wal`` companions, so the directory must be
-        writable (read a ``coalition broker backup`` copy otherwise)."""
+        writable (read a ``coalition broker backup`` copy otherwise); another program's
+        database is refused before, with nothing created next to it."""
         return cls(path, read_only=True)
 
     def _open_reader(self) -> sqlite3.Connection:
@@ -466,7 +467,9 @@ def _inspect(path: Path) -> bool:
     earlier version was interrupted. Another program's database raises ``StorageError``,
     decided without any connection that could write it or create a file next to it."""
     if _records_an_empty_database(path):
-        return False  # the read-write open rolls the journal back, then creates the store
+        # The read-write open rolls the journal back (as any SQLite connection that may write
+        # would), then creates the store; a transaction still running holds the write lock.
+        return False
     try:
         if path.stat().st_size == 0:
             return False

@@ -3,9 +3,12 @@ row, batches all-or-nothing, and the in-place upgrade from schema 2."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -399,28 +402,121 @@ def _companions(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.glob(path.name + "-*"))
 
 
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.parent.glob(path.name + "*")}
+
+
+def _as_a_crash_leaves_it(source: Path, path: Path) -> None:
+    """Copy ``source`` and its companions to ``path`` as they are on disk now, e.g. in the middle
+    of a transaction of a connection still open: what a crash at this moment leaves. (The copy
+    holds no lock, as a dead process holds none; reading ``source`` drops this process's locks
+    on it, so ``source`` is only rolled back and closed afterwards.)"""
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        if Path(f"{source}{suffix}").exists():
+            shutil.copyfile(f"{source}{suffix}", f"{path}{suffix}")
+
+
+@contextlib.contextmanager
+def _companions_while_open(path: Path) -> Iterator[list[list[str]]]:
+    """The companions of ``path`` seen each time a connection opened meanwhile (by anyone) is
+    closed, i.e. while it was still open: a read-write connection deletes the -wal and -shm it
+    created when it closes, so they are not there afterwards."""
+    seen: list[list[str]] = []
+    connect = sqlite3.connect
+
+    class Watched(sqlite3.Connection):
+        def close(self) -> None:
+            seen.append(_companions(path))
+            super().close()
+
+    def watched(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        return connect(*args, factory=Watched, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite3, "connect", watched)
+        yield seen
+
+
+_OPENERS: list[Callable[[Path], object]] = [SqliteStore, SqliteStore.open_read_only, open_writer]
+_OPENER_NAMES = ["SqliteStore", "open_read_only", "open_writer"]
+
+
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+@pytest.mark.parametrize("open_", _OPENERS, ids=_OPENER_NAMES)
 def test_another_programs_database_is_refused_byte_for_byte_untouched(
-        path: Path, journal_mode: str) -> None:
+        path: Path, journal_mode: str, open_: Callable[[Path], object]) -> None:
     """Neither our tables nor WAL mode (which rewrites the file header) go into a database
     that is not ours, e.g. a data directory pointed at the wrong place; nor a -wal or -shm file
-    next to it: a read-write connection (or a mode=ro one, for a WAL database) creates them."""
+    next to it, not even for a while: a read-write connection to a WAL database creates them
+    (and deletes them when it closes), a mode=ro one creates them and leaves them."""
     before = _foreign_database(path, journal_mode)
-    with pytest.raises(StorageError, match=r"is not a broker store \(a database with other "
+    with _companions_while_open(path) as seen, pytest.raises(
+            StorageError, match=r"is not a broker store \(a database with other tables: "
+                                r"accounts\); nothing was changed"):
+        open_(path)
+    assert seen and all(companions == [] for companions in seen)
+    assert path.read_bytes() == before
+    assert _companions(path) == []
+
+
+@pytest.mark.parametrize("open_", _OPENERS, ids=_OPENER_NAMES)
+def test_another_programs_wal_database_left_by_a_crash_is_refused_untouched(
+        path: Path, tmp_path: Path, open_: Callable[[Path], object]) -> None:
+    """Its -wal still holds committed transactions (its program died, or runs now). A
+    read-write connection that closes last checkpoints them into the file and deletes the
+    -wal; the check reads through them with mode=ro, which cannot (immutable=1 would not see
+    them: here the accounts table is only in the -wal)."""
+    source = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(source, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE accounts (name TEXT, balance INTEGER)")
+    conn.execute("INSERT INTO accounts VALUES ('x', 1)")
+    _as_a_crash_leaves_it(source, path)
+    conn.close()
+    before = _files(path)
+    assert sorted(before) == ["broker.sqlite", "broker.sqlite-shm", "broker.sqlite-wal"]
+    with pytest.raises(StorageError, match=r"not a broker store \(a database with other "
                                            r"tables: accounts\); nothing was changed"):
+        open_(path)
+    after = _files(path)
+    assert sorted(after) == sorted(before)
+    # The -shm is SQLite's index of the -wal, nothing persistent: a reader may rebuild it.
+    assert (after["broker.sqlite"], after["broker.sqlite-wal"]) == (
+        before["broker.sqlite"], before["broker.sqlite-wal"])
+
+
+@pytest.mark.parametrize("open_", _OPENERS, ids=_OPENER_NAMES)
+def test_another_programs_interrupted_transaction_is_refused_untouched(
+        path: Path, tmp_path: Path, open_: Callable[[Path], object]) -> None:
+    """A hot rollback journal of a database that had pages: mode=ro cannot read the file
+    (SQLite would roll the journal back first, a write), immutable=1 would read it torn."""
+    source = tmp_path / "other.sqlite"
+    _foreign_database(source)
+    conn = sqlite3.connect(source, isolation_level=None)
+    conn.execute("PRAGMA cache_size=1")  # the transaction's pages spill into the file
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO accounts VALUES ('y', zeroblob(200000))")
+    _as_a_crash_leaves_it(source, path)
+    conn.execute("ROLLBACK")
+    conn.close()
+    before = _files(path)
+    assert sorted(before) == ["broker.sqlite", "broker.sqlite-journal"]
+    with pytest.raises(StorageError, match=r"has a transaction that was interrupted .*"
+                                           r"nothing was changed"):
+        open_(path)
+    assert _files(path) == before
+
+
+def test_a_foreign_meta_table_does_not_make_a_broker_store(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("CREATE TABLE accounts (name TEXT, balance INTEGER)")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match=r"other tables: accounts, meta\); nothing was"):
         SqliteStore(path)
     assert path.read_bytes() == before
-    assert _companions(path) == []
-
-
-@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
-def test_the_writer_connection_leaves_another_programs_database_untouched(
-        path: Path, journal_mode: str) -> None:
-    before = _foreign_database(path, journal_mode)
-    with pytest.raises(StorageError, match="is not a broker store"):
-        open_writer(path)
-    assert path.read_bytes() == before
-    assert _companions(path) == []
 
 
 def test_a_new_store_is_in_wal_mode(path: Path) -> None:
@@ -436,3 +532,172 @@ def test_a_file_that_is_not_a_broker_store_is_refused_read_only(path: Path) -> N
     sqlite3.connect(path).close()
     with pytest.raises(StorageError, match="is not a broker store"):
         SqliteStore.open_read_only(path)
+
+
+# --- creation: all or nothing, at any point a broker may die ----------------------------------
+
+
+def _tables(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    finally:
+        conn.close()
+
+
+def _is_a_new_store(path: Path) -> None:
+    store = SqliteStore(path)
+    try:
+        assert (store.size(), store.queue_rows(), store.seq_high()) == (0, [], 0)
+        store.commit(Batch(first_index=0, entries=[b"e0"], enqueue=[_row("GBR-GW1", 1)]))
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT count(*) FROM entries").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_creation_is_all_or_nothing(path: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that fails, or dies, after the last statement of its store's creation and
+    before the commit leaves no tables: the next start creates the store. (A version that
+    created the tables one transaction each could leave some without the schema version,
+    which would then look like another program's database.)"""
+    crashed = tmp_path / "crashed" / "broker.sqlite"
+    crashed.parent.mkdir()
+    create_new = sqlite_schema._create_new
+
+    def dies_before_the_commit(conn: sqlite3.Connection, at: Path) -> None:
+        conn.execute("PRAGMA cache_size=1")  # the transaction's pages spill to disk
+        create_new(conn, at)
+        conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000))")
+        _as_a_crash_leaves_it(at, crashed)
+        raise RuntimeError("the broker dies")
+
+    monkeypatch.setattr(sqlite_schema, "_create_new", dies_before_the_commit)
+    with pytest.raises(RuntimeError, match="the broker dies"):
+        SqliteStore(path)
+    monkeypatch.undo()
+    assert _companions(crashed) == ["broker.sqlite-shm", "broker.sqlite-wal"]
+    assert crashed.with_name("broker.sqlite-wal").stat().st_size > 300_000  # the creation's
+    assert _tables(path) == []  # rolled back
+    for left in (path, crashed):
+        _is_a_new_store(left)
+
+
+def test_a_store_whose_creation_died_in_a_rollback_journal_is_created(
+        path: Path, tmp_path: Path) -> None:
+    """What a broker before this version left when it died creating its store (the creation
+    then used a rollback journal), and what one dying while it switches an empty file to WAL
+    leaves: a hot journal that records an empty database, and pages of the transaction in
+    the file. mode=ro cannot read that (SQLite must roll the journal back first) and
+    immutable=1 would read the torn file, but its committed state is an empty file: new."""
+    source = tmp_path / "source.sqlite"
+    conn = sqlite3.connect(source, isolation_level=None)
+    conn.execute("PRAGMA cache_size=1")  # the transaction's pages spill into the file
+    conn.execute("BEGIN IMMEDIATE")
+    for statement in sqlite_schema._CREATE:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES ('schema', '3')")
+    conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000))")
+    _as_a_crash_leaves_it(source, path)
+    conn.execute("ROLLBACK")
+    conn.close()
+    assert _companions(path) == ["broker.sqlite-journal"]
+    assert path.stat().st_size > 300_000
+    _is_a_new_store(path)
+    assert _companions(path) == []
+
+
+def test_a_new_store_is_in_wal_mode_before_its_tables_are_created(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched while the file is empty, so that no crash leaves a hot rollback journal of a
+    database with pages, which the read-only check refuses (it cannot tell whose it is): the
+    switch of a whole store used one, a one-page transaction on a store of any size."""
+    modes = []
+    create_new = sqlite_schema._create_new
+
+    def watched(conn: sqlite3.Connection, at: Path) -> None:
+        modes.append(conn.execute("PRAGMA journal_mode").fetchone()[0])
+        create_new(conn, at)
+
+    monkeypatch.setattr(sqlite_schema, "_create_new", watched)
+    SqliteStore(path).close()
+    assert modes == ["wal"]
+
+
+def test_two_brokers_creating_one_store_at_once(path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second finds no store when it looks, then the first creates it before the second
+    takes the write lock: the second must neither refuse the first's tables as another
+    program's nor create them again (hence the check under the lock)."""
+    other: list[SqliteStore] = []
+    stored_version = sqlite_schema.stored_version
+
+    def first_broker_gets_there_first(conn: sqlite3.Connection) -> str | None:
+        version = stored_version(conn)  # the second's first look (no lock): no store
+        monkeypatch.setattr(sqlite_schema, "stored_version", stored_version)
+        other.append(SqliteStore(path))
+        other[0].commit(Batch(first_index=0, entries=[b"first"]))
+        return version
+
+    monkeypatch.setattr(sqlite_schema, "stored_version", first_broker_gets_there_first)
+    second = SqliteStore(path)
+    try:
+        assert other and second.entries(0, 1) == [b"first"]
+        second.commit(Batch(first_index=1, entries=[b"second"]))
+        assert other[0].size() == 2
+    finally:
+        second.close()
+        other[0].close()
+
+
+def _earlier_versions_interrupted_creation(path: Path, tables: int) -> None:
+    """What a schema-2 broker left when it died creating its store: WAL mode, then the first
+    ``tables`` statements of its schema, one transaction each, and no schema version."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for statement in V2_SCHEMA.split(";")[:tables]:
+        conn.execute(statement)
+    conn.close()
+
+
+@pytest.mark.parametrize("tables", [1, 7, 10])
+def test_an_earlier_versions_interrupted_creation_is_created_anew(path: Path,
+                                                                  tables: int) -> None:
+    """Its tables are empty (it wrote the schema version before its first commit), and its
+    queue table, if any, has that version's layout: dropped, and the store created."""
+    _earlier_versions_interrupted_creation(path, tables)
+    assert len(_tables(path)) == tables
+    _is_a_new_store(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert "msg" in {r[1] for r in conn.execute("PRAGMA table_info(queue)")}
+    finally:
+        conn.close()
+
+
+def test_empty_broker_tables_with_data_beside_them_are_refused(path: Path) -> None:
+    """Not an interrupted creation: a table holds a row (and the writer opens nothing)."""
+    _earlier_versions_interrupted_creation(path, 3)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO nodes VALUES (0, 0, x'00')")
+    conn.close()
+    before = _dump(path)
+    with pytest.raises(StorageError, match=r"other tables: entries, meta, nodes\); nothing"):
+        SqliteStore(path)
+    with pytest.raises(StorageError, match="is not a broker store"):
+        open_writer(path)
+    assert _dump(path) == before
+
+
+def test_the_writer_connection_creates_no_file(path: Path) -> None:
+    with pytest.raises(StorageError, match="is not a broker store"):
+        open_writer(path)
+    assert not path.exists()
