@@ -98,6 +98,9 @@ class RecipientQueue:
         one if ``None``); returns it. The envelope is kept in memory if the queue's
         ``memory_bytes`` allow; without it (``envelope=None``: restored from the store),
         ``size`` is its length and the copy is cold."""
+        if seq is not None and (seq in self._pending or seq in self._in_flight):
+            # Twice under one seq would count its bytes twice and could send it twice.
+            raise ValueError(f"seq {seq} is already queued")
         if envelope is not None:
             size = len(envelope)
             if self.hot_bytes + size > self.memory_bytes:
@@ -149,6 +152,16 @@ class RecipientQueue:
             self.bytes -= item.size
             if item.envelope is not None:
                 self.hot_bytes -= item.size
+
+    def unsend(self, seqs: list[int]) -> None:
+        """Copies taken to be sent that could not be (their envelopes could not be read) go
+        back to pending, in order, as if never taken."""
+        for seq in seqs:
+            item = self._in_flight.pop(seq, None)
+            if item is not None:
+                self._pending[seq] = item
+                heapq.heappush(self._order, item.sort_key)
+                heapq.heappush(self._expiry, (item.expires_ms, seq))
 
     def requeue_in_flight(self) -> None:
         """Connection lost: everything unacknowledged goes back to pending, in order."""

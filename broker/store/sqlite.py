@@ -286,8 +286,11 @@ class SqliteStore:
         return shutil.disk_usage(self.path.parent).free
 
     def close(self) -> None:
-        for conn in (getattr(self, "_reader", None), getattr(self, "_writer", None),
-                     getattr(self, "_queue_reader", None)):
+        # The writer last: the last connection to close checkpoints the WAL into the file and
+        # removes the -wal and -shm, and only one that may write can (a stopped broker's store
+        # is then one file, as docs/operations.md promises).
+        for conn in (getattr(self, "_queue_reader", None), getattr(self, "_reader", None),
+                     getattr(self, "_writer", None)):
             if conn is not None:
                 conn.close()
 

@@ -111,18 +111,24 @@ def _interrupted_creation(conn: sqlite3.Connection, objects: list[tuple[str, str
                         for name in tables))
 
 
-def refuse_a_foreign_database(conn: sqlite3.Connection, path: Path) -> list[str]:
-    """Raise ``StorageError`` if the database on ``conn``, which has no schema version, is
-    another program's: it has tables, and they are not an interrupted creation's (see
-    :func:`_interrupted_creation`). Return the tables to drop before the store is created in it:
-    none for an empty database, else the interrupted creation's (their layout may be an earlier
-    version's). Reads only: also run on a read-only connection before any read-write one."""
+def refuse_a_foreign_database(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise ``StorageError`` if the database on ``conn``, which has no schema version, has
+    tables: another program's, or what an earlier version left when it died creating its store
+    (see :func:`_interrupted_creation`). Never dropped automatically: empty tables named like
+    ours (``meta``, ``messages``, ``nodes``) are common in other programs' databases too, so
+    the operator decides (the message says how). Reads only: also run on a read-only connection
+    before any read-write one."""
     objects = [(str(kind), str(name)) for kind, name in conn.execute(
         "SELECT type, name FROM sqlite_master ORDER BY name")]
     names = [name for kind, name in objects if kind == "table"]
-    if not names or _interrupted_creation(conn, objects):
-        return names
+    if not names:
+        return
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    if _interrupted_creation(conn, objects):
+        raise StorageError(f"{path} has empty tables ({shown}) and no schema version: what a "
+                           "broker before schema 3 left if it died creating its store, or "
+                           "another program's database; nothing was changed (if it is a "
+                           "half-made store and holds nothing, delete the file and start again)")
     raise StorageError(f"{path} is not a broker store (a database with other tables: "
                        f"{shown}); nothing was changed")
 
@@ -138,8 +144,7 @@ def _create_new(conn: sqlite3.Connection, path: Path) -> None:
     # the version is no longer None and this does not run), or it is another program's file
     # (SqliteStore refuses one before its read-write connection; checked again here, the
     # authority, for a file that changed since).
-    for name in refuse_a_foreign_database(conn, path):
-        conn.execute(f'DROP TABLE "{name}"')  # a name from _BROKER_TABLES
+    refuse_a_foreign_database(conn, path)
     _create(conn)
     conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 

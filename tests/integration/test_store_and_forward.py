@@ -17,6 +17,7 @@ from broker.audit.leaves import ExpireEntry, RouteEntry, entry_from_bytes
 from broker.capacity import StoreLimits
 from broker.coalition import Coalition
 from broker.envelope import build_envelope
+from broker.errors import StorageError
 from broker.server import BrokerServer, Limits
 from clients.gateway import GatewayClient, Message, RequestRejected, label
 from tests.integration.conftest import FAST_COMMIT
@@ -280,6 +281,36 @@ async def test_a_backlog_beyond_the_queue_memory_is_delivered_from_the_store(
     assert [m.id for m in got] == [sent[39].id] + [r.id for r in sent[:39]]  # FLASH first
     assert [m.payload[:3] for m in got] == [b"039"] + [b"%03d" % i for i in range(39)]
     assert queue.bytes == 0 and queue.hot_bytes == 0
+
+
+async def test_a_failed_read_of_queued_envelopes_is_tried_again_and_delivers_everything(
+        coalition: Coalition, clock: Clock, gateway: Gateway,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that fails (a busy or failing disk) must not leave the copies it was for in
+    flight unsent: they would fill the window, and nothing would be sent to that node again
+    until it reconnected. They go back to pending, and the read is tried again shortly."""
+    limits = Limits(max_frame_bytes=64 * 1024, delivery_window=4, queue_memory_bytes_per_node=0)
+    async with _broker(coalition, clock, limits) as server:
+        async with gateway(server, "GBR-GW1") as gbr:
+            await gbr.subscribe("maritime.>")
+        async with gateway(server, "USA-GW1") as usa:
+            sent = [await usa.publish("maritime.tracks", b"%d" % i, TO_GBR) for i in range(6)]
+        store = server.audit.store
+        read, failures = store.queued_envelopes, [StorageError("disk I/O error")]
+
+        def failing_once(node: str, seqs: list[int]) -> dict[int, bytes]:
+            if failures:
+                raise failures.pop()
+            return read(node, seqs)
+
+        monkeypatch.setattr(store, "queued_envelopes", failing_once)
+        with capture_logs() as logs:
+            async with gateway(server, "GBR-GW1") as gbr:
+                stream = gbr.messages()
+                got = [await asyncio.wait_for(anext(stream), 10) for _ in sent]
+                await stream.aclose()
+    assert [m.id for m in got] == [r.id for r in sent]
+    assert [e["event"] for e in logs].count("queued_envelopes_unreadable") == 1
 
 
 async def test_a_queued_copy_missing_from_the_store_is_logged_and_stays_owed(

@@ -322,3 +322,28 @@ def test_a_cold_copy_restored_from_the_store_needs_its_size() -> None:
 def test_the_memory_budget_must_not_be_negative() -> None:
     with pytest.raises(ValueError):
         RecipientQueue(memory_bytes=-1)
+
+
+def test_a_seq_already_queued_is_refused_and_counts_nothing() -> None:
+    queue = RecipientQueue()
+    seq = _push(queue, 0, size=100)
+    with pytest.raises(ValueError, match="already queued"):
+        queue.push(message_id=b"x" * 16, sender="x", envelope=b"e" * 100, prec=ROUTINE,
+                   expires_ms=0, seq=seq)
+    queue.take_sendable()
+    with pytest.raises(ValueError, match="already queued"):  # in flight, too
+        queue.push(message_id=b"x" * 16, sender="x", envelope=None, size=100, prec=ROUTINE,
+                   expires_ms=0, seq=seq)
+    assert (queue.bytes, queue.hot_bytes, queue.depth) == (100, 100, 1)
+
+
+def test_unsent_copies_go_back_to_pending_in_order() -> None:
+    queue = RecipientQueue(window=3)
+    for i, prec in enumerate([ROUTINE, FLASH, ROUTINE, ROUTINE]):
+        _push(queue, i, prec=prec)
+    taken = queue.take_sendable()
+    queue.unsend([taken[0].seq, taken[2].seq, 999])  # 999: not in flight, ignored
+    assert queue.in_flight == 1 and queue.depth == 4
+    assert [item.seq for item in queue.take_sendable()] == [taken[0].seq, taken[2].seq]
+    queue.ack([item.seq for item in taken])
+    assert [item.seq for item in queue.take_sendable()] == [4] and queue.bytes == 10

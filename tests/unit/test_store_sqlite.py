@@ -228,6 +228,19 @@ def test_queued_envelopes_see_commits_made_during_a_snapshot(store: SqliteStore)
         assert store.queued_envelopes("GBR-GW1", [1]) == {1: ENVELOPE}
 
 
+def test_a_closed_store_is_one_file_also_after_reading_queued_envelopes(
+        store: SqliteStore, path: Path) -> None:
+    store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
+    assert store.queued_envelopes("GBR-GW1", [1]) == {1: ENVELOPE}
+    store.close()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    reopened = SqliteStore(path)
+    try:
+        assert reopened.queue_rows() == [_row("GBR-GW1", 1)]
+    finally:
+        reopened.close()
+
+
 def test_unreadable_queued_envelopes_are_a_storage_error(store: SqliteStore, path: Path) -> None:
     store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
     store.close()
@@ -668,18 +681,29 @@ def _earlier_versions_interrupted_creation(path: Path, tables: int) -> None:
 
 
 @pytest.mark.parametrize("tables", [1, 7, 10])
-def test_an_earlier_versions_interrupted_creation_is_created_anew(path: Path,
-                                                                  tables: int) -> None:
-    """Its tables are empty (it wrote the schema version before its first commit), and its
-    queue table, if any, has that version's layout: dropped, and the store created."""
+def test_an_earlier_versions_interrupted_creation_is_refused_with_a_hint(path: Path,
+                                                                        tables: int) -> None:
+    """Its tables are empty: refused untouched, naming the way out (delete the file), since
+    empty tables named like the broker's may as well be another program's."""
     _earlier_versions_interrupted_creation(path, tables)
-    assert len(_tables(path)) == tables
-    _is_a_new_store(path)
+    before = _dump(path)
+    with pytest.raises(StorageError, match="no schema version: what a broker before schema 3 "
+                                           r"left .* delete the file and start again"):
+        SqliteStore(path)
+    assert _dump(path) == before
+
+
+def test_another_programs_empty_tables_named_like_ours_are_refused_untouched(path: Path) -> None:
     conn = sqlite3.connect(path)
-    try:
-        assert "msg" in {r[1] for r in conn.execute("PRAGMA table_info(queue)")}
-    finally:
-        conn.close()
+    with conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("CREATE TABLE messages (id INTEGER, body TEXT)")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match="nothing was changed"):
+        SqliteStore(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_empty_broker_tables_with_data_beside_them_are_refused(path: Path) -> None:
