@@ -165,11 +165,7 @@ class RecipientQueue:
 
     def requeue_in_flight(self) -> None:
         """Connection lost: everything unacknowledged goes back to pending, in order."""
-        for item in self._in_flight.values():
-            self._pending[item.seq] = item
-            heapq.heappush(self._order, item.sort_key)
-            heapq.heappush(self._expiry, (item.expires_ms, item.seq))
-        self._in_flight.clear()
+        self.unsend(list(self._in_flight))
 
     # --- expiry ---------------------------------------------------------------------------
 
