@@ -21,6 +21,9 @@ class BrokerSection:
     name: str
     data_dir: Path
     key: Path
+    #: Worker processes that check envelope signatures beside the event loop (0: on the loop;
+    #: broker.verifier, docs/decisions.md "Signatures checked in worker processes").
+    verify_workers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +134,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsSection, "audit": AuditSection, "tls": TlsSection, "admin": AdminSection,
 }
 _RANGES: dict[str, tuple[float, float]] = {
+    "broker.verify_workers": (0, 64),
     "listen.port": (0, 65535),
     "admin.port": (-1, 65535),
     "limits.max_frame_bytes": (1024, 64 << 20),

@@ -39,6 +39,7 @@ from broker.audit.leaves import (
 )
 from broker.audit.log import AuditLog
 from broker.capacity import StoreCapacity
+from broker.crypto import DOMAIN_ENVELOPE, check_signature
 from broker.delivery import QueuedMessage, RecipientQueue
 from broker.envelope import Envelope
 from broker.errors import BrokerError, ProtocolError, StorageError, VerificationError
@@ -47,6 +48,7 @@ from broker.metrics import Metrics
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
 from broker.store.base import Batch, Notice, QueueRow, Store
+from broker.verifier import VerifyPool
 from policies.bundle import (
     Bundle,
     build_bundle,
@@ -62,6 +64,9 @@ from policies.model import Label, NodeCert
 log = structlog.get_logger("broker.hub")
 
 Reply = Callable[[wire.Frame], None]
+
+#: What an envelope whose signature does not verify is refused with (``bad_signature``).
+BAD_SIGNATURE = "envelope: signature does not verify"
 
 
 class Peer(Protocol):
@@ -101,6 +106,7 @@ class Hub:
         capacity: StoreCapacity | None = None,
         metrics: Metrics | None = None,
         envelope_limits: EnvelopeLimits | None = None,
+        verifier: VerifyPool | None = None,
     ) -> None:
         #: Sizes of topic, label, ``to`` and ``keys`` accepted (``too_large`` beyond).
         self.envelope_limits = envelope_limits or EnvelopeLimits()
@@ -131,6 +137,8 @@ class Hub:
         #: The bundle last activated, here or (after :meth:`restore`) in the previous run:
         #: the one a new bundle must succeed.
         self._in_force: Bundle | None = None
+        #: Worker processes that check envelope signatures; ``None``: checked on the loop.
+        self.verifier = verifier
         self.metrics = metrics or Metrics()
         self.metrics.watch(self, clock_ms)
         audit.commit_observers.append(self.metrics.committed)
@@ -303,23 +311,57 @@ class Hub:
             raise
 
     def _publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
-        now = self.clock_ms()
         env = Envelope.from_bytes(env_bytes, max_bytes=self._max_envelope)
         check_envelope_limits(env, self.envelope_limits)
-        ref = env.id
         if env.sender != sender.node or env.label.orig != sender.nation:
             raise ProtocolError("envelope 'from'/label.orig do not match the authenticated node",
-                                code="sender_mismatch", ref=ref)
+                                code="sender_mismatch", ref=env.id)
+        self._check_in_force(sender, env.id)
+        if self.verifier is None:
+            if not check_signature(sender.sign_key, DOMAIN_ENVELOPE, env.body, env.sig):
+                raise VerificationError(BAD_SIGNATURE, code="bad_signature", ref=env.id)
+            self._route(env, sender, reply)
+        else:
+            self.verifier.submit(sender.sign_key, env.body, env.sig,
+                                 functools.partial(self._verified, env, sender, reply))
+
+    def _verified(self, env: Envelope, sender: NodeCert, reply: Reply, ok: bool) -> None:
+        """The rest of a publish whose signature a worker checked. Whatever may have changed
+        while it waited is checked again: the sender's certificate (a bundle may have replaced
+        or revoked it, an operator suspended the node: its connection is closed, but what it
+        sent before is not accepted either), the replay guard, the policy (decided now, under
+        the bundle in force)."""
+        try:
+            if not ok:
+                raise VerificationError(BAD_SIGNATURE, code="bad_signature", ref=env.id)
+            self._check_in_force(sender, env.id)
+            if self.is_inactive(sender.node):
+                raise ProtocolError("the sender was suspended or revoked while its envelope was "
+                                    "being verified", code="node_inactive", ref=env.id)
+            self._route(env, sender, reply)
+        except BrokerError as exc:
+            self.metrics.refused(exc.code)
+            log.info("request_rejected", frame="pub", node=sender.node, code=exc.code,
+                     reason=exc.reason)
+            reply(wire.Error(code=exc.code, reason=exc.reason, ref=env.id))
+        except Exception:
+            log.exception("request_failed", frame="pub", node=sender.node)
+            reply(wire.Error(code="internal", reason="the broker failed on this request",
+                             ref=env.id))
+
+    def _check_in_force(self, sender: NodeCert, ref: bytes) -> None:
         current = self.bundle.nodes.get(sender.node)
         if current is not sender and current != sender:  # identity first: the usual case
             # The connection predates a bundle that replaced or revoked its certificate (it is
             # being closed): nothing more is accepted under the old key.
             raise ProtocolError("the certificate this connection authenticated with is no "
                                 "longer in force", code="node_inactive", ref=ref)
-        try:
-            env.verify(sender.sign_key)
-        except VerificationError as exc:
-            raise VerificationError(exc.reason, code=exc.code, ref=ref) from None
+
+    def _route(self, env: Envelope, sender: NodeCert, reply: Reply) -> None:
+        """Decide for every candidate and log the route entry; its commit completes the
+        publish (:meth:`_published`). The envelope's signature is verified."""
+        now = self.clock_ms()
+        ref = env.id
         # Only after the signature: a forger must not be able to burn ids in the replay cache.
         stale = self.replay.check(env.id, env.ts, now)
         if stale is not None:

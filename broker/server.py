@@ -51,6 +51,7 @@ from broker.session import Authenticated, BrokerSession, Close, Event, Request, 
 from broker.store.sqlite import SqliteStore
 from broker.store.writer_process import WriterProcess
 from broker.tls import server_context_for
+from broker.verifier import VerifyPool
 from broker.witnesses import Witnesses
 from clients.identity import KeyFile
 from policies.bundle import Bundle
@@ -114,10 +115,13 @@ class BrokerServer:
         clock_ms: Callable[[], int] = wall_clock_ms,
         ssl_context: ssl.SSLContext | None = None,
         writer_process: bool = False,
+        verify_workers: int = 0,
     ) -> None:
         """``ssl_context`` (see :mod:`broker.tls`): serve ``wss://``; ``None``: plain ``ws://``,
         for loopback trials and tests only. ``writer_process``: the audit log commits through a
-        child process (:mod:`broker.store.writer_process`), not on the event loop."""
+        child process (:mod:`broker.store.writer_process`), not on the event loop.
+        ``verify_workers``: envelope signatures are checked by that many child processes
+        (:mod:`broker.verifier`); 0, on the event loop."""
         #: Freeze the start-up heap before listening (:func:`settle_heap`): set by
         #: :func:`serve`, which owns its process; never in a process that embeds brokers.
         self.settle_heap_before_listening = False
@@ -133,6 +137,8 @@ class BrokerServer:
         self.ssl_context = ssl_context
         self.writer_process = writer_process
         self._writer: WriterProcess | None = None
+        self.verify_workers = verify_workers
+        self._verifier: VerifyPool | None = None
         self.app = web.Application()
         self.app.router.add_get(NODE_PATH, self._node_endpoint)
         self._runner: web.AppRunner | None = None
@@ -159,7 +165,8 @@ class BrokerServer:
                    data_dir=config.broker.data_dir, host=config.listen.host,
                    port=config.listen.port, limits=limits, commit=commit,
                    ssl_context=server_context_for(config.tls),
-                   writer_process=config.audit.writer == "process")
+                   writer_process=config.audit.writer == "process",
+                   verify_workers=config.broker.verify_workers)
 
     @property
     def hub(self) -> Hub:
@@ -190,6 +197,8 @@ class BrokerServer:
         try:
             if self.writer_process:
                 self._writer = await WriterProcess.start(store.path)
+            if self.verify_workers:
+                self._verifier = await VerifyPool.start(self.verify_workers)
             self._audit = AuditLog(store, Signer.from_seed(self.name, bytes(self.key.signing_key)),
                                    policy=self.commit, clock_ms=self.clock_ms,
                                    earlier_keys=earlier_broker_keys(store, self.name),
@@ -202,7 +211,8 @@ class BrokerServer:
                             max_queued_bytes=self.limits.max_queued_bytes_per_node,
                             queue_memory_bytes=self.limits.queue_memory_bytes_per_node,
                             capacity=StoreCapacity(store, self.limits.store),
-                            envelope_limits=self.limits.envelope)
+                            envelope_limits=self.limits.envelope,
+                            verifier=self._verifier)
             self._hub.restore()
             await self._audit.start()
             await self._hub.activate(self.bundle)
@@ -277,6 +287,10 @@ class BrokerServer:
 
     async def _close_audit(self) -> None:
         try:
+            if self._verifier is not None:
+                # Before the log: a publish still waiting for its verdict was not accepted.
+                await self._verifier.close()
+                self._verifier = None
             if self._audit is not None:
                 await self._audit.stop()
         finally:

@@ -42,6 +42,9 @@ def register(commands: Any) -> None:
     bench.add_argument("--window", type=int, help="receipts a publisher may await (default 256)")
     bench.add_argument("--commit-delay-ms", type=int, metavar="MS",
                        help="the broker's audit.max_delay_ms (default: the configured default)")
+    bench.add_argument("--verify-workers", type=int, metavar="N",
+                       help="the broker's broker.verify_workers (default: the configured "
+                       "default, 0: signatures checked on the event loop)")
     bench.add_argument("--log-level", help="broker log level (default info, as deployed)")
     bench.add_argument("--profile", type=Path, metavar="DIR",
                        help="profile every broker process into DIR (py-spy when installed, "
@@ -63,7 +66,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 _OVERRIDES = ("messages", "latency_messages", "latency_fractions", "fanout_messages",
               "policy_messages", "audit_entries", "backlog", "size", "window", "log_level",
-              "profile", "commit_delay_ms")
+              "profile", "commit_delay_ms", "verify_workers")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -42,6 +42,8 @@ class Options:
     window: int = 256
     #: The audit log's group-commit delay in ms (``audit.max_delay_ms``; None: the default).
     commit_delay_ms: int | None = None
+    #: The broker's signature workers (``broker.verify_workers``; None: the default).
+    verify_workers: int | None = None
     #: Log level of the broker processes (``info`` is what operators run).
     log_level: str = "info"
     #: Directory for cProfile statistics of each broker process (``None``: no profiling).
@@ -83,7 +85,8 @@ class Run:
         where.mkdir(parents=True)
         port = free_port()
         config = write_config(where / "broker.toml", coalition or self.coalition, where / "data",
-                              port, commit_delay_ms=self.options.commit_delay_ms)
+                              port, commit_delay_ms=self.options.commit_delay_ms,
+                              verify_workers=self.options.verify_workers)
         profile = (self.options.profile / f"broker-{self._brokers:02d}-{name}"
                    if self.options.profile is not None else None)
         return BrokerProcess(config, data_dir=where / "data", port=port,

@@ -60,21 +60,22 @@ def free_port() -> int:
 
 
 def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int, *,
-                 commit_delay_ms: int | None = None) -> Path:
+                 commit_delay_ms: int | None = None, verify_workers: int | None = None) -> Path:
     """A broker configuration for ``coalition`` at ``path``.
 
-    Production defaults (the audit group-commit delay too, unless ``commit_delay_ms`` is
-    given), except: the admin listener off; the per-connection abuse rate limits (2,000
-    frames/s by default) raised so that they do not cap a load generator; the clock skew an
-    envelope may have widened to an hour, since envelopes are built before the run; queues may
-    hold up to 16 GiB per node (the backlog).
+    Production defaults (the audit group-commit delay and the signature workers too, unless
+    ``commit_delay_ms`` or ``verify_workers`` is given), except: the admin listener off; the
+    per-connection abuse rate limits (2,000 frames/s by default) raised so that they do not
+    cap a load generator; the clock skew an envelope may have widened to an hour, since
+    envelopes are built before the run; queues may hold up to 16 GiB per node (the backlog).
     """
     path.write_text(
         "[broker]\n"
         f'name = "{coalition.broker_name}"\n'
         f'data_dir = "{data_dir}"\n'
         f'key = "{coalition.keys_dir / "broker.key"}"\n'
-        f'[listen]\nhost = "127.0.0.1"\nport = {port}\n'
+        + ("" if verify_workers is None else f"verify_workers = {verify_workers}\n")
+        + f'[listen]\nhost = "127.0.0.1"\nport = {port}\n'
         "[policy]\n"
         f'dir = "{coalition.policy_dir}"\n'
         f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'

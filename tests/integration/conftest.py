@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from broker import verifier
 from broker.audit.log import CommitPolicy
 from broker.coalition import Coalition
 from broker.server import BrokerServer, Limits
@@ -16,11 +17,18 @@ FAST_COMMIT = CommitPolicy(max_batch=256, max_delay_s=0.001, checkpoint_interval
 
 
 @pytest.fixture
-async def server(coalition: Coalition) -> AsyncIterator[BrokerServer]:
+async def server(request: pytest.FixtureRequest, coalition: Coalition,
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[BrokerServer]:
+    """A broker; parametrized indirectly with a number of signature workers (default 0)."""
+    workers = getattr(request, "param", 0)
+    if workers:
+        # Every envelope through a worker, also the lone ones an idle broker checks itself.
+        monkeypatch.setattr(verifier, "MIN_BATCH", 1)
     limits = Limits(max_frame_bytes=64 * 1024, handshake_timeout_s=2.0)
     async with BrokerServer(name=coalition.broker_name, bundle=coalition.bundle(),
                             key=coalition.broker_key, data_dir=coalition.base / "broker-data",
-                            limits=limits, commit=FAST_COMMIT) as running:
+                            limits=limits, commit=FAST_COMMIT,
+                            verify_workers=workers) as running:
         yield running
 
 

@@ -21,6 +21,10 @@ from tests.integration.rawnode import RawNode
 
 Gateways = Callable[[str], GatewayClient]
 
+#: Every test twice: signatures checked on the event loop, and by a worker process.
+pytestmark = pytest.mark.parametrize("server", [0, 1], indirect=True,
+                                     ids=["verify-on-loop", "verify-workers"])
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000

@@ -1,0 +1,376 @@
+"""Envelope signatures checked in worker processes (``[broker] verify_workers``).
+
+The broker's event loop is its limit (docs/performance.md): every ``pub`` is parsed, verified,
+decided and logged on one thread, and the Ed25519 check is ~65 µs of that. A
+:class:`VerifyPool` moves the check to child processes, so that it runs on another core while
+the loop goes on. The loop still parses the envelope and decides everything that needs trust:
+it picks the key (the authenticated node's, from the policy bundle) and sends the child only
+``(key, body, signature)``; the child answers one bit per signature
+(:mod:`broker.sigbatch`). It holds no state and no authority.
+
+What is submitted during one turn of the loop goes to a worker as one batch (one write and one
+read for many envelopes). A batch of one while its worker owes nothing is checked on the loop
+instead (:data:`MIN_BATCH`): the loop is idle enough then, and the round trip would only add
+latency. A sender's envelopes always go to the same worker, whose batches are answered in
+order, so a node's messages are routed in the order it sent them.
+
+Failure never loses a verdict nor invents one: when a worker's socket closes, it answers
+anything but a reply to its oldest batch, or it owes more than :data:`MAX_PENDING` envelopes
+(stalled or starved of CPU), what it owes is checked on the loop, in order, and a new worker is
+started after a pause (1 s, doubling to a minute; the loop checks its senders meanwhile). At
+:meth:`VerifyPool.close` nothing owed is answered: a publish without a verdict was not
+accepted (no receipt, nothing logged), and its sender sends it again.
+
+Children are started with ``subprocess`` (``python -m broker.verifier FD``) like the store's
+writer process, in their own process group, ignoring ``SIGINT``/``SIGTERM``/``SIGHUP``; they
+exit when their socket closes, so they do not outlive the broker, also after a ``SIGKILL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from typing import cast
+
+import msgpack
+import structlog
+
+from broker.crypto import DOMAIN_ENVELOPE, check_signature
+from broker.errors import BrokerError
+from broker.sigbatch import check_reply, check_request, verify_items
+
+log = structlog.get_logger("broker.verifier")
+
+#: What a verdict is handed to: ``True`` when the signature verifies.
+Verdict = Callable[[bool], None]
+
+#: Envelopes one worker may owe before the loop checks new ones itself.
+MAX_PENDING = 4096
+#: Envelopes in one batch (a larger turn is sent as several).
+MAX_BATCH = 256
+#: A smaller batch, while its worker owes nothing, is checked on the loop: the loop is not
+#: busy then, and a round trip to a sleeping process costs more latency than the check.
+MIN_BATCH = 2
+#: Restart pauses after a worker is lost.
+RESTART_INITIAL_S = 1.0
+RESTART_MAX_S = 60.0
+#: How long :meth:`VerifyPool.start` waits for a child to say it is ready.
+START_TIMEOUT_S = 30.0
+#: Larger than any batch the broker sends (256 envelopes of at most the largest frame).
+_MAX_MESSAGE = MAX_BATCH * ((1 << 20) + 256)
+
+
+class _Batch:
+    """One batch sent to a worker, or being filled for it."""
+
+    __slots__ = ("items", "number", "verdicts")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.items: list[bytes] = []
+        self.verdicts: list[Verdict] = []
+
+
+def _answer_inline(batch: _Batch) -> None:
+    """Verify on the loop what a worker owed, in order."""
+    for verdict, ok in zip(batch.verdicts, verify_items(batch.items), strict=True):
+        _hand(verdict, ok == 1)
+
+
+def _hand(verdict: Verdict, ok: bool) -> None:
+    # A failing callback must not take the worker's socket (and every other verdict) with it.
+    try:
+        verdict(ok)
+    except Exception:
+        log.exception("verdict_callback_failed")
+
+
+class _Worker(asyncio.Protocol):
+    """The loop's end of one child's socket."""
+
+    def __init__(self, pool: VerifyPool, slot: int, process: subprocess.Popen[bytes]) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.process = process
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent: collections.deque[_Batch] = collections.deque()
+        self.filling: _Batch | None = None
+        self.pending = 0  # envelopes sent or being filled, not yet answered
+        self.lost = False
+        self._numbers = 0
+        self._unpacker = msgpack.Unpacker(max_buffer_size=_MAX_MESSAGE)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def submit(self, key: bytes, body: bytes, signature: bytes, verdict: Verdict) -> None:
+        batch = self.filling
+        if batch is None:
+            self._numbers += 1
+            batch = self.filling = _Batch(self._numbers)
+            asyncio.get_running_loop().call_soon(self.flush)
+        batch.items += (key, body, signature)
+        batch.verdicts.append(verdict)
+        self.pending += 1
+        if len(batch.verdicts) >= MAX_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.filling = self.filling, None
+        if batch is None:
+            return
+        if self.lost or self.transport is None or (len(batch.verdicts) < MIN_BATCH
+                                                   and not self.sent):
+            self.pending -= len(batch.verdicts)
+            self.pool.on_loop += len(batch.verdicts)
+            _answer_inline(batch)
+            return
+        self.sent.append(batch)
+        self.transport.write(msgpack.packb([batch.number, batch.items]))
+
+    def data_received(self, data: bytes) -> None:
+        self._unpacker.feed(data)
+        for message in self._unpacker:
+            if not self.ready.done():
+                if message == ["ready"]:
+                    self.ready.set_result(None)
+                    continue
+                self.fail(f"it said {message!r} instead of ready")
+                return
+            if not self.sent:
+                self.fail("it answered a batch it was not sent")
+                return
+            batch = self.sent[0]
+            verdicts = check_reply(message, batch.number, len(batch.verdicts))
+            if verdicts is None:
+                self.fail("it answered garbage")
+                return
+            self.sent.popleft()
+            self.pending -= len(batch.verdicts)
+            self.pool.answered(self, len(batch.verdicts))
+            for verdict, ok in zip(batch.verdicts, verdicts, strict=True):
+                _hand(verdict, ok == 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail("its socket closed" if exc is None else f"its socket failed: {exc}")
+
+    def fail(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+        if not self.ready.done():
+            self.ready.set_exception(BrokerError(f"a verify worker did not start: {reason}",
+                                                 code="unavailable"))
+        owed = sum(len(b.verdicts) for b in self.sent)
+        # Its batches, oldest first, then the one being filled: the order they were submitted.
+        self.pool.on_loop += owed
+        while self.sent:
+            _answer_inline(self.sent.popleft())
+        self.flush()
+        self.pending = 0
+        self.pool.lost(self, reason, owed)
+
+    def stop(self) -> None:
+        """Drop what is owed and close the socket (the child exits when it reads the end)."""
+        self.lost = True
+        self.sent.clear()
+        self.filling = None
+        self.pending = 0
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class VerifyPool:
+    """Worker processes that check envelope signatures for the event loop."""
+
+    def __init__(self, size: int, *, timeout: float = START_TIMEOUT_S) -> None:
+        """Use :meth:`start`."""
+        if size < 1:
+            raise ValueError("a verify pool needs at least one worker")
+        self.size = size
+        self.timeout = timeout
+        self._workers: list[_Worker | None] = [None] * size
+        self._restarts: dict[int, asyncio.Task[None]] = {}
+        self._pause = [RESTART_INITIAL_S] * size
+        self._closed = False
+        self.lost_workers = 0
+        #: Signatures checked by the workers, and on the loop (a lone one while a worker was
+        #: idle, or with no worker to take it).
+        self.by_workers = 0
+        self.on_loop = 0
+
+    @classmethod
+    async def start(cls, size: int, *, timeout: float = START_TIMEOUT_S) -> VerifyPool:
+        """Start ``size`` workers; return once each is ready. ``BrokerError`` if one cannot."""
+        pool = cls(size, timeout=timeout)
+        try:
+            for slot in range(size):
+                pool._workers[slot] = await pool._spawn(slot)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    @property
+    def pids(self) -> list[int]:
+        """The live workers' process ids."""
+        return [w.process.pid for w in self._workers if w is not None and not w.lost]
+
+    def submit(self, key: bytes, body: bytes, signature: bytes, verdict: Verdict) -> None:
+        """Have ``signature`` over ``body`` checked against ``key``; ``verdict`` gets the
+        answer later on the loop, or at once when the loop checks it itself."""
+        worker = self._workers[zlib.crc32(key) % self.size] if self.size > 1 else self._workers[0]
+        if worker is not None and worker.pending >= MAX_PENDING:
+            # Stalled (or starved of CPU): what it owes is checked here, in order, before this.
+            worker.fail(f"it fell {worker.pending} envelopes behind")
+            worker = None
+        if worker is None:
+            self.on_loop += 1
+            verdict(check_signature(key, DOMAIN_ENVELOPE, body, signature))
+            return
+        worker.submit(key, body, signature, verdict)
+
+    def lost(self, worker: _Worker, reason: str, owed: int) -> None:
+        """Called by a worker that failed: log it and start another after a pause."""
+        if self._workers[worker.slot] is not worker:
+            return  # not in place yet (its start fails instead) or already replaced
+        self._workers[worker.slot] = None
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.kill()
+        if self._closed:
+            return
+        self.lost_workers += 1
+        log.error("verify_worker_lost", slot=worker.slot, pid=worker.process.pid, reason=reason,
+                  verified_on_loop=owed, restart_in_s=self._pause[worker.slot])
+        self._schedule_restart(worker.slot)
+
+    def answered(self, worker: _Worker, count: int) -> None:
+        """A worker answered a batch: the next loss of its slot restarts after a short pause."""
+        self.by_workers += count
+        self._pause[worker.slot] = RESTART_INITIAL_S
+
+    def _schedule_restart(self, slot: int) -> None:
+        pause = self._pause[slot]
+        self._pause[slot] = min(pause * 2, RESTART_MAX_S)
+        self._restarts[slot] = asyncio.get_running_loop().create_task(
+            self._restart(slot, pause), name=f"verify-worker-{slot}")
+
+    async def _restart(self, slot: int, pause: float) -> None:
+        try:
+            await asyncio.sleep(pause)
+            try:
+                worker = await self._spawn(slot)
+            except BrokerError as exc:
+                log.error("verify_worker_not_restarted", slot=slot, reason=exc.reason,
+                          retry_in_s=self._pause[slot])
+                self._schedule_restart(slot)
+                return
+            if self._closed:
+                worker.stop()
+                return
+            self._workers[slot] = worker
+            log.info("verify_worker_restarted", slot=slot, pid=worker.process.pid)
+        finally:
+            if self._restarts.get(slot) is asyncio.current_task():
+                del self._restarts[slot]
+
+    async def _spawn(self, slot: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "broker.verifier", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, process_group=0)
+        except (OSError, subprocess.SubprocessError) as exc:
+            ours.close()
+            raise BrokerError(f"cannot start a verify worker: {exc}",
+                              code="unavailable") from exc
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        worker = _Worker(self, slot, process)
+        try:
+            await loop.create_unix_connection(lambda: worker, sock=ours)
+            async with asyncio.timeout(self.timeout):
+                await asyncio.shield(worker.ready)
+        except BaseException as exc:
+            worker.stop()
+            ours.close()
+            process.kill()
+            await asyncio.to_thread(process.wait)
+            if isinstance(exc, TimeoutError):
+                raise BrokerError(f"a verify worker did not start within {self.timeout:g} s",
+                                  code="unavailable") from None
+            raise
+        return worker
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker (what they owe is dropped) and wait for them to exit."""
+        self._closed = True
+        log.info("verify_pool_closed", by_workers=self.by_workers, on_loop=self.on_loop,
+                 lost_workers=self.lost_workers)
+        for task in list(self._restarts.values()):
+            task.cancel()
+        for task in list(self._restarts.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        workers = [w for w in self._workers if w is not None]
+        self._workers = [None] * self.size
+        for worker in workers:
+            worker.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for worker in workers:
+            while worker.process.poll() is None and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+            if worker.process.poll() is None:
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.wait)
+
+
+# --- the child -------------------------------------------------------------------------------
+
+def serve(sock: socket.socket) -> int:
+    """The child's loop: answer each batch with its verdicts, in order; return when the
+    broker closes the socket (or sends what it never would: a malformed request)."""
+    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(ignored, signal.SIG_IGN)
+    unpacker = msgpack.Unpacker(max_buffer_size=_MAX_MESSAGE)
+    try:
+        sock.sendall(msgpack.packb(["ready"]))
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                return 0
+            unpacker.feed(data)
+            replies = []
+            for message in unpacker:
+                request = check_request(message)
+                if request is None:
+                    return 2
+                number, items = request
+                replies.append(msgpack.packb([number, verify_items(items)]))
+            if replies:
+                sock.sendall(b"".join(replies))
+    except (OSError, ValueError, msgpack.UnpackException):
+        return 1  # the broker is gone, or sent what no broker sends: it verifies on its loop
+
+
+def main(argv: list[str]) -> int:
+    """``python -m broker.verifier FD``."""
+    with socket.socket(fileno=int(argv[0])) as sock:
+        return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
