@@ -23,7 +23,7 @@ class BrokerSection:
     key: Path
     #: Worker processes that check envelope signatures beside the event loop (0: on the loop;
     #: broker.verifier, docs/decisions.md "Signatures checked in worker processes").
-    verify_workers: int = 0
+    verify_workers: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

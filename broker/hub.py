@@ -47,6 +47,7 @@ from broker.limits import EnvelopeLimits, check_envelope_limits, check_route_lim
 from broker.metrics import Metrics
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
+from broker.session import MAX_REASON_CHARS, bounded
 from broker.store.base import Batch, Notice, QueueRow, Store
 from broker.verifier import VerifyPool
 from policies.bundle import (
@@ -298,19 +299,21 @@ class Hub:
     def audit_size(self) -> int:
         return self.audit.size
 
-    def publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
-        """Verify and decide now; ``reply`` gets the receipt once the route entry is durable.
+    def publish(self, sender: NodeCert, env_bytes: bytes, origin: Peer) -> None:
+        """Verify and decide (now, or when a signature worker answers); ``origin``, the
+        connection that sent it, gets the receipt once the route entry is durable.
 
         Raises ``BrokerError`` on a bad envelope (nothing of it is routed or logged) and
-        ``StorageError`` when the audit log no longer accepts entries or has no room.
+        ``StorageError`` when the audit log no longer accepts entries or has no room; what is
+        found after a worker's verdict is sent to ``origin`` as an error frame instead.
         """
         try:
-            self._publish(sender, env_bytes, reply)
+            self._publish(sender, env_bytes, origin)
         except BrokerError as exc:
             self.metrics.refused(exc.code)
             raise
 
-    def _publish(self, sender: NodeCert, env_bytes: bytes, reply: Reply) -> None:
+    def _publish(self, sender: NodeCert, env_bytes: bytes, origin: Peer) -> None:
         env = Envelope.from_bytes(env_bytes, max_bytes=self._max_envelope)
         check_envelope_limits(env, self.envelope_limits)
         if env.sender != sender.node or env.label.orig != sender.nation:
@@ -320,34 +323,41 @@ class Hub:
         if self.verifier is None:
             if not check_signature(sender.sign_key, DOMAIN_ENVELOPE, env.body, env.sig):
                 raise VerificationError(BAD_SIGNATURE, code="bad_signature", ref=env.id)
-            self._route(env, sender, reply)
+            self._route(env, sender, origin.send)
         else:
             self.verifier.submit(sender.sign_key, env.body, env.sig,
-                                 functools.partial(self._verified, env, sender, reply))
+                                 functools.partial(self._verified, env, sender, origin))
 
-    def _verified(self, env: Envelope, sender: NodeCert, reply: Reply, ok: bool) -> None:
-        """The rest of a publish whose signature a worker checked. Whatever may have changed
-        while it waited is checked again: the sender's certificate (a bundle may have replaced
-        or revoked it, an operator suspended the node: its connection is closed, but what it
-        sent before is not accepted either), the replay guard, the policy (decided now, under
-        the bundle in force)."""
+    def _verified(self, env: Envelope, sender: NodeCert, origin: Peer, ok: bool) -> None:
+        """The rest of a publish whose signature a worker checked. What may have changed while
+        it waited is checked again: the connection (closed meanwhile: replaced, suspended,
+        revoked, or gone; the envelope is not accepted, as it could not be acknowledged, and
+        its sender sends it again), the certificate in force, the replay guard, the policy
+        (decided now, under the bundle in force)."""
+        if origin.closing:
+            log.info("publish_abandoned", node=sender.node, id=env.id.hex(),
+                     reason="its connection closed before its signature was checked")
+            return
         try:
             if not ok:
                 raise VerificationError(BAD_SIGNATURE, code="bad_signature", ref=env.id)
             self._check_in_force(sender, env.id)
             if self.is_inactive(sender.node):
-                raise ProtocolError("the sender was suspended or revoked while its envelope was "
-                                    "being verified", code="node_inactive", ref=env.id)
-            self._route(env, sender, reply)
+                raise ProtocolError("the node was suspended or revoked", code="node_inactive",
+                                    ref=env.id)
+            self._route(env, sender, origin.send)
         except BrokerError as exc:
+            # As the connection's own handler does for a request refused at once.
             self.metrics.refused(exc.code)
             log.info("request_rejected", frame="pub", node=sender.node, code=exc.code,
                      reason=exc.reason)
-            reply(wire.Error(code=exc.code, reason=exc.reason, ref=env.id))
+            origin.send(wire.Error(code=exc.code, reason=bounded(exc.reason, MAX_REASON_CHARS),
+                                   ref=env.id))
         except Exception:
             log.exception("request_failed", frame="pub", node=sender.node)
-            reply(wire.Error(code="internal", reason="the broker failed on this request",
-                             ref=env.id))
+            reason = "the broker failed on this request"
+            origin.send(wire.Error(code="internal", reason=reason, ref=env.id))
+            origin.close("internal", reason)
 
     def _check_in_force(self, sender: NodeCert, ref: bytes) -> None:
         current = self.bundle.nodes.get(sender.node)

@@ -475,7 +475,7 @@ class BrokerServer:
         assert session.node is not None
         try:
             if isinstance(frame, wire.Pub):
-                self.hub.publish(session.node, frame.env, peer.send)
+                self.hub.publish(session.node, frame.env, peer)
                 return []
             if isinstance(frame, wire.Cosign):
                 self.witnesses.accept(session.node, frame.line)

@@ -9,17 +9,19 @@ it picks the key (the authenticated node's, from the policy bundle) and sends th
 (:mod:`broker.sigbatch`). It holds no state and no authority.
 
 What is submitted during one turn of the loop goes to a worker as one batch (one write and one
-read for many envelopes). A batch of one while its worker owes nothing is checked on the loop
-instead (:data:`MIN_BATCH`): the loop is idle enough then, and the round trip would only add
-latency. A sender's envelopes always go to the same worker, whose batches are answered in
-order, so a node's messages are routed in the order it sent them.
+read for many envelopes). A batch of fewer than :data:`MIN_BATCH` is checked on the loop
+instead: the loop is not that busy then, and the round trip would only add latency. A sender's
+envelopes always go to the same worker and verdicts are handed out in the order submitted (a
+small batch checked on the loop waits for the batches in flight before it), so a node's
+messages are routed in the order it sent them.
 
 Failure never loses a verdict nor invents one: when a worker's socket closes, it answers
-anything but a reply to its oldest batch, or it owes more than :data:`MAX_PENDING` envelopes
-(stalled or starved of CPU), what it owes is checked on the loop, in order, and a new worker is
-started after a pause (1 s, doubling to a minute; the loop checks its senders meanwhile). At
-:meth:`VerifyPool.close` nothing owed is answered: a publish without a verdict was not
-accepted (no receipt, nothing logged), and its sender sends it again.
+anything but a reply to its oldest batch, it leaves that batch unanswered for
+:data:`STALL_S`, or it owes more than :data:`MAX_PENDING` envelopes, what it owes is checked on
+the loop, in order, and a new worker is started after a pause (1 s, doubling to a minute; the
+loop checks its senders meanwhile). At :meth:`VerifyPool.close` nothing owed is answered: a
+publish without a verdict was not accepted (no receipt, nothing logged), and its sender sends
+it again. The worker is trusted as the loop's own code is: same program, same user.
 
 Children are started with ``subprocess`` (``python -m broker.verifier FD``) like the store's
 writer process, in their own process group, ignoring ``SIGINT``/``SIGTERM``/``SIGHUP``; they
@@ -51,36 +53,47 @@ log = structlog.get_logger("broker.verifier")
 #: What a verdict is handed to: ``True`` when the signature verifies.
 Verdict = Callable[[bool], None]
 
-#: Envelopes one worker may owe before the loop checks new ones itself.
-MAX_PENDING = 4096
-#: Envelopes in one batch (a larger turn is sent as several).
+#: A worker that has not answered its oldest batch for this long is given up (stalled, or
+#: starved of CPU); a batch of 256 takes ~17 ms.
+STALL_S = 2.0
+#: Envelopes one worker may owe (a bound on memory whatever the timing) before it is given up.
+MAX_PENDING = 65536
+#: Envelopes, and bytes of them, in one batch (a larger turn is sent as several).
 MAX_BATCH = 256
-#: A smaller batch, while its worker owes nothing, is checked on the loop: the loop is not
-#: busy then, and a round trip to a sleeping process costs more latency than the check.
-MIN_BATCH = 2
+MAX_BATCH_BYTES = 1 << 20
+#: A smaller batch is checked on the loop: the loop is not that busy, and a round trip to a
+#: sleeping process costs more latency than the checks (its verdicts still wait for the
+#: batches in flight before it: a sender's order).
+MIN_BATCH = 4
 #: Restart pauses after a worker is lost.
 RESTART_INITIAL_S = 1.0
 RESTART_MAX_S = 60.0
 #: How long :meth:`VerifyPool.start` waits for a child to say it is ready.
 START_TIMEOUT_S = 30.0
-#: Larger than any batch the broker sends (256 envelopes of at most the largest frame).
-_MAX_MESSAGE = MAX_BATCH * ((1 << 20) + 256)
+#: Larger than any batch the broker sends: it is flushed once past MAX_BATCH_BYTES, so by at
+#: most one envelope (an envelope is at most the largest frame: 64 MiB, broker.config).
+_MAX_MESSAGE = MAX_BATCH_BYTES + (64 << 20) + (1 << 16)
 
 
 class _Batch:
     """One batch sent to a worker, or being filled for it."""
 
-    __slots__ = ("items", "number", "verdicts")
+    __slots__ = ("answers", "items", "number", "size", "verdicts")
 
     def __init__(self, number: int) -> None:
         self.number = number
+        self.size = 0
         self.items: list[bytes] = []
         self.verdicts: list[Verdict] = []
+        #: Set when the loop checked the batch itself (it waits behind those in flight).
+        self.answers: bytes | None = None
 
 
-def _answer_inline(batch: _Batch) -> None:
-    """Verify on the loop what a worker owed, in order."""
-    for verdict, ok in zip(batch.verdicts, verify_items(batch.items), strict=True):
+def _settle(batch: _Batch, answers: bytes | None = None) -> None:
+    """Hand out a batch's verdicts, in order: ``answers``, or the loop's own if it has none."""
+    if answers is None:
+        answers = batch.answers if batch.answers is not None else verify_items(batch.items)
+    for verdict, ok in zip(batch.verdicts, answers, strict=True):
         _hand(verdict, ok == 1)
 
 
@@ -105,6 +118,7 @@ class _Worker(asyncio.Protocol):
         self.filling: _Batch | None = None
         self.pending = 0  # envelopes sent or being filled, not yet answered
         self.lost = False
+        self._stall: asyncio.TimerHandle | None = None
         self._numbers = 0
         self._unpacker = msgpack.Unpacker(max_buffer_size=_MAX_MESSAGE)
 
@@ -119,22 +133,29 @@ class _Worker(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self.flush)
         batch.items += (key, body, signature)
         batch.verdicts.append(verdict)
+        batch.size += len(body)
         self.pending += 1
-        if len(batch.verdicts) >= MAX_BATCH:
+        if len(batch.verdicts) >= MAX_BATCH or batch.size >= MAX_BATCH_BYTES:
             self.flush()
 
     def flush(self) -> None:
         batch, self.filling = self.filling, None
         if batch is None:
             return
-        if self.lost or self.transport is None or (len(batch.verdicts) < MIN_BATCH
-                                                   and not self.sent):
-            self.pending -= len(batch.verdicts)
-            self.pool.on_loop += len(batch.verdicts)
-            _answer_inline(batch)
+        count = len(batch.verdicts)
+        if self.lost or self.transport is None or count < MIN_BATCH:
+            self.pool.on_loop += count
+            batch.answers = verify_items(batch.items)
+            if self.sent and not self.lost:  # behind the batches in flight: in order
+                self.sent.append(batch)
+                return
+            self.pending -= count
+            _settle(batch)
             return
         self.sent.append(batch)
         self.transport.write(msgpack.packb([batch.number, batch.items]))
+        if len(self.sent) == 1:
+            self._watch(batch)
 
     def data_received(self, data: bytes) -> None:
         self._unpacker.feed(data)
@@ -156,26 +177,45 @@ class _Worker(asyncio.Protocol):
             self.sent.popleft()
             self.pending -= len(batch.verdicts)
             self.pool.answered(self, len(batch.verdicts))
-            for verdict, ok in zip(batch.verdicts, verdicts, strict=True):
-                _hand(verdict, ok == 1)
+            _settle(batch, verdicts)
+            # The loop's own answers that waited behind it.
+            while self.sent and self.sent[0].answers is not None:
+                settled = self.sent.popleft()
+                self.pending -= len(settled.verdicts)
+                _settle(settled)
+            if self.sent:
+                self._watch(self.sent[0])
+
+    def _watch(self, batch: _Batch) -> None:
+        """Give the worker up if ``batch`` (now its oldest) is not answered in time."""
+        if self._stall is not None:
+            self._stall.cancel()
+        self._stall = asyncio.get_running_loop().call_later(STALL_S, self._stalled, batch)
+
+    def _stalled(self, batch: _Batch) -> None:
+        if self.sent and self.sent[0] is batch:
+            self.fail(f"it has not answered for {STALL_S:g} s")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail("its socket closed" if exc is None else f"its socket failed: {exc}")
 
     def fail(self, reason: str) -> None:
+        """Give the worker up: what it owes is checked on the loop, in order."""
         if self.lost:
             return
         self.lost = True
+        if self._stall is not None:
+            self._stall.cancel()
         if self.transport is not None:
             self.transport.abort()
         if not self.ready.done():
             self.ready.set_exception(BrokerError(f"a verify worker did not start: {reason}",
                                                  code="unavailable"))
-        owed = sum(len(b.verdicts) for b in self.sent)
+        owed = sum(len(b.verdicts) for b in self.sent if b.answers is None)
         # Its batches, oldest first, then the one being filled: the order they were submitted.
         self.pool.on_loop += owed
         while self.sent:
-            _answer_inline(self.sent.popleft())
+            _settle(self.sent.popleft())
         self.flush()
         self.pending = 0
         self.pool.lost(self, reason, owed)
@@ -186,6 +226,8 @@ class _Worker(asyncio.Protocol):
         self.sent.clear()
         self.filling = None
         self.pending = 0
+        if self._stall is not None:
+            self._stall.cancel()
         if self.transport is not None:
             self.transport.abort()
 
@@ -201,7 +243,10 @@ class VerifyPool:
         self.timeout = timeout
         self._workers: list[_Worker | None] = [None] * size
         self._restarts: dict[int, asyncio.Task[None]] = {}
-        self._pause = [RESTART_INITIAL_S] * size
+        #: The next restart pause of a slot whose worker was lost (RESTART_INITIAL_S if none).
+        self._pause: dict[int, float] = {}
+        #: Killed workers not yet waited for.
+        self._killed: list[subprocess.Popen[bytes]] = []
         self._closed = False
         self.lost_workers = 0
         #: Signatures checked by the workers, and on the loop (a lone one while a worker was
@@ -222,6 +267,11 @@ class VerifyPool:
         return pool
 
     @property
+    def owed(self) -> int:
+        """Envelopes the workers have not answered yet."""
+        return sum(w.pending for w in self._workers if w is not None)
+
+    @property
     def pids(self) -> list[int]:
         """The live workers' process ids."""
         return [w.process.pid for w in self._workers if w is not None and not w.lost]
@@ -231,12 +281,12 @@ class VerifyPool:
         answer later on the loop, or at once when the loop checks it itself."""
         worker = self._workers[zlib.crc32(key) % self.size] if self.size > 1 else self._workers[0]
         if worker is not None and worker.pending >= MAX_PENDING:
-            # Stalled (or starved of CPU): what it owes is checked here, in order, before this.
+            # What it owes is checked here, in order, before this one.
             worker.fail(f"it fell {worker.pending} envelopes behind")
             worker = None
         if worker is None:
             self.on_loop += 1
-            verdict(check_signature(key, DOMAIN_ENVELOPE, body, signature))
+            _hand(verdict, check_signature(key, DOMAIN_ENVELOPE, body, signature))
             return
         worker.submit(key, body, signature, verdict)
 
@@ -245,22 +295,28 @@ class VerifyPool:
         if self._workers[worker.slot] is not worker:
             return  # not in place yet (its start fails instead) or already replaced
         self._workers[worker.slot] = None
-        with contextlib.suppress(ProcessLookupError):
-            worker.process.kill()
+        self._kill(worker.process)
         if self._closed:
             return
         self.lost_workers += 1
         log.error("verify_worker_lost", slot=worker.slot, pid=worker.process.pid, reason=reason,
-                  verified_on_loop=owed, restart_in_s=self._pause[worker.slot])
+                  verified_on_loop=owed,
+                  restart_in_s=self._pause.get(worker.slot, RESTART_INITIAL_S))
         self._schedule_restart(worker.slot)
 
     def answered(self, worker: _Worker, count: int) -> None:
         """A worker answered a batch: the next loss of its slot restarts after a short pause."""
         self.by_workers += count
-        self._pause[worker.slot] = RESTART_INITIAL_S
+        self._pause.pop(worker.slot, None)
+
+    def _kill(self, process: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        if process.poll() is None:
+            self._killed.append(process)  # waited for at close (or reaped by the next start)
 
     def _schedule_restart(self, slot: int) -> None:
-        pause = self._pause[slot]
+        pause = self._pause.get(slot, RESTART_INITIAL_S)
         self._pause[slot] = min(pause * 2, RESTART_MAX_S)
         self._restarts[slot] = asyncio.get_running_loop().create_task(
             self._restart(slot, pause), name=f"verify-worker-{slot}")
@@ -270,9 +326,10 @@ class VerifyPool:
             await asyncio.sleep(pause)
             try:
                 worker = await self._spawn(slot)
-            except BrokerError as exc:
-                log.error("verify_worker_not_restarted", slot=slot, reason=exc.reason,
-                          retry_in_s=self._pause[slot])
+            except Exception as exc:  # whatever it is, the slot must not stay empty for good
+                reason = exc.reason if isinstance(exc, BrokerError) else repr(exc)
+                log.error("verify_worker_not_restarted", slot=slot, reason=reason,
+                          retry_in_s=self._pause.get(slot, RESTART_INITIAL_S))
                 self._schedule_restart(slot)
                 return
             if self._closed:
@@ -285,7 +342,11 @@ class VerifyPool:
                 del self._restarts[slot]
 
     async def _spawn(self, slot: int) -> _Worker:
-        ours, theirs = socket.socketpair()
+        """A started, ready worker for ``slot`` (not yet in place); ``BrokerError`` if not."""
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            raise BrokerError(f"cannot start a verify worker: {exc}", code="unavailable") from exc
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "broker.verifier", str(theirs.fileno())],
@@ -297,20 +358,26 @@ class VerifyPool:
                               code="unavailable") from exc
         finally:
             theirs.close()
-        loop = asyncio.get_running_loop()
         worker = _Worker(self, slot, process)
         try:
-            await loop.create_unix_connection(lambda: worker, sock=ours)
+            await asyncio.get_running_loop().create_unix_connection(lambda: worker, sock=ours)
             async with asyncio.timeout(self.timeout):
                 await asyncio.shield(worker.ready)
+            if worker.lost:  # it said ready, then went away before it was in place
+                raise BrokerError("a verify worker stopped as soon as it started",
+                                  code="unavailable")
         except BaseException as exc:
             worker.stop()
             ours.close()
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
             await asyncio.to_thread(process.wait)
             if isinstance(exc, TimeoutError):
                 raise BrokerError(f"a verify worker did not start within {self.timeout:g} s",
                                   code="unavailable") from None
+            if isinstance(exc, OSError):
+                raise BrokerError(f"cannot reach a verify worker: {exc}",
+                                  code="unavailable") from exc
             raise
         return worker
 
@@ -334,8 +401,10 @@ class VerifyPool:
             while worker.process.poll() is None and loop.time() < deadline:
                 await asyncio.sleep(0.005)
             if worker.process.poll() is None:
-                worker.process.kill()
-                await asyncio.to_thread(worker.process.wait)
+                self._kill(worker.process)
+        killed, self._killed = self._killed, []
+        for process in killed:
+            await asyncio.to_thread(process.wait)
 
 
 # --- the child -------------------------------------------------------------------------------

@@ -393,11 +393,27 @@ async def test_envelope_from_a_connection_whose_certificate_changed_is_refused(
         env = build_envelope(signing_key=key.signing_key, sender="USA-GW1",
                              topic="maritime.tracks", payload=b"x", label=LABEL, prec=0, ttl=60,
                              recipient_keys={}, now_ms=_now())
-        replies: list[wire.Frame] = []
+        origin = Origin()
         with pytest.raises(Exception) as raised:
-            server.hub.publish(sender, env, replies.append)
+            server.hub.publish(sender, env, origin)
         assert getattr(raised.value, "code", None) == "node_inactive"
-        assert replies == []
+        assert origin.frames == []
+
+
+class Origin:
+    """The connection a publish came from, as the hub sees it."""
+
+    node = "USA-GW1"
+    closing = False
+
+    def __init__(self) -> None:
+        self.frames: list[wire.Frame] = []
+
+    def send(self, frame: wire.Frame) -> None:
+        self.frames.append(frame)
+
+    def close(self, code: str, reason: str) -> None:
+        self.closing = True
 
 
 # --- the broker's own key -----------------------------------------------------------------------

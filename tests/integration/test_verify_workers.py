@@ -30,7 +30,7 @@ from broker.verifier import VerifyPool
 from clients.gateway import GatewayClient, label
 from clients.identity import KeyFile
 from tests.integration.rawnode import RawNode
-from tests.integration.test_key_rotation import reload, revoke, rotate
+from tests.integration.test_key_rotation import Origin, reload, revoke, rotate
 
 KEY = nacl.signing.SigningKey(b"\x05" * 32)
 FORGER = nacl.signing.SigningKey(b"\x06" * 32)
@@ -58,6 +58,12 @@ class Verdicts:
             await asyncio.sleep(0.005)
 
 
+@pytest.fixture(autouse=True)
+def every_batch_to_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of any size go to the worker, unless a test says otherwise."""
+    monkeypatch.setattr(verifier, "MIN_BATCH", 1)
+
+
 @pytest.fixture
 async def pool() -> AsyncIterator[VerifyPool]:
     started = await VerifyPool.start(1)
@@ -72,6 +78,14 @@ async def flushed() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
     await asyncio.sleep(0.05)
+
+
+async def owing(pool: VerifyPool, count: int, timeout: float = 10) -> None:
+    """Wait until the workers owe ``count`` envelopes (frames sent by a node have arrived)."""
+    deadline = time.monotonic() + timeout
+    while pool.owed != count:
+        assert time.monotonic() < deadline, f"the workers owe {pool.owed}, not {count}"
+        await asyncio.sleep(0.01)
 
 
 def forged(n: int) -> bool:
@@ -89,13 +103,30 @@ async def test_a_turns_envelopes_go_to_the_worker_and_come_back_in_order(
     assert (pool.by_workers, pool.on_loop) == (300, 0)
 
 
-async def test_a_lone_envelope_while_the_worker_is_idle_is_checked_on_the_loop(
-        pool: VerifyPool) -> None:
+@pytest.mark.parametrize("then", ["answers", "dies"])
+async def test_a_small_batch_is_checked_on_the_loop_but_waits_for_those_in_flight(
+        pool: VerifyPool, monkeypatch: pytest.MonkeyPatch, then: str) -> None:
+    monkeypatch.setattr(verifier, "MIN_BATCH", 4)
     verdicts = Verdicts()
-    verdicts.submit(pool, 1)
-    await verdicts.wait_for(1)
-    assert verdicts.got == [(1, True)]
-    assert (pool.by_workers, pool.on_loop) == (0, 1)
+    for n in range(3):  # the worker is idle: handed out at the end of the turn
+        verdicts.submit(pool, n, forged=forged(n))
+    await verdicts.wait_for(3)
+    assert (pool.by_workers, pool.on_loop) == (0, 3)
+    (pid,) = pool.pids
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for n in range(3, 8):  # a batch for the worker, which holds it
+            verdicts.submit(pool, n, forged=forged(n))
+        await flushed()
+        for n in range(8, 10):  # checked here, but handed out after the batch before them
+            verdicts.submit(pool, n, forged=forged(n))
+        await flushed()
+        assert len(verdicts.got) == 3 and pool.on_loop == 5
+    finally:
+        os.kill(pid, signal.SIGCONT if then == "answers" else signal.SIGKILL)
+    await verdicts.wait_for(10)
+    assert verdicts.got == [(n, not forged(n)) for n in range(10)]
+    assert (pool.by_workers, pool.on_loop) == ((5, 5) if then == "answers" else (0, 10))
 
 
 async def test_a_killed_worker_owes_nothing_and_is_restarted(
@@ -166,6 +197,24 @@ async def test_a_stalled_worker_is_given_up_and_its_envelopes_checked_in_order(
     assert verdicts.got == [(n, not forged(n)) for n in range(9)]
     assert [e["reason"] for e in logs if e["event"] == "verify_worker_lost"] == [
         "it fell 8 envelopes behind"]
+
+
+async def test_a_worker_that_does_not_answer_in_time_is_given_up(
+        pool: VerifyPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verifier, "STALL_S", 0.2)
+    monkeypatch.setattr(verifier, "RESTART_INITIAL_S", 60)
+    (pid,) = pool.pids
+    os.kill(pid, signal.SIGSTOP)
+    verdicts = Verdicts()
+    with capture_logs() as logs:
+        for n in range(5):
+            verdicts.submit(pool, n, forged=forged(n))
+        await owing(pool, 5)
+        await verdicts.wait_for(5)
+    assert verdicts.got == [(n, not forged(n)) for n in range(5)]
+    assert [e["reason"] for e in logs if e["event"] == "verify_worker_lost"] == [
+        "it has not answered for 0.2 s"]
+    assert pool.owed == 0 and pool.pids == []
 
 
 async def test_close_answers_nothing_owed_and_the_workers_are_gone(
@@ -305,7 +354,7 @@ async def test_a_worker_killed_under_traffic_loses_no_message(
         os.kill(pid, signal.SIGSTOP)  # the first half waits in the worker when it dies
         for env in sent[:100]:
             await raw.send(wire.Pub(env=env))
-        await flushed()
+        await owing(pool, 100)
         os.kill(pid, signal.SIGKILL)
         for env in sent[100:]:
             await raw.send(wire.Pub(env=env))
@@ -313,7 +362,7 @@ async def test_a_worker_killed_under_traffic_loses_no_message(
         assert all(isinstance(g, wire.Receipt) for g in got)
         assert [g.id for g in got] == [Envelope.from_bytes(env).id for env in sent]
         assert await received(gbr, count) == [b"%d" % n for n in range(count)]
-    assert pool.lost_workers == 1 and pool.on_loop >= 100
+    assert pool.lost_workers == 1 and pool.on_loop >= 100 and pool.by_workers < 100
 
 
 @WITH_WORKER
@@ -329,26 +378,48 @@ async def test_a_verdict_that_comes_after_the_sender_lost_its_standing_routes_no
         await raw.login(coalition.nodes["USA-GW1"])
         os.kill(pid, signal.SIGSTOP)
         await raw.send(wire.Pub(env=env))
-        await flushed()
-        # USA-GW1's connection is closed; its verdict waits.
-        if change == "suspended":
-            await server.hub.set_status("USA-GW1", "suspended", operator="test")
-        else:
-            if change == "revoked":
-                revoke(coalition, "USA-GW1")
-            else:
-                rotate(coalition, "USA-GW1", serial=2)
-            await reload(server, coalition)
-        os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 5
-        while pool.by_workers < 1:
-            assert time.monotonic() < deadline, "no verdict"
-            await asyncio.sleep(0.01)
+        await owing(pool, 1)
+        await lose_standing(server, coalition, change)  # USA-GW1's connection is closed
+        with capture_logs() as logs:
+            os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 5
+            while pool.by_workers < 1:
+                assert time.monotonic() < deadline, "no verdict"
+                await asyncio.sleep(0.01)
+        assert [e["id"] for e in logs if e["event"] == "publish_abandoned"] == [
+            Envelope.from_bytes(env).id.hex()]
         await server.audit.write(Batch())  # everything appended before it is durable
     routed = [e for e in map(entry_from_bytes, server.audit.store.entries(0, server.audit.size))
               if isinstance(e, RouteEntry)]
     assert routed == []
     assert server.hub.queues.get("GBR-GW1") is None or server.hub.queues["GBR-GW1"].depth == 0
+
+
+async def lose_standing(server: BrokerServer, coalition: Coalition, change: str) -> None:
+    if change == "suspended":
+        await server.hub.set_status("USA-GW1", "suspended", operator="test")
+        return
+    if change == "revoked":
+        revoke(coalition, "USA-GW1")
+    else:
+        rotate(coalition, "USA-GW1", serial=2)
+    await reload(server, coalition)
+
+
+@WITH_WORKER
+@pytest.mark.parametrize("change", ["revoked", "rotated", "suspended"])
+async def test_a_verdict_for_a_sender_without_standing_is_refused_even_on_an_open_connection(
+        server: BrokerServer, coalition: Coalition, change: str) -> None:
+    # Connections are closed when their node loses its standing; the verdict is checked
+    # against the certificate and status in force all the same.
+    sender = server.bundle.nodes["USA-GW1"]
+    (env,) = envelopes(coalition, 1, forged_at=set())
+    await lose_standing(server, coalition, change)
+    origin = Origin()
+    server.hub._verified(Envelope.from_bytes(env), sender, origin, True)
+    assert [(f.code, f.ref) for f in origin.frames if isinstance(f, wire.Error)] == [
+        ("node_inactive", Envelope.from_bytes(env).id)]
+    assert len(origin.frames) == 1 and not origin.closing
 
 
 @WITH_WORKER

@@ -100,6 +100,13 @@ def test_bad_field_is_named(section: str, key: str, value: object, message: str,
     assert message in caught.value.reason
 
 
+def test_a_served_broker_checks_signatures_in_one_worker_by_default(tmp_path: Path) -> None:
+    table = with_change("broker", "verify_workers", 0)
+    assert parse_config(table, base=tmp_path).broker.verify_workers == 0
+    del table["broker"]["verify_workers"]
+    assert parse_config(table, base=tmp_path).broker.verify_workers == 1
+
+
 @pytest.mark.parametrize("writer", ["process", "loop"])
 def test_the_audit_writer_is_chosen_in_the_config(writer: str, tmp_path: Path) -> None:
     assert AuditSection().writer == "loop"
