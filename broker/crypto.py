@@ -86,12 +86,17 @@ def check_signature(public_key: bytes, domain: bytes, message: bytes, signature:
     return True
 
 
+def bad_signature_reason(what: str) -> str:
+    """The reason a ``bad_signature`` error gives for ``what``."""
+    return f"{what}: signature does not verify"
+
+
 def verify_signature(
     public_key: bytes, domain: bytes, message: bytes, signature: bytes, *, what: str
 ) -> None:
     """Raise :class:`VerificationError` unless the signature verifies."""
     if not check_signature(public_key, domain, message, signature):
-        raise VerificationError(f"{what}: signature does not verify", code="bad_signature")
+        raise VerificationError(bad_signature_reason(what), code="bad_signature")
 
 
 def signing_key_from_seed(seed: bytes) -> nacl.signing.SigningKey:

@@ -39,7 +39,7 @@ from broker.audit.leaves import (
 )
 from broker.audit.log import AuditLog
 from broker.capacity import StoreCapacity
-from broker.crypto import DOMAIN_ENVELOPE, check_signature
+from broker.crypto import DOMAIN_ENVELOPE, bad_signature_reason, check_signature
 from broker.delivery import QueuedMessage, RecipientQueue
 from broker.envelope import Envelope
 from broker.errors import BrokerError, ProtocolError, StorageError, VerificationError
@@ -67,7 +67,7 @@ log = structlog.get_logger("broker.hub")
 Reply = Callable[[wire.Frame], None]
 
 #: What an envelope whose signature does not verify is refused with (``bad_signature``).
-BAD_SIGNATURE = "envelope: signature does not verify"
+BAD_SIGNATURE = bad_signature_reason("envelope")
 
 
 class Peer(Protocol):

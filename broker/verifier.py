@@ -85,14 +85,14 @@ class _Batch:
         self.size = 0
         self.items: list[bytes] = []
         self.verdicts: list[Verdict] = []
-        #: Set when the loop checked the batch itself (it waits behind those in flight).
+        #: Its verdicts, once known: the worker's, or the loop's own for a small batch (which
+        #: waits behind those in flight).
         self.answers: bytes | None = None
 
 
-def _settle(batch: _Batch, answers: bytes | None = None) -> None:
-    """Hand out a batch's verdicts, in order: ``answers``, or the loop's own if it has none."""
-    if answers is None:
-        answers = batch.answers if batch.answers is not None else verify_items(batch.items)
+def _settle(batch: _Batch) -> None:
+    """Hand out a batch's verdicts, in order: its answers, or the loop's own if it has none."""
+    answers = batch.answers if batch.answers is not None else verify_items(batch.items)
     for verdict, ok in zip(batch.verdicts, answers, strict=True):
         _hand(verdict, ok == 1)
 
@@ -146,7 +146,7 @@ class _Worker(asyncio.Protocol):
         if self.lost or self.transport is None or count < MIN_BATCH:
             self.pool.on_loop += count
             batch.answers = verify_items(batch.items)
-            if self.sent and not self.lost:  # behind the batches in flight: in order
+            if self.sent:  # behind the batches in flight: in order (a lost worker has none)
                 self.sent.append(batch)
                 return
             self.pending -= count
@@ -174,11 +174,9 @@ class _Worker(asyncio.Protocol):
             if verdicts is None:
                 self.fail("it answered garbage")
                 return
-            self.sent.popleft()
-            self.pending -= len(batch.verdicts)
+            batch.answers = verdicts
             self.pool.answered(self, len(batch.verdicts))
-            _settle(batch, verdicts)
-            # The loop's own answers that waited behind it.
+            # It, then the loop's own answers that waited behind it.
             while self.sent and self.sent[0].answers is not None:
                 settled = self.sent.popleft()
                 self.pending -= len(settled.verdicts)
