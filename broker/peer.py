@@ -1,10 +1,11 @@
 """One node connection of the listener: a non-blocking ``send`` backed by its own writer task.
 
 The hub and the witnesses call :meth:`WsPeer.send` from the event loop and never wait: frames go
-into a bounded queue that one task per connection writes out. A peer that stops reading while
-it keeps the broker busy fills that queue and is cut off (``rate_limited``) instead of growing
-the broker's memory; one whose socket stays unwritable is aborted by the listener's stall
-watchdog (:mod:`broker.listener`).
+into a bounded queue that one task per connection writes out, all frames queued by then with
+one transport write (:mod:`broker.wsframe`), waiting while the transport's buffer is full. A
+peer that stops reading while it keeps the broker busy fills that queue and is cut off
+(``rate_limited``) instead of growing the broker's memory; one whose socket stays unwritable
+is aborted by the listener's stall watchdog (:mod:`broker.listener`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import structlog
 from aiohttp import WSCloseCode, web
 
-from broker import wire
+from broker import wire, wsframe
 from broker.guard import Ticket
 
 log = structlog.get_logger("broker.server")
@@ -25,6 +26,10 @@ log = structlog.get_logger("broker.server")
 CLOSE_CODES = {"too_large": WSCloseCode.MESSAGE_TOO_BIG, "unavailable": WSCloseCode.GOING_AWAY,
                "idle_timeout": WSCloseCode.GOING_AWAY, "replaced": WSCloseCode.POLICY_VIOLATION,
                "internal": WSCloseCode.INTERNAL_ERROR, "normal": WSCloseCode.OK}
+
+#: Bytes of frames joined into one transport write at most (the rest waits for the next write,
+#: after the buffer has drained if it is full): a long queue is not copied into one huge buffer.
+MAX_WRITE_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +48,13 @@ class _Close:
 class WsPeer:
     """One WebSocket connection, authenticated (``node`` set) or still in its handshake."""
 
-    def __init__(self, ws: web.WebSocketResponse, conn_id: str, max_outbound: int,
-                 ticket: Ticket) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest, conn_id: str,
+                 max_outbound: int, ticket: Ticket) -> None:
         self.ws = ws
+        # Frames are written to the request's transport; its writer's drain is the transport's
+        # flow control (aiohttp's WebSocket writer uses the same protocol).
+        self._transport = request.transport
+        self._drain = request.writer.drain
         self.conn_id = conn_id
         self.node = ""
         #: The connection guard's record of this connection (see :mod:`broker.guard`).
@@ -97,16 +106,41 @@ class WsPeer:
 
     async def _write_loop(self) -> None:
         while True:
-            item = await self._out.get()
-            if isinstance(item, _Close):
-                await self.ws.close(code=CLOSE_CODES.get(item.code, WSCloseCode.POLICY_VIOLATION),
-                                    message=item.code.encode())
-                return
+            taken = await self._out.get()
+            control: _Pong | _Close | None = None
             try:
-                if isinstance(item, _Pong):
-                    await self.ws.pong(item.data)
+                if isinstance(taken, bytes):
+                    payloads, control = self._take_frames(taken)
+                    self._write_frames(payloads)
+                    await self._drain()
                 else:
-                    await self.ws.send_bytes(item)
+                    control = taken
+                if isinstance(control, _Pong):
+                    await self.ws.pong(control.data)
             except (ConnectionError, RuntimeError):
                 self.closing = True
                 return
+            if isinstance(control, _Close):
+                await self.ws.close(code=CLOSE_CODES.get(control.code,
+                                                         WSCloseCode.POLICY_VIOLATION),
+                                    message=control.code.encode())
+                return
+
+    def _take_frames(self, first: bytes) -> tuple[list[bytes], _Pong | _Close | None]:
+        """``first`` and the frames queued behind it, up to :data:`MAX_WRITE_BYTES`; and the
+        control item that stopped the run, if one did (it goes out after these frames)."""
+        payloads, size = [first], len(first)
+        while size < MAX_WRITE_BYTES and not self._out.empty():
+            item = self._out.get_nowait()
+            if not isinstance(item, bytes):
+                return payloads, item
+            payloads.append(item)
+            size += len(item)
+        return payloads, None
+
+    def _write_frames(self, payloads: list[bytes]) -> None:
+        transport = self._transport
+        # No data frame after the close frame (RFC 6455 §5.5.1), whoever started the close.
+        if self.ws.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("the connection is closing")
+        transport.write(wsframe.binary_frames(payloads))

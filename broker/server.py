@@ -321,10 +321,13 @@ class BrokerServer:
             # aiohttp's own limit is set above ours so that an oversized frame still gets a
             # too_large error frame; beyond twice the limit aiohttp closes with 1009 by itself.
             # No autoping: WebSocket pings go through the rate limit and count as activity.
+            # No permessage-deflate: envelopes are ciphertext (nothing to gain), and compressing
+            # what different senders wrote in one context is how CRIME-style attacks read data.
             ws = web.WebSocketResponse(max_msg_size=2 * self.limits.max_frame_bytes,
-                                       autoping=False)
+                                       autoping=False, compress=False)
             await ws.prepare(request)
-            peer = WsPeer(ws, secrets.token_hex(6), self.limits.max_outbound_frames, ticket)
+            peer = WsPeer(ws, request, secrets.token_hex(6), self.limits.max_outbound_frames,
+                          ticket)
             self._peers.add(peer)
             session = BrokerSession(
                 broker=self.name, nonce=os.urandom(32), lookup=self.hub.lookup,

@@ -45,6 +45,8 @@ def register(commands: Any) -> None:
     bench.add_argument("--verify-workers", type=int, metavar="N",
                        help="the broker's broker.verify_workers (default: the configured "
                        "default, 0: signatures checked on the event loop)")
+    bench.add_argument("--writer", choices=("loop", "process"),
+                       help="the broker's audit.writer (default: the configured default)")
     bench.add_argument("--log-level", help="broker log level (default info, as deployed)")
     bench.add_argument("--profile", type=Path, metavar="DIR",
                        help="profile every broker process into DIR (py-spy when installed, "
@@ -66,7 +68,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 _OVERRIDES = ("messages", "latency_messages", "latency_fractions", "fanout_messages",
               "policy_messages", "audit_entries", "backlog", "size", "window", "log_level",
-              "profile", "commit_delay_ms", "verify_workers")
+              "profile", "commit_delay_ms", "verify_workers", "writer")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -44,6 +44,8 @@ class Options:
     commit_delay_ms: int | None = None
     #: The broker's signature workers (``broker.verify_workers``; None: the default).
     verify_workers: int | None = None
+    #: Who commits the audit log (``audit.writer``: "loop" or "process"; None: the default).
+    writer: str | None = None
     #: Log level of the broker processes (``info`` is what operators run).
     log_level: str = "info"
     #: Directory for cProfile statistics of each broker process (``None``: no profiling).
@@ -86,7 +88,8 @@ class Run:
         port = free_port()
         config = write_config(where / "broker.toml", coalition or self.coalition, where / "data",
                               port, commit_delay_ms=self.options.commit_delay_ms,
-                              verify_workers=self.options.verify_workers)
+                              verify_workers=self.options.verify_workers,
+                              writer=self.options.writer)
         profile = (self.options.profile / f"broker-{self._brokers:02d}-{name}"
                    if self.options.profile is not None else None)
         return BrokerProcess(config, data_dir=where / "data", port=port,

@@ -60,14 +60,16 @@ def free_port() -> int:
 
 
 def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int, *,
-                 commit_delay_ms: int | None = None, verify_workers: int | None = None) -> Path:
+                 commit_delay_ms: int | None = None, verify_workers: int | None = None,
+                 writer: str | None = None) -> Path:
     """A broker configuration for ``coalition`` at ``path``.
 
-    Production defaults (the audit group-commit delay and the signature workers too, unless
-    ``commit_delay_ms`` or ``verify_workers`` is given), except: the admin listener off; the
-    per-connection abuse rate limits (2,000 frames/s by default) raised so that they do not
-    cap a load generator; the clock skew an envelope may have widened to an hour, since
-    envelopes are built before the run; queues may hold up to 16 GiB per node (the backlog).
+    Production defaults (the audit group-commit delay, the signature workers and the audit
+    writer too, unless ``commit_delay_ms``, ``verify_workers`` or ``writer`` is given),
+    except: the admin listener off; the per-connection abuse rate limits (2,000 frames/s by
+    default) raised so that they do not cap a load generator; the clock skew an envelope may
+    have widened to an hour, since envelopes are built before the run; queues may hold up to
+    16 GiB per node (the backlog).
     """
     path.write_text(
         "[broker]\n"
@@ -79,7 +81,9 @@ def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int, *,
         "[policy]\n"
         f'dir = "{coalition.policy_dir}"\n'
         f'trust_root_sha256 = "{coalition.root_sha256.hex()}"\n'
-        + ("" if commit_delay_ms is None else f"[audit]\nmax_delay_ms = {commit_delay_ms}\n")
+        + "[audit]\n"
+        + ("" if commit_delay_ms is None else f"max_delay_ms = {commit_delay_ms}\n")
+        + ("" if writer is None else f'writer = "{writer}"\n')
         + "[limits]\n"
         "frames_per_second = 1000000\nframes_burst = 10000000\n"
         "bytes_per_second = 1099511627776\nbytes_burst = 1099511627776\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import aiohttp
 import pytest
 
 from broker import wire
@@ -101,3 +102,15 @@ async def test_newer_connection_replaces_older_one(
         await old.closed()
         await new.send(wire.Ping())
         assert await new.recv(skip_checkpoints=True) == wire.Pong()
+
+
+async def test_the_broker_does_not_negotiate_websocket_compression(
+    server: BrokerServer, coalition: Coalition
+) -> None:
+    # A client offering permessage-deflate gets plain frames (the broker writes its own frames,
+    # uncompressed, and compressing what several senders wrote in one context leaks).
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.url, compress=15) as ws:
+        assert ws.compress == 0
+        assert "Sec-WebSocket-Extensions" not in ws._response.headers
+        challenge = wire.decode_frame((await ws.receive(timeout=5)).data, max_bytes=1 << 20)
+        assert isinstance(challenge, wire.Challenge)

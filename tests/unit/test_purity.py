@@ -12,7 +12,7 @@ PURE = [
     "broker.canonical", "broker.wire", "broker.envelope", "broker.session", "broker.router",
     "broker.crypto", "broker.replay", "broker.delivery", "broker.errors",
     "broker.audit.merkle", "broker.audit.note", "broker.audit.leaves", "broker.audit.witness",
-    "broker.release", "broker.sigbatch",
+    "broker.release", "broker.sigbatch", "broker.wsframe",
     "policies.model", "policies.documents", "policies.bundle", "policies.decide",
     "policies.authoring", "policies.catalogue",
 ]
