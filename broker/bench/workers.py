@@ -197,7 +197,9 @@ def mp_context() -> Any:
     set before the server's first use. (As with any non-fork method, a script that starts
     workers needs the ``if __name__ == "__main__"`` guard.)"""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["broker.cli", "broker.bench.workers", "broker.bench.mqtt"])
+    # Not the main module (``broker.cli``): each child runs it again as ``__mp_main__``, and
+    # runpy warns when it is already imported.
+    context.set_forkserver_preload(["broker.bench.workers", "broker.bench.mqtt"])
     return context
 
 
