@@ -39,6 +39,7 @@ from broker.audit.leaves import (
 )
 from broker.audit.log import AuditLog
 from broker.capacity import StoreCapacity
+from broker.coldreads import ColdReads
 from broker.crypto import DOMAIN_ENVELOPE, bad_signature_reason, check_signature
 from broker.delivery import QueuedMessage, RecipientQueue
 from broker.envelope import Envelope
@@ -126,9 +127,9 @@ class Hub:
         self._max_envelope = max_envelope
         self.max_queued_bytes = max_queued_bytes
         self._queue_memory = queue_memory_bytes
-        #: Nodes whose cold copies could not be read: seconds until the next try (doubling).
-        self._read_retry_s: dict[str, float] = {}
-        self._read_retry_due: set[str] = set()  # a retry is scheduled: no pumping meanwhile
+        #: Envelopes of copies queued beyond the memory budget, read from the store.
+        self.cold_reads = ColdReads(lambda node, seqs: self.audit.store.queued_envelopes(
+            node, seqs), self._pump)
         self.capacity = capacity
         self.decisions = DecisionCache()
         #: Expiry notices owed to senders (durable in the store until sent).
@@ -581,7 +582,7 @@ class Hub:
 
     def _pump(self, node: str) -> None:
         peer = self.peers.get(node)
-        if peer is None or node in self._read_retry_due:
+        if peer is None or self.cold_reads.waiting(node):
             return
         queue, now = self._queue(node), self.clock_ms()
         expired = queue.take_expired(now)
@@ -589,10 +590,10 @@ class Hub:
             self._expire(node, expired, now)
         items = queue.take_sendable()
         cold = [item.seq for item in items if item.envelope is None]
-        stored = self._stored_envelopes(node, cold) if cold else {}
+        stored = self.cold_reads.read(node, cold) if cold else {}
         if stored is None:  # the read failed: back to pending, tried again later
             queue.unsend(cold)
-            self._retry_read_later(node)
+            self.cold_reads.retry_later(node)
             stored = {}
         for item in items:
             env = item.envelope if item.envelope is not None else stored.get(item.seq)
@@ -601,43 +602,8 @@ class Hub:
             # else: unsent back in pending, or missing from the store (logged; it stays in
             # flight, one window slot, and is tried again after a reconnect; damage only).
 
-    def _retry_read_later(self, node: str) -> None:
-        delay = self._read_retry_s.get(node, _READ_RETRY_FIRST_S)
-        self._read_retry_s[node] = min(2 * delay, _READ_RETRY_MAX_S)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (a synchronous caller): the next pump tries again
-        self._read_retry_due.add(node)
-        loop.call_later(delay, self._retry_read, node)
-
-    def _retry_read(self, node: str) -> None:
-        self._read_retry_due.discard(node)
-        self._pump(node)
-
-    def _stored_envelopes(self, node: str, seqs: list[int]) -> dict[int, bytes] | None:
-        """The envelopes of ``node``'s cold copies, from the store; ``None`` if the read failed
-        (logged). A copy missing from the store is logged and left out (never dropped: it
-        stays owed)."""
-        try:
-            found = self.audit.store.queued_envelopes(node, seqs)
-        except StorageError as exc:
-            log.error("queued_envelopes_unreadable", node=node, count=len(seqs),
-                      reason=exc.reason, retry_in_s=self._read_retry_s.get(
-                          node, _READ_RETRY_FIRST_S))
-            return None
-        self._read_retry_s.pop(node, None)
-        if len(found) != len(seqs):
-            missing = sorted(set(seqs) - set(found))
-            log.error("queued_envelopes_missing", node=node, seqs=missing[:16],
-                      count=len(missing), reason="queued in memory but not in the store")
-        return found
-
 
 _ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}
-#: Backoff of a node's sending after its queued envelopes could not be read.
-_READ_RETRY_FIRST_S = 0.1
-_READ_RETRY_MAX_S = 30.0
 
 
 def stored_bundle(store: Store) -> Bundle | None:
