@@ -32,7 +32,6 @@ from broker.audit.leaves import (
     AdminEntry,
     DeliverEntry,
     Entry,
-    ExpireEntry,
     PolicyEntry,
     RouteEntry,
     envelope_digest,
@@ -41,15 +40,16 @@ from broker.audit.log import AuditLog
 from broker.capacity import StoreCapacity
 from broker.coldreads import ColdReads
 from broker.crypto import DOMAIN_ENVELOPE, bad_signature_reason, check_signature
-from broker.delivery import QueuedMessage, RecipientQueue
+from broker.delivery import RecipientQueue
 from broker.envelope import Envelope
 from broker.errors import BrokerError, ProtocolError, StorageError, VerificationError
+from broker.expiry import Expiry, log_failure
 from broker.limits import EnvelopeLimits, check_envelope_limits, check_route_limits
 from broker.metrics import Metrics
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
 from broker.session import MAX_REASON_CHARS, bounded
-from broker.store.base import Batch, Notice, QueueRow, Store
+from broker.store.base import Batch, QueueRow, Store
 from broker.verifier import VerifyPool
 from policies.bundle import (
     Bundle,
@@ -132,8 +132,6 @@ class Hub:
             node, seqs), self._pump)
         self.capacity = capacity
         self.decisions = DecisionCache()
-        #: Expiry notices owed to senders (durable in the store until sent).
-        self.notices: dict[str, list[Notice]] = {}
         #: Nodes an operator suspended or revoked (also in ``inactive``; durable).
         self.statuses: dict[str, str] = {}
         #: The bundle last activated, here or (after :meth:`restore`) in the previous run:
@@ -142,6 +140,8 @@ class Hub:
         #: Worker processes that check envelope signatures; ``None``: checked on the loop.
         self.verifier = verifier
         self.metrics = metrics or Metrics()
+        #: Copies past their TTL, and the notices owed to their senders.
+        self.expiry = Expiry(audit, self.metrics, self.peers)
         self.metrics.watch(self, clock_ms)
         audit.commit_observers.append(self.metrics.committed)
 
@@ -163,8 +163,7 @@ class Hub:
                 prec=row.prec, expires_ms=row.expires_ms, seq=row.seq, queued_ms=row.queued_ms)
         self.statuses = self.audit.store.node_statuses()
         self.inactive |= set(self.statuses)
-        for notice in self.audit.store.notices():
-            self.notices.setdefault(notice.sender, []).append(notice)
+        self.expiry.restore(self.audit.store.notices())
         self._in_force = stored_bundle(self.audit.store)
         # The replay guard is memory: refill it, or an envelope accepted just before a restart
         # could be accepted again (and routed and logged twice) for the rest of its window.
@@ -172,7 +171,7 @@ class Hub:
         for message_id, seen_ms in sorted(recent, key=lambda route: route[1]):
             self.replay.record(message_id, seen_ms)  # in time order: the guard expires FIFO
         log.info("hub_restored", subscriptions=sum(map(len, self.subscriptions.values())),
-                 queued=queued, notices=sum(map(len, self.notices.values())),
+                 queued=queued, notices=self.expiry.owed,
                  recent_ids=len(recent))
 
     def activate(self, bundle: Bundle) -> asyncio.Future[int]:
@@ -210,7 +209,7 @@ class Hub:
     def record(self, entry: Entry) -> None:
         """Append an entry nothing waits for (sessions, deliveries); failures are logged."""
         try:
-            self.audit.append(entry).add_done_callback(_log_failure)
+            self.audit.append(entry).add_done_callback(log_failure)
         except StorageError as exc:
             log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
 
@@ -236,7 +235,7 @@ class Hub:
         self.peers[peer.node] = peer
         log.info("node_connected", node=peer.node)
         self._pump(peer.node)
-        self._send_notices(peer.node)
+        self.expiry.send_notices(peer.node)
 
     def detach(self, peer: Peer) -> None:
         """A connection ended: un-acked deliveries go back to pending."""
@@ -255,14 +254,14 @@ class Hub:
             return
         if len(patterns) >= limit:
             raise ProtocolError(f"at most {limit} subscriptions per node", code="rate_limited")
-        self.audit.write(Batch(subscribe=[(node, pattern)])).add_done_callback(_log_failure)
+        self.audit.write(Batch(subscribe=[(node, pattern)])).add_done_callback(log_failure)
         patterns.add(pattern)
         self._subscribers.clear()
 
     def unsubscribe(self, node: str, pattern: str) -> None:
         patterns = self.subscriptions.get(node, set())
         if router.validate_pattern(pattern) in patterns:
-            self.audit.write(Batch(unsubscribe=[(node, pattern)])).add_done_callback(_log_failure)
+            self.audit.write(Batch(unsubscribe=[(node, pattern)])).add_done_callback(log_failure)
             patterns.discard(pattern)
             self._subscribers.clear()
 
@@ -411,7 +410,7 @@ class Hub:
                        for item in acked]
             try:
                 self.audit.append_all(entries, dequeue=[(node, item.seq) for item in acked],
-                                      lazy=True).add_done_callback(_log_failure)
+                                      lazy=True).add_done_callback(log_failure)
             except StorageError as exc:
                 log.error("audit_append_refused", kind="deliver", reason=exc.reason)
         self._pump(node)
@@ -464,7 +463,7 @@ class Hub:
         for node, queue in self.queues.items():
             expired = queue.take_expired(now)
             if expired:
-                self._expire(node, expired, now)
+                self.expiry.expire(node, expired, now)
                 count += len(expired)
         return count
 
@@ -473,40 +472,6 @@ class Hub:
         while True:
             await asyncio.sleep(interval_s)
             self.expire_due()
-
-    def _expire(self, node: str, items: list[QueuedMessage], now: int) -> None:
-        self.metrics.expiries.inc(len(items))
-        for item in items:
-            notice = Notice(sender=item.sender, id=item.message_id, recipient=node)
-            entry = ExpireEntry(ts=now, id=item.message_id, to=node, sender=item.sender)
-            try:
-                future = self.audit.append(entry, dequeue=[(node, item.seq)], notices=[notice])
-            except StorageError as exc:
-                # Still in the store: restored and expired again after a restart.
-                log.error("audit_append_refused", kind=entry.KIND, reason=exc.reason)
-                continue
-            future.add_done_callback(functools.partial(self._expired, notice=notice))
-        log.info("messages_expired", node=node, count=len(items))
-
-    def _expired(self, done: asyncio.Future[int], *, notice: Notice) -> None:
-        if done.cancelled() or done.exception() is not None:
-            _log_failure(done)
-            return
-        self.notices.setdefault(notice.sender, []).append(notice)
-        self._send_notices(notice.sender)
-
-    def _send_notices(self, sender: str) -> None:
-        """Tell a connected sender which of its messages expired, then forget the notices."""
-        peer = self.peers.get(sender)
-        if peer is None or peer.closing or sender not in self.notices:
-            return  # kept (durably) for the sender's next connection
-        notices = self.notices.pop(sender)
-        for notice in notices:
-            peer.send(wire.Expired(id=notice.id, recipient=notice.recipient))
-        try:
-            self.audit.write(Batch(notices_sent=notices)).add_done_callback(_log_failure)
-        except StorageError as exc:
-            log.error("notices_not_cleared", sender=sender, reason=exc.reason)
 
     # --- internals ----------------------------------------------------------------------
 
@@ -587,7 +552,7 @@ class Hub:
         queue, now = self._queue(node), self.clock_ms()
         expired = queue.take_expired(now)
         if expired:
-            self._expire(node, expired, now)
+            self.expiry.expire(node, expired, now)
         items = queue.take_sendable()
         cold = [item.seq for item in items if item.envelope is None]
         stored = self.cold_reads.read(node, cold) if cold else {}
@@ -630,8 +595,3 @@ def stored_bundle(store: Store) -> Bundle | None:
         raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
                            f"{digest.hex()}, the one recorded as in force: damaged store")
     return bundle
-
-
-def _log_failure(done: asyncio.Future[int]) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.error("audit_write_failed", reason=str(done.exception()))

@@ -122,7 +122,7 @@ async def test_offline_sender_is_told_at_its_next_connect_even_after_a_restart(
         clock.offset += 2_000  # the sweeper expires it while USA is offline
         await _until(lambda: bool(server.audit.store.notices()))
     async with _broker(coalition, clock, limits) as server:
-        assert server.hub.notices  # restored from the store
+        assert server.hub.expiry.notices  # restored from the store
         async with RawNode(server.url) as sender:
             await sender.login(coalition.nodes["USA-GW1"])
             notice = await _next_of(sender, wire.Expired)
