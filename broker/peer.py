@@ -63,6 +63,8 @@ class WsPeer:
         self._max_outbound = max_outbound
         self.closing = False
         self._task = asyncio.create_task(self._write_loop(), name=f"ws-writer-{conn_id}")
+        #: The close of a peer cut off for not reading (:meth:`_put`), once started.
+        self._closer: asyncio.Task[None] | None = None
 
     def send(self, frame: wire.Frame) -> None:
         """Queue a frame (dropped once the connection is closing)."""
@@ -81,8 +83,10 @@ class WsPeer:
             log.warning("peer_not_reading", conn=self.conn_id, node=self.node,
                         queued=self._out.qsize())
             self.closing = True
-            self._task.cancel()
-            self._task = asyncio.create_task(self._abort())
+            # The writer is not cancelled: it may be waiting for the transport to drain, and
+            # cancelling that wait cancels the protocol's one drain waiter, which the close
+            # would then await. It stops by itself once the WebSocket is closed.
+            self._closer = asyncio.create_task(self._abort())
             return
         self._out.put_nowait(item)
 
@@ -93,16 +97,21 @@ class WsPeer:
             self._out.put_nowait(_Close(code, reason))
 
     async def aclose(self) -> None:
-        """Close normally and wait (briefly) for the writer to finish."""
+        """Close normally and wait (briefly) for the writer, and a cut-off's close, to end."""
         self.close("normal", "connection ended")
-        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=2)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await self._task
+        for task in (self._task, self._closer):
+            if task is None:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                await asyncio.wait_for(asyncio.shield(task), timeout=2)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
 
     async def _abort(self) -> None:
-        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate_limited")
+        # Without waiting for the buffer to drain: this peer does not read it.
+        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"rate_limited",
+                            drain=False)
 
     async def _write_loop(self) -> None:
         while True:

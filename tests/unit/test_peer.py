@@ -36,30 +36,45 @@ class FakeWs:
         self.transport = transport
         self.closed = False
         self.closes: list[tuple[int, bytes]] = []
+        self.request: FakeRequest
 
     async def pong(self, data: bytes) -> None:
         self.transport.write(b"PONG:" + data)
 
-    async def close(self, *, code: int, message: bytes) -> bool:
+    async def close(self, *, code: int, message: bytes, drain: bool = True) -> bool:
         self.closed = True
         self.closes.append((code, message))
+        if drain:  # as aiohttp's: the close waits for the protocol's drain too
+            await self.request.drain()
         return True
 
 
 class FakeRequest:
+    """Flow control as aiohttp's protocol does it: while paused, every ``drain`` awaits one
+    shared future (cancelling a task waiting on it cancels it for every waiter)."""
+
     def __init__(self, transport: FakeTransport) -> None:
         self.transport = transport
         self.writer = self
-        self.writable = asyncio.Event()
-        self.writable.set()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def pause(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+
+    def resume(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def drain(self) -> None:
-        await self.writable.wait()
+        if self.waiter is not None:
+            await self.waiter
 
 
 def make_peer(max_outbound: int = 1000) -> tuple[WsPeer, FakeTransport, FakeWs, FakeRequest]:
     transport = FakeTransport()
     ws, request = FakeWs(transport), FakeRequest(transport)
+    ws.request = request
     fake: Any = (ws, request)
     return WsPeer(fake[0], fake[1], "c0", max_outbound, Ticket("k")), transport, ws, request
 
@@ -109,7 +124,7 @@ async def test_pongs_and_the_close_keep_their_place_among_the_frames() -> None:
 async def test_a_full_transport_buffer_holds_the_queue_and_a_peer_that_never_drains_is_cut_off(
 ) -> None:
     peer, transport, ws, request = make_peer(max_outbound=8)
-    request.writable.clear()  # the transport's buffer is full: drain() waits
+    request.pause()  # the transport's buffer is full: drain() waits
     peer.send(frame(0))
     await settle()
     assert len(transport.writes) == 1
@@ -130,13 +145,13 @@ async def test_a_full_transport_buffer_holds_the_queue_and_a_peer_that_never_dra
 
 async def test_once_the_buffer_drains_the_waiting_frames_leave_together() -> None:
     peer, transport, _, request = make_peer()
-    request.writable.clear()
+    request.pause()
     peer.send(frame(0))
     await settle()
     for each in frames(4, start=1):
         peer.send(each)
     await settle()
-    request.writable.set()
+    request.resume()
     await settle()
     assert transport.writes == [encoded([frame(0)]), encoded(frames(4, start=1))]
     await peer.aclose()
@@ -164,3 +179,21 @@ async def test_nothing_is_written_once_the_websocket_or_the_transport_is_closing
         peer.send(frame(1))
         await settle()
         assert transport.writes == [] and peer.closing, closing
+
+
+async def test_a_peer_cut_off_while_its_writer_waits_for_drain_closes_without_cancelling(
+) -> None:
+    # The writer waits on the protocol's drain future when the peer is cut off: cancelling
+    # the writer would cancel that future, and the close awaiting it would end in
+    # CancelledError (out of the connection handler). Neither is cancelled now.
+    peer, transport, ws, request = make_peer(max_outbound=2)
+    request.pause()
+    peer.send(frame(0))
+    await settle()
+    for each in frames(3, start=1):
+        peer.send(each)
+    await settle()
+    assert peer.closing and ws.closes == [(1008, b"rate_limited")]
+    assert request.waiter is not None and not request.waiter.cancelled()
+    await asyncio.wait_for(peer.aclose(), 5)  # the writer is cancelled only now, at the end
+    assert len(transport.writes) == 1
