@@ -27,8 +27,9 @@ CLOSE_CODES = {"too_large": WSCloseCode.MESSAGE_TOO_BIG, "unavailable": WSCloseC
                "idle_timeout": WSCloseCode.GOING_AWAY, "replaced": WSCloseCode.POLICY_VIOLATION,
                "internal": WSCloseCode.INTERNAL_ERROR, "normal": WSCloseCode.OK}
 
-#: Bytes of frames joined into one transport write at most (the rest waits for the next write,
-#: after the buffer has drained if it is full): a long queue is not copied into one huge buffer.
+#: Frames are joined into one transport write until their payloads reach this many bytes (so
+#: a write is at most this plus one frame; the rest waits for the next write, after the buffer
+#: has drained if it is full): a long queue is not copied into one huge buffer.
 MAX_WRITE_BYTES = 256 * 1024
 
 
