@@ -96,6 +96,16 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def queue_behind_a_full_buffer(peer: WsPeer, request: FakeRequest, count: int) -> None:
+    """Frame 0 is written and fills the transport's buffer; frames 1..count are queued."""
+    request.pause()
+    peer.send(frame(0))
+    await settle()
+    for each in frames(count, start=1):
+        peer.send(each)
+    await settle()
+
+
 async def test_frames_queued_in_one_turn_leave_in_one_write_in_order() -> None:
     peer, transport, _, _ = make_peer()
     for each in frames(5):
@@ -145,12 +155,7 @@ async def test_a_full_transport_buffer_holds_the_queue_and_a_peer_that_never_dra
 
 async def test_once_the_buffer_drains_the_waiting_frames_leave_together() -> None:
     peer, transport, _, request = make_peer()
-    request.pause()
-    peer.send(frame(0))
-    await settle()
-    for each in frames(4, start=1):
-        peer.send(each)
-    await settle()
+    await queue_behind_a_full_buffer(peer, request, 4)
     request.resume()
     await settle()
     assert transport.writes == [encoded([frame(0)]), encoded(frames(4, start=1))]
@@ -187,12 +192,7 @@ async def test_a_peer_cut_off_while_its_writer_waits_for_drain_closes_without_ca
     # the writer would cancel that future, and the close awaiting it would end in
     # CancelledError (out of the connection handler). Neither is cancelled now.
     peer, transport, ws, request = make_peer(max_outbound=2)
-    request.pause()
-    peer.send(frame(0))
-    await settle()
-    for each in frames(3, start=1):
-        peer.send(each)
-    await settle()
+    await queue_behind_a_full_buffer(peer, request, 3)
     assert peer.closing and ws.closes == [(1008, b"rate_limited")]
     assert request.waiter is not None and not request.waiter.cancelled()
     await asyncio.wait_for(peer.aclose(), 5)  # the writer is cancelled only now, at the end
