@@ -17,7 +17,7 @@ import structlog
 
 from broker import wire
 from broker.audit.leaves import ExpireEntry
-from broker.audit.log import AuditLog
+from broker.audit.log import AuditLog, log_failure
 from broker.delivery import QueuedMessage
 from broker.errors import StorageError
 from broker.metrics import Metrics
@@ -85,9 +85,3 @@ class Expiry:
             return
         self.notices.setdefault(notice.sender, []).append(notice)
         self.send_notices(notice.sender)
-
-
-def log_failure(done: asyncio.Future[int]) -> None:
-    """Done-callback of an audit write nothing waits for: log it if it failed."""
-    if not done.cancelled() and done.exception() is not None:
-        log.error("audit_write_failed", reason=str(done.exception()))

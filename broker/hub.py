@@ -36,14 +36,14 @@ from broker.audit.leaves import (
     RouteEntry,
     envelope_digest,
 )
-from broker.audit.log import AuditLog
+from broker.audit.log import AuditLog, log_failure
 from broker.capacity import StoreCapacity
 from broker.coldreads import ColdReads
 from broker.crypto import DOMAIN_ENVELOPE, bad_signature_reason, check_signature
 from broker.delivery import RecipientQueue
 from broker.envelope import Envelope
 from broker.errors import BrokerError, ProtocolError, StorageError, VerificationError
-from broker.expiry import Expiry, log_failure
+from broker.expiry import Expiry
 from broker.limits import EnvelopeLimits, check_envelope_limits, check_route_limits
 from broker.metrics import Metrics
 from broker.release import decide_recipient

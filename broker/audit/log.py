@@ -106,6 +106,12 @@ class LogDamaged(StorageError):
 CheckpointListener = Callable[[StoredCheckpoint], None]
 
 
+def log_failure(done: asyncio.Future[int]) -> None:
+    """Done-callback of an audit write nothing waits for: log it if it failed."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error("audit_write_failed", reason=str(done.exception()))
+
+
 def _outcome_unknown() -> StorageError:
     """The exchange with the writer process was cancelled (the event loop is being torn
     down): whether the batch became durable is unknown, so its requests fail and the log

@@ -202,15 +202,13 @@ class SqliteStore:
         rows = self._query("SELECT q.recipient, q.seq, q.prec, q.msg, m.id, m.sender, m.envelope, "
                            "q.expires_ms, q.queued_ms FROM queue AS q LEFT JOIN messages AS m "
                            "ON m.mid = q.msg ORDER BY q.recipient, q.seq")
-        # One bytes object per message, shared by its recipients' rows (memory at restore).
-        shared: dict[int, tuple[bytes, str, bytes]] = {}
         out = []
         for r, s, p, mid, i, f, e, x, q in rows:
             if e is None:  # only damage does this; a copy must not vanish without a word
                 raise StorageError(f"queued message ({r}, {s}) has no envelope (message {mid} "
                                    "is missing from the store)")
-            i, f, e = shared.setdefault(int(mid), (bytes(i), str(f), bytes(e)))
-            out.append(QueueRow(str(r), int(s), int(p), i, f, e, int(x), int(q)))
+            out.append(QueueRow(str(r), int(s), int(p), bytes(i), str(f), bytes(e), int(x),
+                                int(q)))
         return out
 
     def queue_records(self, chunk: int = 4096) -> Iterator[QueueRecord]:

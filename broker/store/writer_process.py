@@ -61,10 +61,9 @@ def _gone(what: str, process: subprocess.Popen[bytes]) -> StorageError:
 class WriterProcess:
     """A child process that commits :class:`~broker.store.base.Batch` es to one SQLite store."""
 
-    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket, path: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
         """Use :meth:`start`."""
         self.process = process
-        self.path = path
         self._sock = sock
         self._exchange: asyncio.Task[list[str]] | None = None
         #: Set when an exchange ended abnormally: the socket may be out of step (a late reply
@@ -100,7 +99,7 @@ class WriterProcess:
         finally:
             theirs.close()
         ours.setblocking(False)
-        writer = cls(process, ours, path)
+        writer = cls(process, ours)
         try:
             async with asyncio.timeout(timeout):
                 reply = await writer._receive()
