@@ -24,8 +24,9 @@ publish without a verdict was not accepted (no receipt, nothing logged), and its
 it again. The worker is trusted as the loop's own code is: same program, same user.
 
 Children are started with ``subprocess`` (``python -m broker.verifier FD``) like the store's
-writer process, in their own process group, ignoring ``SIGINT``/``SIGTERM``/``SIGHUP``; they
-exit when their socket closes, so they do not outlive the broker, also after a ``SIGKILL``.
+writer process (:mod:`broker.child`), in their own process group, ignoring
+``SIGINT``/``SIGTERM``/``SIGHUP``; they exit when their socket closes, so they do not outlive
+the broker, also after a ``SIGKILL``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +44,7 @@ from typing import cast
 import msgpack
 import structlog
 
+from broker import child
 from broker.crypto import DOMAIN_ENVELOPE, check_signature
 from broker.errors import BrokerError
 from broker.sigbatch import check_reply, check_request, verify_items
@@ -346,16 +347,11 @@ class VerifyPool:
         except OSError as exc:
             raise BrokerError(f"cannot start a verify worker: {exc}", code="unavailable") from exc
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "broker.verifier", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, process_group=0)
+            process = child.spawn("broker.verifier", theirs)
         except (OSError, subprocess.SubprocessError) as exc:
             ours.close()
             raise BrokerError(f"cannot start a verify worker: {exc}",
                               code="unavailable") from exc
-        finally:
-            theirs.close()
         worker = _Worker(self, slot, process)
         try:
             await asyncio.get_running_loop().create_unix_connection(lambda: worker, sock=ours)
@@ -367,9 +363,7 @@ class VerifyPool:
         except BaseException as exc:
             worker.stop()
             ours.close()
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.to_thread(process.wait)
+            await child.kill(process)
             if isinstance(exc, TimeoutError):
                 raise BrokerError(f"a verify worker did not start within {self.timeout:g} s",
                                   code="unavailable") from None
@@ -396,9 +390,7 @@ class VerifyPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for worker in workers:
-            while worker.process.poll() is None and loop.time() < deadline:
-                await asyncio.sleep(0.005)
-            if worker.process.poll() is None:
+            if not await child.exited(worker.process, deadline):
                 self._kill(worker.process)
         killed, self._killed = self._killed, []
         for process in killed:
@@ -410,8 +402,7 @@ class VerifyPool:
 def serve(sock: socket.socket) -> int:
     """The child's loop: answer each batch with its verdicts, in order; return when the
     broker closes the socket (or sends what it never would: a malformed request)."""
-    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(ignored, signal.SIG_IGN)
+    child.ignore_stop_signals()
     unpacker = msgpack.Unpacker(max_buffer_size=_MAX_MESSAGE)
     try:
         sock.sendall(msgpack.packb(["ready"]))

@@ -20,9 +20,9 @@ It runs in its own process group (a terminal's Ctrl-C does not reach it) and ign
 ``SIGINT``, ``SIGTERM`` and ``SIGHUP`` (a service manager signals the whole control group), so
 that the broker's orderly stop can still commit its last batch and checkpoint through it.
 
-The child is started with ``subprocess`` (``python -m broker.store.writer_process``), not
-:mod:`multiprocessing`: it needs no copy of the broker's state, and nothing of the parent's
-``__main__`` is re-imported.
+The child is started with ``subprocess`` (``python -m broker.store.writer_process``, by
+:mod:`broker.child` as the verify workers are), not :mod:`multiprocessing`: it needs no copy of
+the broker's state, and nothing of the parent's ``__main__`` is re-imported.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import os
 import pickle
-import signal
 import socket
 import struct
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import msgpack
 
+from broker import child
 from broker.errors import StorageError
 from broker.store.base import Batch
 from broker.store.sqlite import commit_batch, open_writer
@@ -82,22 +82,13 @@ class WriterProcess:
         Raises ``StorageError`` if it cannot."""
         ours, theirs = socket.socketpair()
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "broker.store.writer_process", str(theirs.fileno()),
-                 str(path)],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                # Its own process group: a terminal's Ctrl-C does not reach it even before
-                # it ignores SIGINT (the broker stops it).
-                process_group=0)
+            process = child.spawn("broker.store.writer_process", theirs, str(path))
         except BaseException as exc:
             ours.close()
             if isinstance(exc, (OSError, subprocess.SubprocessError)):
                 raise StorageError(f"cannot start the store writer process: {exc}",
                                    code="unavailable") from exc
             raise
-        finally:
-            theirs.close()
         ours.setblocking(False)
         writer = cls(process, ours)
         try:
@@ -198,13 +189,8 @@ class WriterProcess:
             with contextlib.suppress(BaseException):
                 await self._exchange
         self._sock.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.process.poll() is None and loop.time() < deadline:
-            await asyncio.sleep(0.005)
-        if self.process.poll() is None:
-            self.process.kill()
-            await asyncio.to_thread(self.process.wait)
+        if not await child.exited(self.process, asyncio.get_running_loop().time() + timeout):
+            await child.kill(self.process)
 
 
 #: Every message is its length (8 bytes, big-endian), then the bytes: a pickled ``Batch`` to
@@ -242,8 +228,7 @@ def serve(sock: socket.socket, path: Path) -> int:
     """The child's loop: commit each batch received, answer ``ok`` or the error; return when
     the broker closes the socket."""
     # Signals sent to the whole process group are the broker's to act on (stop, reload).
-    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(ignored, signal.SIG_IGN)
+    child.ignore_stop_signals()
     try:
         writer = open_writer(path)
     except StorageError as exc:
