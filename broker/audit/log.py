@@ -5,8 +5,9 @@ subscription writes that must become durable with it) and returns a future; the 
 ``max_batch`` queued items as soon as one is due (a lazy request, which nobody waits for, may wait
 ``lazy_delay_s`` to share a commit), waits at most ``max_delay_s`` for more when the log is busy
 (the previous commit merged many requests; see :meth:`CommitPolicy.wait_to_fill`), computes the
-tree nodes the new entries complete, and commits everything in one transaction: through the
-broker's store writer process when it has one (:mod:`broker.store.writer_process`), else on the
+tree nodes the new entries complete (it stores those of every fourth level,
+:func:`~broker.audit.merkle.is_stored_level`), and commits everything in one transaction: through
+the broker's store writer process when it has one (:mod:`broker.store.writer_process`), else on the
 event loop's thread when the batch is small and in a worker thread when it is large
 (:attr:`CommitPolicy.thread_min_entries`; docs/decisions.md, "Commits on the event loop"). Only
 then are the futures resolved, so callers release receipts and deliveries after their entry is
@@ -18,7 +19,7 @@ A failed commit is never retried: the log stops, every pending and later append 
 had acknowledged.
 
 At :meth:`open` the log rebuilds its view from the stored entries and refuses to start unless they
-extend the last signed checkpoint with the same root at that size.
+extend the last signed checkpoint with the same root at that size and match the stored nodes.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ DEFAULT_COMMIT = CommitPolicy()
 
 
 _MERGED = tuple(f.name for f in dataclasses.fields(Batch)
-                if f.name not in ("first_index", "entries", "nodes"))
+                if f.name not in ("first_index", "entries", "leaves", "nodes"))
 
 
 @dataclasses.dataclass
@@ -168,15 +169,15 @@ class AuditLog:
         latest = self.store.latest_checkpoint()
         expected = self._checkpoint_of(latest) if latest else None
         leaves = self.store.iter_nodes(0)
+        stored = merkle.StoredNodeCheck(self.store.iter_nodes)
         size = 0
         for index, data in self.store.iter_entries():
             if index != size:
                 raise LogDamaged(f"audit entry {size} is missing from the store")
             leaf = merkle.leaf_hash(data)
-            stored = next(leaves, None)
-            if stored != (index, leaf):
+            if next(leaves, None) != (index, leaf):
                 raise LogDamaged(f"audit entry {index} does not match its stored leaf hash")
-            self._extend(size, leaf)
+            stored.check(self._extend(size, leaf))
             size += 1
             if expected is not None and size == expected.size:
                 self._check_root(expected, size)
@@ -186,6 +187,10 @@ class AuditLog:
                              f"{expected.size} was signed: entries were lost")
         if expected is not None and expected.size == 0:
             self._check_root(expected, 0)
+        # After the checkpoint's verdict, which says more (a rewritten history) when both fail.
+        problem = stored.problem()
+        if problem is not None:
+            raise LogDamaged(problem)
         self.latest = latest
         self._opened = True
         log.info("audit_log_opened", size=size,
@@ -287,11 +292,19 @@ class AuditLog:
     # --- reads --------------------------------------------------------------------------
 
     def get_node(self, level: int, index: int) -> bytes:
-        """A complete node: the right edge from memory, the rest from the store."""
+        """A durable complete node: the right edge from memory, the rest from the stored
+        nodes or entries below it."""
         edge = self._edge.get(level)
         if edge is not None and edge[0] == index:
             return edge[1]
-        return self.store.get_node(level, index)
+        return merkle.node_from_stored(level, index, self._stored_run)
+
+    def _stored_run(self, level: int, first: int, count: int) -> list[bytes]:
+        hashes = self.store.nodes(level, first, first + count)
+        if len(hashes) != count:
+            raise StorageError(f"the store lacks tree nodes [{first}, {first + count}) at "
+                               f"level {level} of the log")
+        return hashes
 
     def recent_routes(self, since_ms: int, *, chunk: int = 4096) -> list[tuple[bytes, int]]:
         """``(message id, ts)`` of every durable ``route`` entry with ``ts >= since_ms``, in log
@@ -475,8 +488,11 @@ class AuditLog:
         for item in items:
             indexes.append(size if item.entries else -1)
             for data in item.entries:
+                leaf = merkle.leaf_hash(data)
                 batch.entries.append(data)
-                batch.nodes.extend(self._extend(size, merkle.leaf_hash(data)))
+                batch.leaves.append(leaf)
+                batch.nodes.extend(node for node in self._extend(size, leaf)
+                                   if merkle.is_stored_level(node[0]))
                 size += 1
             for name, values in item.writes.items():
                 getattr(batch, name).extend(values)

@@ -14,7 +14,7 @@ Verifiers raise :class:`~broker.errors.VerificationError` (code ``bad_proof``); 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from broker.errors import VerificationError
 
@@ -149,6 +149,71 @@ def completed_nodes(
         level, index = level + 1, index >> 1
         nodes.append((level, index, digest))
     return nodes
+
+
+#: A log stores the complete nodes of every fourth level only (16, 256, 4,096, … leaves): about
+#: one row per 15 entries instead of two per entry (a leaf hash and the parents it completes).
+#: Any other node is recomputed from at most eight stored ones below it, or from at most eight
+#: entries: a root or proof still costs O(log n) reads, a few rows each.
+STORED_LEVEL_STEP = 4
+
+#: ``get_run(level, first, count)``: the hashes of the complete nodes ``first`` to
+#: ``first + count - 1`` at ``level``, a stored level or 0 (the leaf hashes of the entries).
+GetRun = Callable[[int, int, int], Sequence[bytes]]
+
+
+def is_stored_level(level: int) -> bool:
+    """Whether a log stores the complete nodes of ``level`` (level 0, the leaves, are
+    recomputed from the entries themselves)."""
+    return level > 0 and level % STORED_LEVEL_STEP == 0
+
+
+def node_from_stored(level: int, index: int, get_run: GetRun) -> bytes:
+    """The complete node ``(level, index)``, from the nodes of the nearest stored level at or
+    below it (or the leaf hashes): a stored node is one read, any other one range of at most
+    ``2 ** (STORED_LEVEL_STEP - 1)`` hashes."""
+    if level < 0 or index < 0:
+        raise ValueError(f"no tree node ({level}, {index})")
+    depth = level % STORED_LEVEL_STEP
+    count = 1 << depth
+    hashes = get_run(level - depth, index << depth, count)
+    if len(hashes) != count:
+        raise ValueError(f"node ({level}, {index}) needs {count} hashes at level "
+                         f"{level - depth}, got {len(hashes)}")
+    # The complete subtree over a power-of-two run is the MTH of that run.
+    return root_hash(hashes)
+
+
+class StoredNodeCheck:
+    """Compares a store's nodes with those a rebuild from the entries completes, in order (as
+    :func:`completed_nodes` yields them): what a log checks when it opens."""
+
+    def __init__(self, stored: Callable[[int], Iterator[tuple[int, bytes]]]) -> None:
+        self._stored = stored  # (index, hash) of each stored node of a level, by index
+        self._levels: dict[int, Iterator[tuple[int, bytes]]] = {}
+        self._problem: str | None = None
+
+    def check(self, completed: Iterable[tuple[int, int, bytes]]) -> None:
+        """Compare the stored-level nodes among ``completed`` with the next stored ones."""
+        for level, index, digest in completed:
+            if self._problem is not None or not is_stored_level(level):
+                continue
+            rows = self._levels.setdefault(level, self._stored(level))
+            if next(rows, None) != (index, digest):
+                self._problem = (f"the stored tree node over entries {index << level} to "
+                                 f"{((index + 1) << level) - 1} does not match them")
+
+    def problem(self) -> str | None:
+        """The first mismatch, or a node stored beyond the entries checked (which the log
+        could not store when it reaches it); ``None`` if every stored node matched."""
+        for level in range(STORED_LEVEL_STEP, 64, STORED_LEVEL_STEP):
+            if self._problem is not None:
+                break
+            extra = next(self._levels.get(level) or self._stored(level), None)
+            if extra is not None:
+                self._problem = (f"a tree node is stored beyond the entries (level {level}, "
+                                 f"index {extra[0]})")
+        return self._problem
 
 
 class MemoryTree:

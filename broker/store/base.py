@@ -1,6 +1,6 @@
 """The storage interface shared by the audit log and the delivery queues (DESIGN §11).
 
-One :class:`Store` holds the audit entries, the Merkle tree's complete node hashes, every signed
+One :class:`Store` holds the audit entries, the Merkle tree's stored node hashes, every signed
 checkpoint with its cosignatures, the content of every policy bundle that was active, the durable
 per-recipient queues, the expiry notices owed to senders and the durable subscriptions. Every
 write goes through :meth:`Store.commit` with a :class:`Batch`: all of it becomes durable, or
@@ -67,12 +67,14 @@ class StoredCheckpoint:
 class Batch:
     """Writes that become durable together, in one transaction.
 
-    ``first_index`` is the tree size before ``entries``; ``nodes`` are the ``(level, index,
-    hash)`` tree nodes those entries complete (level 0 = leaf hashes).
+    ``first_index`` is the tree size before ``entries``; ``leaves`` their leaf hashes, recorded
+    with them; ``nodes`` the ``(level, index, hash)`` tree nodes they complete at the levels the
+    log stores (:func:`broker.audit.merkle.is_stored_level`).
     """
 
     first_index: int = 0
     entries: list[bytes] = dataclasses.field(default_factory=list)
+    leaves: list[bytes] = dataclasses.field(default_factory=list)
     nodes: list[tuple[int, int, bytes]] = dataclasses.field(default_factory=list)
     enqueue: list[QueueRow] = dataclasses.field(default_factory=list)
     dequeue: list[tuple[str, int]] = dataclasses.field(default_factory=list)
@@ -109,10 +111,11 @@ class Store(Protocol):
         """Every entry from ``start``, in order, read in chunks."""
 
     def iter_nodes(self, level: int) -> Iterator[tuple[int, bytes]]:
-        """Every stored node hash at ``level``, by index."""
+        """Every stored node hash at ``level``, by index (level 0: the recorded leaf hashes)."""
 
-    def get_node(self, level: int, index: int) -> bytes:
-        """A complete subtree's hash; ``KeyError`` if absent."""
+    def nodes(self, level: int, start: int, end: int) -> list[bytes]:
+        """The stored node hashes ``[start, end)`` at ``level`` (level 0: the recorded leaf
+        hashes), fewer if some are absent."""
 
     def checkpoints(self, since: int = 0) -> list[StoredCheckpoint]:
         """Every stored checkpoint of size ≥ ``since`` with its cosignatures, by size."""

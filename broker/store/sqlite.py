@@ -156,19 +156,22 @@ class SqliteStore:
     def iter_nodes(self, level: int) -> Iterator[tuple[int, bytes]]:
         start = 0
         while True:
-            rows = self._query("SELECT idx, hash FROM nodes WHERE level = ? AND idx >= ? "
-                               "ORDER BY idx LIMIT 4096", (level, start))
+            rows = self._query("SELECT idx, leaf FROM entries WHERE idx >= ? ORDER BY idx "
+                               "LIMIT 4096", (start,)) if level == 0 else self._query(
+                "SELECT idx, hash FROM nodes WHERE level = ? AND idx >= ? ORDER BY idx "
+                "LIMIT 4096", (level, start))
             for idx, digest in rows:
                 yield int(idx), bytes(digest)
             if len(rows) < 4096:
                 return
             start = int(rows[-1][0]) + 1
 
-    def get_node(self, level: int, index: int) -> bytes:
-        rows = self._query("SELECT hash FROM nodes WHERE level = ? AND idx = ?", (level, index))
-        if not rows:
-            raise KeyError((level, index))
-        return bytes(rows[0][0])
+    def nodes(self, level: int, start: int, end: int) -> list[bytes]:
+        rows = self._query("SELECT leaf FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                           (start, end)) if level == 0 else self._query(
+            "SELECT hash FROM nodes WHERE level = ? AND idx >= ? AND idx < ? ORDER BY idx",
+            (level, start, end))
+        return [bytes(digest) for (digest,) in rows]
 
     def checkpoints(self, since: int = 0) -> list[StoredCheckpoint]:
         cosigs: dict[int, dict[str, str]] = {}
@@ -364,9 +367,9 @@ def commit_batch(conn: sqlite3.Connection, batch: Batch) -> None:
 
 def _write_batch(conn: sqlite3.Connection, batch: Batch) -> None:
     if batch.entries:
-        conn.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)",
-                         ((batch.first_index + i, data) for i, data in
-                          enumerate(batch.entries)))
+        conn.executemany("INSERT INTO entries VALUES (?, ?, ?)",
+                         ((batch.first_index + i, data, leaf) for i, (data, leaf) in
+                          enumerate(zip(batch.entries, batch.leaves, strict=True))))
     conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)
     if batch.enqueue:
         _enqueue(conn, batch.enqueue)

@@ -1,4 +1,5 @@
-"""The SQLite store's schema (version 3), its creation, and the in-place upgrade from version 2.
+"""The SQLite store's schema (version 4), its creation, and the in-place upgrades from versions 2
+and 3.
 
 Version 3 holds each queued envelope once, in ``messages``; the ``queue`` has one row per
 recipient that references it by ``msg``. Version 2 kept the envelope in every ``queue`` row, so a
@@ -6,8 +7,13 @@ message released to N recipients wrote (and, one ack at a time, deleted) it N ti
 4 KiB overflow page in the ``WITHOUT ROWID`` queue. The ``queue_release`` trigger deletes a
 message together with the last queue row that references it, in the same statement: every batch
 stays one transaction, and no connection (not even an operator's ``sqlite3`` shell) leaves an
-envelope behind. :func:`prepare` is the only entry point; nothing outside ``broker/store`` may
-depend on this layout.
+envelope behind.
+
+Version 4 records each entry's leaf hash in the entry's own row, and keeps the tree nodes of
+every fourth level only (the audit log recomputes the others from at most eight,
+:func:`broker.audit.merkle.is_stored_level`); version 3 kept every complete node in ``nodes``,
+leaves included: two rows per entry, a third of the store. :func:`prepare` is the only entry
+point; nothing outside ``broker/store`` may depend on this layout.
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from broker.audit.merkle import STORED_LEVEL_STEP
 from broker.errors import StorageError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # `messages` is a rowid table: a ~1 KiB envelope fits in its leaf page, where a WITHOUT ROWID
 # row that size spills into a 4 KiB overflow page of its own.
 _MESSAGES = """CREATE TABLE IF NOT EXISTS messages (
     mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, id BLOB NOT NULL, envelope BLOB NOT NULL)"""
+
+_ENTRIES = """CREATE TABLE IF NOT EXISTS {name} (
+    idx INTEGER PRIMARY KEY, data BLOB NOT NULL, leaf BLOB NOT NULL)"""
 
 _QUEUE = """CREATE TABLE IF NOT EXISTS {name} (
     recipient TEXT NOT NULL, seq INTEGER NOT NULL, prec INTEGER NOT NULL, msg INTEGER NOT NULL,
@@ -42,7 +52,7 @@ _RELEASE = [
 
 _CREATE = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+    _ENTRIES.format(name="entries"),
     """CREATE TABLE IF NOT EXISTS nodes (
     level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
     PRIMARY KEY (level, idx)) WITHOUT ROWID""",
@@ -80,6 +90,18 @@ UPGRADE_FROM_2 = [
     "UPDATE meta SET value = '3' WHERE key = 'schema'",
 ]
 
+#: Version 3 → 4: each entry takes its recorded leaf hash (level 0 of ``nodes``) into its row;
+#: then the nodes a version-4 log does not store go (it reads no others).
+UPGRADE_FROM_3 = [
+    _ENTRIES.format(name="entries_v4"),
+    "INSERT INTO entries_v4 SELECT e.idx, e.data, n.hash "
+    "FROM entries AS e JOIN nodes AS n ON n.level = 0 AND n.idx = e.idx",
+    "DROP TABLE entries",
+    "ALTER TABLE entries_v4 RENAME TO entries",
+    f"DELETE FROM nodes WHERE level % {STORED_LEVEL_STEP} != 0 OR level = 0",
+    "UPDATE meta SET value = '4' WHERE key = 'schema'",
+]
+
 _ORPHANS = "FROM messages WHERE NOT EXISTS (SELECT 1 FROM queue WHERE msg = mid)"
 
 
@@ -92,7 +114,7 @@ def stored_version(conn: sqlite3.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
-#: Every table a broker has created, at any schema version (1 to 3).
+#: Every table a broker has created, at any schema version (1 to 4).
 _BROKER_TABLES = frozenset({"meta", "entries", "nodes", "checkpoints", "cosignatures", "bundles",
                             "messages", "queue", "node_status", "notices", "subscriptions"})
 
@@ -158,6 +180,17 @@ def _upgrade_from_2(conn: sqlite3.Connection) -> None:
         raise StorageError(f"the upgrade to schema 3 kept {kept} of {queued} queue rows")
 
 
+def _upgrade_from_3(conn: sqlite3.Connection) -> None:
+    (entries,) = conn.execute("SELECT count(*) FROM entries").fetchone()
+    for statement in UPGRADE_FROM_3:
+        conn.execute(statement)
+    (kept,) = conn.execute("SELECT count(*) FROM entries").fetchone()
+    if kept != entries:  # a version-3 broker refuses such a store at start too
+        raise StorageError(f"{entries - kept} audit entries have no recorded leaf hash: the "
+                           "store is damaged (a version-3 broker would refuse it as well); "
+                           "nothing was changed")
+
+
 def _transaction(conn: sqlite3.Connection, expect: str | None,
                  step: Callable[[sqlite3.Connection], None]) -> None:
     """Run ``step`` in one write transaction if the stored version is still ``expect``: read
@@ -175,20 +208,22 @@ def _transaction(conn: sqlite3.Connection, expect: str | None,
 
 
 def prepare(conn: sqlite3.Connection, path: Path) -> None:
-    """Make the store on ``conn`` (autocommit) a version-3 store, or raise ``StorageError``.
+    """Make the store on ``conn`` (autocommit) a version-4 store, or raise ``StorageError``.
 
     A new store is created in one transaction (in an empty file only, or in place of the empty
     tables an earlier version left when it died creating its store: a database with tables of
-    its own is another program's, refused untouched); a version-2 store is upgraded in place in
-    one transaction (nothing changes if any step fails); a store of another version is refused
-    untouched. Then messages no queue row references (a commit never leaves one; damage might)
-    are deleted.
+    its own is another program's, refused untouched); a version-2 or 3 store is upgraded in
+    place, one transaction per version (nothing changes in a step that fails); a store of
+    another version is refused untouched. Then messages no queue row references (a commit never
+    leaves one; damage might) are deleted.
     """
     version = stored_version(conn)
     if version is None:
         _transaction(conn, None, lambda locked: _create_new(locked, path))
-    elif version == "2":
+    if version == "2":
         _transaction(conn, "2", _upgrade_from_2)
+    if stored_version(conn) == "3":
+        _transaction(conn, "3", _upgrade_from_3)
     version = stored_version(conn)
     if version != str(SCHEMA_VERSION):
         raise StorageError(f"{path} has schema version {version}; this broker reads "

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from broker.store.base import QueueRow
 from broker.store.sqlite import SqliteStore
 from clients.gateway import label
 from policies.decide import Decision
+from tests.unit.test_store_sqlite import v3_store
 
 SEED = bytes(range(32))
 FAST = CommitPolicy(max_batch=64, max_delay_s=0.001, checkpoint_interval_s=0.01)
@@ -105,7 +107,7 @@ async def _closed_log_of(tmp_path: Path, count: int) -> Path:
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("UPDATE entries SET data = ? WHERE idx = 3", "entry 3 does not match"),
+    ("UPDATE entries SET data = ? WHERE idx = 3", "entry 3 does not match its stored leaf"),
     ("DELETE FROM entries WHERE idx = 4", "entry 4 is missing"),
     ("DELETE FROM entries WHERE idx >= 8", "entries were lost"),
 ])
@@ -118,16 +120,111 @@ async def test_start_refuses_a_log_that_does_not_extend_its_checkpoint(
         _log(tmp_path).open()
 
 
-async def test_start_refuses_a_consistently_rewritten_log(tmp_path: Path) -> None:
-    """Entry and leaf hash both rewritten: only the signed checkpoint root can tell."""
-    path = await _closed_log_of(tmp_path, 10)
+def _rewrite(conn: sqlite3.Connection, index: int) -> None:
+    """Rewrite an entry and its recorded leaf hash, consistently."""
     forged = _entry(99).to_bytes()
+    conn.execute("UPDATE entries SET data = ?, leaf = ? WHERE idx = ?",
+                 (forged, merkle.leaf_hash(forged), index))
+
+
+async def test_start_refuses_a_consistently_rewritten_log(tmp_path: Path) -> None:
+    """Entry, its leaf hash and the stored node above it all rewritten: only the signed
+    checkpoint root can tell (the reason given first)."""
+    path = await _closed_log_of(tmp_path, 40)
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE entries SET data = ? WHERE idx = 2", (forged,))
-        conn.execute("UPDATE nodes SET hash = ? WHERE level = 0 AND idx = 2",
-                     (merkle.leaf_hash(forged),))
-    with pytest.raises(LogDamaged, match="root of the checkpoint of size 10"):
+        _rewrite(conn, 2)
+        leaves = [bytes(h) for (h,) in conn.execute("SELECT leaf FROM entries ORDER BY idx")]
+        conn.execute("UPDATE nodes SET hash = ? WHERE level = 4 AND idx = 0",
+                     (merkle.root_hash(leaves[:16]),))
+    with pytest.raises(LogDamaged, match="root of the checkpoint of size 40"):
         _log(tmp_path).open()
+
+
+def _rewrite_an_entry(conn: sqlite3.Connection) -> None:
+    _rewrite(conn, 20)
+
+
+def _damage_a_node(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE nodes SET hash = ? WHERE level = 4 AND idx = 2", (bytes(32),))
+
+
+def _store_a_node_beyond(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO nodes VALUES (8, 0, ?)", (bytes(32),))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_rewrite_an_entry, "node over entries 16 to 31 does not match"),
+    (_damage_a_node, "node over entries 32 to 47 does not match"),
+    (_store_a_node_beyond, r"stored beyond the entries \(level 8, index 0\)"),
+])
+async def test_start_checks_the_stored_nodes_beyond_the_last_checkpoint(
+        tmp_path: Path, damage: Callable[[sqlite3.Connection], None], message: str) -> None:
+    """Entries no checkpoint covers (here: none does) are checked against the stored nodes
+    too, not only their own leaf hashes; a node stored where the log has not reached would
+    fail the commit that reaches it."""
+    path = await _closed_log_of(tmp_path, 50)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM checkpoints")
+        damage(conn)
+    with pytest.raises(LogDamaged, match=message):
+        _log(tmp_path).open()
+
+
+async def test_the_store_keeps_every_fourth_level_and_proofs_match_a_full_tree(
+        tmp_path: Path) -> None:
+    path = await _closed_log_of(tmp_path, 300)
+    with sqlite3.connect(path) as conn:
+        levels = dict(conn.execute("SELECT level, count(*) FROM nodes GROUP BY level"))
+    assert levels == {4: 300 // 16, 8: 1}
+    audit = _log(tmp_path)
+    audit.open()  # after a restart: only the right edge is in memory
+    full = merkle.MemoryTree(merkle.leaf_hash(e) for e in audit.store.entries(0, 300))
+    for size in (1, 16, 17, 255, 256, 257, 299, 300):
+        assert audit.root(size) == full.root(size)
+        for index in {i for i in (0, 1, 15, 16, size // 2, size - 1) if i < size}:
+            assert audit.inclusion_proof(index, size) == full.inclusion_proof(index, size)
+        for old in {o for o in (1, 7, 16, size // 3 or 1, size) if o <= size}:
+            assert audit.consistency_proof(old, size) == full.consistency_proof(old, size)
+    audit.store.close()
+
+
+async def test_a_log_written_by_a_schema_3_broker_opens_and_proves_the_same(
+        tmp_path: Path) -> None:
+    """Every complete node, leaves included, in ``nodes`` (schema 3): upgraded in place, the
+    log rebuilds, checks the kept nodes, and answers as before; it grows on from there."""
+    entries = [_entry(i).to_bytes() for i in range(70)]
+    full = merkle.MemoryTree(merkle.leaf_hash(e) for e in entries)
+    every_node = [(level, index, full.get_node(level, index))
+                  for level in range(7) for index in range(70 >> level)]
+    v3_store(tmp_path / "broker.sqlite", entries, every_node)
+    audit = _log(tmp_path)
+    audit.open()
+    assert audit.size == 70
+    for index, size in ((0, 70), (33, 64), (69, 70), (17, 40)):
+        assert audit.inclusion_proof(index, size) == full.inclusion_proof(index, size)
+    assert audit.consistency_proof(20, 70) == full.consistency_proof(20, 70)
+    await audit.start()
+    await _append_many(audit, 30, start=70)
+    await audit.stop()
+    full = merkle.MemoryTree(merkle.leaf_hash(e) for e in audit.store.entries(0, 100))
+    assert audit.root(100) == full.root()
+    assert audit.inclusion_proof(5, 100) == full.inclusion_proof(5, 100)
+    audit.store.close()
+
+
+async def test_a_proof_over_a_missing_stored_node_is_a_storage_error(tmp_path: Path) -> None:
+    path = await _closed_log_of(tmp_path, 40)
+    audit = _log(tmp_path)
+    audit.open()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM entries WHERE idx = 17")
+    with pytest.raises(StorageError, match=r"lacks tree nodes \[16, 18\) at level 0"):
+        audit.inclusion_proof(18, 20)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM nodes WHERE level = 4 AND idx = 0")
+    with pytest.raises(StorageError, match=r"lacks tree nodes \[0, 1\) at level 4"):
+        audit.inclusion_proof(20, 40)
+    audit.store.close()
 
 
 async def test_start_refuses_a_checkpoint_signed_by_another_key(tmp_path: Path) -> None:

@@ -550,8 +550,7 @@ def _rewrite_with_leaf(conn: sqlite3.Connection, index: int) -> None:
     (data,) = conn.execute("SELECT data FROM entries WHERE idx = ?", (index,)).fetchone()
     forged = _forged_admin_entry(data)
     conn.execute("UPDATE entries SET data = ? WHERE idx = ?", (forged, index))
-    conn.execute("UPDATE nodes SET hash = ? WHERE level = 0 AND idx = ?",
-                 (leaf_hash(forged), index))
+    conn.execute("UPDATE entries SET leaf = ? WHERE idx = ?", (leaf_hash(forged), index))
 
 
 def _truncate(conn: sqlite3.Connection, index: int) -> None:

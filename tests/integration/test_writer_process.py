@@ -15,6 +15,7 @@ import pytest
 
 from broker.audit.leaves import DeliverEntry
 from broker.audit.log import AuditLog, CommitPolicy
+from broker.audit.merkle import leaf_hash
 from broker.audit.note import Signer, verify_note
 from broker.coalition import Coalition
 from broker.config import load_config
@@ -31,7 +32,8 @@ FAST = CommitPolicy(max_batch=64, max_delay_s=0.001, checkpoint_interval_s=0.01)
 
 
 def _entries(first: int, count: int) -> Batch:
-    return Batch(first_index=first, entries=[b"entry %d" % i for i in range(first, first + count)])
+    entries = [b"entry %d" % i for i in range(first, first + count)]
+    return Batch(first_index=first, entries=entries, leaves=[leaf_hash(e) for e in entries])
 
 
 @pytest.fixture
@@ -81,7 +83,8 @@ async def test_a_failed_commit_writes_nothing_and_the_child_goes_on(
     await writer.commit(_entries(0, 2))
     # Entry 1 exists: the whole batch (2 new entries and a duplicate) is refused.
     with pytest.raises(StorageError) as refused:
-        await writer.commit(Batch(first_index=1, entries=[b"a", b"b", b"c"]))
+        await writer.commit(Batch(first_index=1, entries=[b"a", b"b", b"c"],
+                                  leaves=[bytes(32)] * 3))
     assert refused.value.code == "unavailable"
     assert "UNIQUE constraint failed" in refused.value.reason
     assert store.size() == 2
@@ -93,7 +96,7 @@ async def test_an_unexpected_error_in_the_child_is_answered_and_writes_nothing(
         store: SqliteStore, writer: WriterProcess) -> None:
     # An index SQLite cannot hold raises OverflowError (not an sqlite3.Error) while binding.
     with pytest.raises(StorageError) as refused:
-        await writer.commit(Batch(first_index=1 << 70, entries=[b"a"]))
+        await writer.commit(Batch(first_index=1 << 70, entries=[b"a"], leaves=[bytes(32)]))
     assert refused.value.code == "internal"
     assert "OverflowError" in refused.value.reason
     await writer.commit(_entries(0, 1))

@@ -9,11 +9,15 @@ import pytest
 
 from broker.audit.merkle import (
     EMPTY_ROOT,
+    STORED_LEVEL_STEP,
     MemoryTree,
+    StoredNodeCheck,
     completed_nodes,
     consistency_proof,
     inclusion_proof,
+    is_stored_level,
     leaf_hash,
+    node_from_stored,
     node_hash,
     root_from_inclusion,
     root_hash,
@@ -152,6 +156,96 @@ def test_proofs_and_roots_cost_logarithmic_reads(size: int) -> None:
         store = _CountingStore()
         call(store)
         assert store.reads <= bound
+
+
+# --- the stored levels -------------------------------------------------------------------
+
+BIG = MemoryTree(leaf_hash(b"big %d" % i) for i in range(600))
+
+
+def _stored_run(tree: MemoryTree) -> Callable[[int, int, int], list[bytes]]:
+    """What a log's store answers: leaf hashes (from its entries) and stored levels only."""
+
+    def run(level: int, first: int, count: int) -> list[bytes]:
+        assert level == 0 or is_stored_level(level)
+        assert count <= 2 ** (STORED_LEVEL_STEP - 1)
+        return [tree.get_node(level, i) for i in range(first, first + count)]
+
+    return run
+
+
+def test_only_every_fourth_level_above_the_leaves_is_stored() -> None:
+    assert [lvl for lvl in range(13) if is_stored_level(lvl)] == [4, 8, 12]
+
+
+def test_every_node_is_recomputed_from_the_stored_levels() -> None:
+    run = _stored_run(BIG)
+    for level in range(10):
+        for index in range(600 >> level):
+            assert node_from_stored(level, index, run) == BIG.get_node(level, index)
+
+
+def test_a_short_run_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs 4 hashes at level 4, got 3"):
+        node_from_stored(6, 0, lambda level, first, count: [H] * (count - 1))
+    with pytest.raises(ValueError):
+        node_from_stored(-1, 0, _stored_run(BIG))
+
+
+@pytest.mark.parametrize("size", [2**20 + 1, 1_000_003, 2**31 - 1])
+def test_proofs_from_the_stored_levels_still_cost_logarithmic_reads(size: int) -> None:
+    runs: list[int] = []
+
+    def run(level: int, first: int, count: int) -> list[bytes]:
+        runs.append(count)
+        return [hashlib.sha256(b"%d/%d" % (level, i)).digest() for i in range(first, first + count)]
+
+    def get_node(level: int, index: int) -> bytes:
+        return node_from_stored(level, index, run)
+
+    inclusion_proof(size // 3, size, get_node)
+    consistency_proof(size // 3 + 1, size, get_node)
+    assert len(runs) <= 2 * (2 * size.bit_length() + 1)
+    assert max(runs) <= 2 ** (STORED_LEVEL_STEP - 1)
+
+
+def _check_rebuild(stored: dict[int, list[bytes]], size: int = 300) -> str | None:
+    check = StoredNodeCheck(lambda level: iter(enumerate(stored.get(level, []))))
+    rebuilt = MemoryTree()
+    for i in range(size):
+        leaf = BIG.get_node(0, i)
+        check.check(completed_nodes(rebuilt.size, leaf, rebuilt.get_node))
+        rebuilt.append(leaf)
+    return check.problem()
+
+
+def _stored_levels(size: int = 300) -> dict[int, list[bytes]]:
+    return {lvl: [BIG.get_node(lvl, i) for i in range(size >> lvl)] for lvl in (4, 8)}
+
+
+def test_the_stored_node_check_passes_the_nodes_of_the_entries() -> None:
+    assert _check_rebuild(_stored_levels()) is None
+
+
+def test_the_stored_node_check_finds_a_changed_or_missing_node() -> None:
+    changed = _stored_levels()
+    changed[4][3] = H
+    assert _check_rebuild(changed) == ("the stored tree node over entries 48 to 63 does not "
+                                       "match them")
+    missing = _stored_levels()
+    del missing[8][0]
+    assert _check_rebuild(missing) == ("the stored tree node over entries 0 to 255 does not "
+                                       "match them")
+
+
+def test_the_stored_node_check_finds_a_node_beyond_the_entries() -> None:
+    extra = _stored_levels()
+    extra[4].append(H)
+    assert _check_rebuild(extra) == ("a tree node is stored beyond the entries (level 4, "
+                                     "index 18)")
+    unreached = {**_stored_levels(), 12: [H]}
+    assert _check_rebuild(unreached) == ("a tree node is stored beyond the entries (level 12, "
+                                         "index 0)")
 
 
 # --- verify_inclusion ---------------------------------------------------------------------

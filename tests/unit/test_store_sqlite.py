@@ -1,5 +1,5 @@
-"""The SQLite store's schema 3: each queued envelope stored once, released with its last queue
-row, batches all-or-nothing, and the in-place upgrade from schema 2."""
+"""The SQLite store's schema 4: each queued envelope stored once, released with its last queue
+row, batches all-or-nothing, and the in-place upgrades from schemas 2 and 3."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from broker.audit.merkle import leaf_hash
 from broker.errors import StorageError
 from broker.store import sqlite_schema
 from broker.store.base import Batch, QueueRecord, QueueRow
@@ -49,6 +50,12 @@ def _row(recipient: str, seq: int, *, msg: int = 1, envelope: bytes = ENVELOPE,
          sender: str = "USA-GW1") -> QueueRow:
     return QueueRow(recipient, seq, 3, msg.to_bytes(16, "big"), sender, envelope,
                     10**13 + msg, 10**12 + msg)
+
+
+def _logged(first: int, *entries: bytes) -> dict[str, Any]:
+    """The ``Batch`` fields of audit entries appended at ``first``, with their leaf hashes."""
+    return {"first_index": first, "entries": list(entries),
+            "leaves": [leaf_hash(e) for e in entries]}
 
 
 def _count(path: Path, table: str) -> int:
@@ -132,7 +139,7 @@ def test_a_reused_message_id_keeps_its_own_envelope(store: SqliteStore, path: Pa
 
 def test_a_failed_batch_writes_nothing(store: SqliteStore, path: Path) -> None:
     store.commit(Batch(enqueue=[_row("GBR-GW1", 1)]))
-    duplicate = Batch(first_index=0, entries=[b"entry"], nodes=[(0, 0, b"\x00" * 32)],
+    duplicate = Batch(**_logged(0, b"entry"), nodes=[(4, 0, b"\x00" * 32)],
                       enqueue=[_row("FRA-GW1", 2, msg=2), _row("GBR-GW1", 1, msg=2)],
                       dequeue=[("GBR-GW1", 1)])
     with pytest.raises(StorageError, match="commit failed"):
@@ -257,6 +264,7 @@ def _v2_store(path: Path, rows: list[QueueRow], schema: str = "2") -> None:
         conn.execute("INSERT INTO meta VALUES ('schema', ?)", (schema,))
         conn.execute("INSERT INTO meta VALUES ('seq_high', '9')")
         conn.execute("INSERT INTO entries VALUES (0, x'00')")
+        conn.execute("INSERT INTO nodes VALUES (0, 0, ?)", (leaf_hash(b"\x00"),))
         conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          ((r.recipient, r.seq, r.prec, r.id, r.sender, r.envelope, r.expires_ms,
                            r.queued_ms) for r in rows))
@@ -281,7 +289,7 @@ def test_a_schema_2_store_is_upgraded_keeping_every_queued_row(path: Path) -> No
         conn = sqlite3.connect(path)
         try:
             assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (
-                "3",)
+                "4",)
             columns = {r[1] for r in conn.execute("PRAGMA table_info(queue)")}
             assert "envelope" not in columns
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -294,7 +302,7 @@ def test_a_schema_2_store_is_upgraded_keeping_every_queued_row(path: Path) -> No
         assert len(store.queue_rows()) == 4
     finally:
         store.close()
-    reopened = SqliteStore(path)  # a second open finds version 3 and changes nothing
+    reopened = SqliteStore(path)  # a second open finds version 4 and changes nothing
     try:
         assert len(reopened.queue_rows()) == 4
     finally:
@@ -319,19 +327,81 @@ def test_a_failed_upgrade_leaves_the_schema_2_store_untouched(
         store.close()
 
 
-def test_a_store_of_another_schema_version_is_refused_untouched(path: Path) -> None:
-    _v2_store(path, V2_ROWS, schema="99")
+def v3_store(path: Path, entries: list[bytes], nodes: Iterable[tuple[int, int, bytes]]) -> None:
+    """A schema-3 store as a version-3 broker leaves it: schema 2 upgraded by the frozen
+    statements of that upgrade, with ``entries`` and every complete node (``nodes``)."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executescript(V2_SCHEMA)
+        conn.execute("INSERT INTO meta VALUES ('schema', '2')")
+        conn.executemany("INSERT INTO entries VALUES (?, ?)", enumerate(entries))
+        conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", nodes)
+        for statement in sqlite_schema.UPGRADE_FROM_2:
+            conn.execute(statement)
+    conn.close()
+
+
+V3_ENTRIES = [b"entry %d" % i for i in range(40)]
+#: Made-up node hashes above the leaves: the upgrade moves rows, it does not check hashes.
+V3_NODES = [(0, i, leaf_hash(e)) for i, e in enumerate(V3_ENTRIES)] + [
+    (level, index, bytes([level, index]) * 16) for level in range(1, 6)
+    for index in range(40 >> level)]
+
+
+def test_a_schema_3_store_is_upgraded_keeping_the_leaves_and_stored_levels(path: Path) -> None:
+    v3_store(path, V3_ENTRIES, V3_NODES)
+    store = SqliteStore(path)
+    try:
+        assert store.entries(0, 40) == V3_ENTRIES
+        assert store.nodes(0, 0, 40) == [leaf_hash(e) for e in V3_ENTRIES]
+        assert list(store.iter_nodes(0)) == list(enumerate(store.nodes(0, 0, 40)))
+        assert store.nodes(4, 0, 10) == [bytes([4, 0]) * 16, bytes([4, 1]) * 16]
+        for level in (1, 2, 3, 5):
+            assert store.nodes(level, 0, 40) == []
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        (nodes,) = conn.execute("SELECT count(*) FROM nodes").fetchone()
+        assert nodes == 2
+    finally:
+        conn.close()
+
+
+def test_a_schema_3_store_with_an_entry_but_no_leaf_hash_is_refused_untouched(
+        path: Path) -> None:
+    v3_store(path, V3_ENTRIES, [n for n in V3_NODES if n[:2] != (0, 7)])
     before = _dump(path)
-    with pytest.raises(StorageError, match="schema version 99; this broker reads version 3"):
+    with pytest.raises(StorageError, match="1 audit entries have no recorded leaf hash"):
         SqliteStore(path)
     assert _dump(path) == before
 
 
-def test_a_new_store_is_schema_3(path: Path) -> None:
+def test_a_failed_upgrade_leaves_the_schema_3_store_untouched(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    v3_store(path, V3_ENTRIES, V3_NODES)
+    before = _dump(path)
+    monkeypatch.setattr(sqlite_schema, "UPGRADE_FROM_3",
+                        [*sqlite_schema.UPGRADE_FROM_3, "INSERT INTO nowhere VALUES (1)"])
+    with pytest.raises(StorageError, match="no such table: nowhere"):
+        SqliteStore(path)
+    assert _dump(path) == before
+
+
+def test_a_store_of_another_schema_version_is_refused_untouched(path: Path) -> None:
+    _v2_store(path, V2_ROWS, schema="99")
+    before = _dump(path)
+    with pytest.raises(StorageError, match="schema version 99; this broker reads version 4"):
+        SqliteStore(path)
+    assert _dump(path) == before
+
+
+def test_a_new_store_is_schema_4(path: Path) -> None:
     SqliteStore(path).close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     finally:
         conn.close()
@@ -354,11 +424,11 @@ def test_a_backup_holds_the_queued_envelopes(store: SqliteStore, tmp_path: Path)
 
 def test_a_read_only_store_reads_what_the_writer_committed(store: SqliteStore,
                                                            path: Path) -> None:
-    store.commit(Batch(first_index=0, entries=[b"e0", b"e1"], enqueue=[_row("GBR-GW1", 1)]))
+    store.commit(Batch(**_logged(0, b"e0", b"e1"), enqueue=[_row("GBR-GW1", 1)]))
     reader = SqliteStore.open_read_only(path)
     try:
         assert reader.size() == 2 and reader.entries(0, 2) == [b"e0", b"e1"]
-        store.commit(Batch(first_index=2, entries=[b"e2"]))  # the live writer goes on
+        store.commit(Batch(**_logged(2, b"e2")))  # the live writer goes on
         assert reader.size() == 3
         assert reader.queue_rows() == [_row("GBR-GW1", 1)]
     finally:
@@ -369,7 +439,7 @@ def test_a_read_only_store_refuses_to_commit(store: SqliteStore, path: Path) -> 
     reader = SqliteStore.open_read_only(path)
     try:
         with pytest.raises(StorageError, match="opened read-only"):
-            reader.commit(Batch(first_index=0, entries=[b"e0"]))
+            reader.commit(Batch(**_logged(0, b"e0")))
     finally:
         reader.close()
     assert store.size() == 0
@@ -390,7 +460,7 @@ def test_a_read_only_open_never_upgrades_or_creates(path: Path) -> None:
     assert not path.exists()
     _v2_store(path, V2_ROWS)
     before = _dump(path)
-    with pytest.raises(StorageError, match="schema version 2; this broker reads version 3"):
+    with pytest.raises(StorageError, match="schema version 2; this broker reads version 4"):
         SqliteStore.open_read_only(path)
     assert _dump(path) == before
 
@@ -570,12 +640,12 @@ def _is_a_new_store(path: Path) -> None:
     store = SqliteStore(path)
     try:
         assert (store.size(), store.queue_rows(), store.seq_high()) == (0, [], 0)
-        store.commit(Batch(first_index=0, entries=[b"e0"], enqueue=[_row("GBR-GW1", 1)]))
+        store.commit(Batch(**_logged(0, b"e0"), enqueue=[_row("GBR-GW1", 1)]))
     finally:
         store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM entries").fetchone() == (1,)
     finally:
@@ -595,7 +665,7 @@ def test_creation_is_all_or_nothing(path: Path, tmp_path: Path,
     def dies_before_the_commit(conn: sqlite3.Connection, at: Path) -> None:
         conn.execute("PRAGMA cache_size=1")  # the transaction's pages spill to disk
         create_new(conn, at)
-        conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000))")
+        conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000), zeroblob(32))")
         _as_a_crash_leaves_it(at, crashed)
         raise RuntimeError("the broker dies")
 
@@ -624,7 +694,7 @@ def test_a_store_whose_creation_died_in_a_rollback_journal_is_created(
     for statement in sqlite_schema._CREATE:
         conn.execute(statement)
     conn.execute("INSERT INTO meta VALUES ('schema', '3')")
-    conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000))")
+    conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000), zeroblob(32))")
     _as_a_crash_leaves_it(source, path)
     conn.execute("ROLLBACK")
     conn.close()
@@ -663,14 +733,14 @@ def test_two_brokers_creating_one_store_at_once(path: Path,
         version = stored_version(conn)  # the second's first look (no lock): no store
         monkeypatch.setattr(sqlite_schema, "stored_version", stored_version)
         other.append(SqliteStore(path))
-        other[0].commit(Batch(first_index=0, entries=[b"first"]))
+        other[0].commit(Batch(**_logged(0, b"first")))
         return version
 
     monkeypatch.setattr(sqlite_schema, "stored_version", first_broker_gets_there_first)
     second = SqliteStore(path)
     try:
         assert other and second.entries(0, 1) == [b"first"]
-        second.commit(Batch(first_index=1, entries=[b"second"]))
+        second.commit(Batch(**_logged(1, b"second")))
         assert other[0].size() == 2
     finally:
         second.close()
