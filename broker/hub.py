@@ -48,7 +48,7 @@ from broker.limits import EnvelopeLimits, check_envelope_limits, check_route_lim
 from broker.metrics import Metrics
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
-from broker.session import MAX_REASON_CHARS, bounded
+from broker.session import error_frame
 from broker.store.base import Batch, QueueRow, Store
 from broker.verifier import VerifyPool
 from policies.bundle import (
@@ -351,12 +351,11 @@ class Hub:
             self.metrics.refused(exc.code)
             log.info("request_rejected", frame="pub", node=sender.node, code=exc.code,
                      reason=exc.reason)
-            origin.send(wire.Error(code=exc.code, reason=bounded(exc.reason, MAX_REASON_CHARS),
-                                   ref=env.id))
+            origin.send(error_frame(exc.code, exc.reason, env.id))
         except Exception:
             log.exception("request_failed", frame="pub", node=sender.node)
             reason = "the broker failed on this request"
-            origin.send(wire.Error(code="internal", reason=reason, ref=env.id))
+            origin.send(error_frame("internal", reason, env.id))
             origin.close("internal", reason)
 
     def _check_in_force(self, sender: NodeCert, ref: bytes) -> None:

@@ -32,6 +32,11 @@ def bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def error_frame(code: str, reason: str, ref: bytes | None = None) -> wire.Error:
+    """The ``error`` frame for ``code``, its reason bounded to :data:`MAX_REASON_CHARS`."""
+    return wire.Error(code=code, reason=bounded(reason, MAX_REASON_CHARS), ref=ref)
+
+
 class State(enum.Enum):
     AWAIT_HELLO = "await_hello"
     OPEN = "open"
@@ -175,9 +180,9 @@ class BrokerSession:
 
     def _error(self, code: str, reason: str, *, ref: bytes | None = None,
                close: bool = False) -> list[Event]:
-        reason = bounded(reason, MAX_REASON_CHARS)
-        events: list[Event] = [Send(wire.Error(code=code, reason=reason, ref=ref))]
+        frame = error_frame(code, reason, ref)
+        events: list[Event] = [Send(frame)]
         if close:
             self.state = State.CLOSED
-            events.append(Close(code, reason))
+            events.append(Close(code, frame.reason))
         return events
