@@ -8,7 +8,9 @@ recipient's enqueue counter, so a FLASH message is never stuck behind a ROUTINE 
 
 Removal from the middle of the heaps (an expired message, an ack) is lazy: the dictionaries
 ``_pending`` and ``_in_flight`` are the truth, heap entries whose seq is no longer there are
-skipped when they surface. Every operation is O(log n) per message.
+skipped when they surface. Every operation is O(log n) per message. The counts and the oldest
+copy per precedence (metrics, the admin API) are kept as copies come and go, so that a scrape
+of a broker with a large backlog does not walk it on the event loop.
 
 Envelope bytes are kept in memory only up to ``memory_bytes`` per queue (the first copies
 queued while the queue is short: those of a recipient that keeps up); beyond it a copy is
@@ -19,6 +21,7 @@ not the envelope (docs/decisions.md, "Queued envelopes stay on disk").
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import sys
@@ -70,6 +73,10 @@ class RecipientQueue:
         self._reserved_bytes = 0  # their sum, kept as they come and go (checked per publish)
         #: Envelope bytes owed (pending and in flight).
         self.bytes = 0
+        self._depth: dict[int, int] = {}  # copies owed per precedence
+        # Per precedence, seqs in the order they were queued; may hold copies no longer owed
+        # (dropped when they reach the front, or in one pass when they outnumber those owed).
+        self._arrivals: dict[int, collections.deque[int]] = {}
 
     # --- intake ---------------------------------------------------------------------------
 
@@ -121,6 +128,8 @@ class RecipientQueue:
         heapq.heappush(self._order, item.sort_key)
         heapq.heappush(self._expiry, (expires_ms, seq))
         self.bytes += size
+        self._depth[prec] = self._depth.get(prec, 0) + 1
+        self._arrivals.setdefault(prec, collections.deque()).append(seq)
         return item
 
     # --- delivery -------------------------------------------------------------------------
@@ -152,6 +161,12 @@ class RecipientQueue:
             self.bytes -= item.size
             if item.envelope is not None:
                 self.hot_bytes -= item.size
+            prec = item.prec
+            left = self._depth[prec] = self._depth[prec] - 1
+            arrivals = self._arrivals[prec]
+            if len(arrivals) > 2 * left + 64:  # amortised O(1) per copy forgotten
+                self._arrivals[prec] = collections.deque(
+                    seq for seq in arrivals if self._owes(seq))
 
     def unsend(self, seqs: list[int]) -> None:
         """Copies taken to be sent that could not be (their envelopes could not be read) go
@@ -224,16 +239,20 @@ class RecipientQueue:
         return len(self._in_flight)
 
     def depth_by_precedence(self) -> dict[int, int]:
-        """Messages owed per precedence (for metrics and the admin view)."""
-        counts: dict[int, int] = {}
-        for item in (*self._pending.values(), *self._in_flight.values()):
-            counts[item.prec] = counts.get(item.prec, 0) + 1
-        return counts
+        """Messages owed per precedence (for metrics and the admin view); O(precedences)."""
+        return {prec: count for prec, count in self._depth.items() if count}
 
     def oldest_by_precedence(self) -> dict[int, int]:
-        """When the oldest copy owed was queued (ms), per precedence."""
+        """When the copy owed that was queued first was queued (ms), per precedence: the
+        oldest, as copies are queued in time order. Amortised O(precedences)."""
         oldest: dict[int, int] = {}
-        for item in (*self._pending.values(), *self._in_flight.values()):
-            if item.prec not in oldest or item.queued_ms < oldest[item.prec]:
-                oldest[item.prec] = item.queued_ms
+        for prec, arrivals in self._arrivals.items():
+            while arrivals and not self._owes(arrivals[0]):
+                arrivals.popleft()
+            if arrivals:
+                seq = arrivals[0]
+                oldest[prec] = (self._pending.get(seq) or self._in_flight[seq]).queued_ms
         return oldest
+
+    def _owes(self, seq: int) -> bool:
+        return seq in self._pending or seq in self._in_flight

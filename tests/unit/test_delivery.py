@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.delivery import RecipientQueue
 
@@ -347,3 +349,59 @@ def test_unsent_copies_go_back_to_pending_in_order() -> None:
     assert [item.seq for item in queue.take_sendable()] == [taken[0].seq, taken[2].seq]
     queue.ack([item.seq for item in taken])
     assert [item.seq for item in queue.take_sendable()] == [4] and queue.bytes == 10
+
+
+def _brute_force(queue: RecipientQueue) -> tuple[dict[int, int], dict[int, int]]:
+    """Counts and oldest per precedence by walking every copy owed (what a scrape did)."""
+    counts: dict[int, int] = {}
+    oldest: dict[int, int] = {}
+    for item in (*queue._pending.values(), *queue._in_flight.values()):
+        counts[item.prec] = counts.get(item.prec, 0) + 1
+        oldest[item.prec] = min(oldest.get(item.prec, item.queued_ms), item.queued_ms)
+    return counts, oldest
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("push"), st.integers(ROUTINE, FLASH), st.integers(0, 50)),
+    st.tuples(st.just("send"), st.integers(0, 8)),
+    st.tuples(st.just("ack"), st.lists(st.integers(0, 40), max_size=6)),
+    st.tuples(st.just("expire"), st.integers(0, 60)),
+    st.tuples(st.just("requeue")),
+), max_size=120)
+
+
+@given(OPS)
+def test_counts_and_oldest_per_precedence_match_a_walk_of_every_copy(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """Kept as copies come and go (pushed, sent, acked, expired, requeued), they equal what a
+    walk of the queue finds; copies are queued in time order, as the hub queues them."""
+    queue = RecipientQueue(window=4, memory_bytes=64)
+    now = 0
+    for op in ops:
+        if op[0] == "push":
+            now += 1
+            queue.push(message_id=now.to_bytes(16, "big"), sender="GBR-GW1", envelope=b"e" * 20,
+                       prec=op[1], expires_ms=now + op[2], queued_ms=now)
+        elif op[0] == "send":
+            queue.take_sendable()
+        elif op[0] == "ack":
+            queue.ack(op[1])
+        elif op[0] == "expire":
+            queue.take_expired(op[1])
+        else:
+            queue.requeue_in_flight()
+        assert (queue.depth_by_precedence(), queue.oldest_by_precedence()) == _brute_force(queue)
+
+
+def test_the_arrival_order_of_acked_copies_stays_bounded() -> None:
+    """One old copy stays in flight (never acked) while thousands after it are: the record of
+    arrivals behind it does not keep them all."""
+    queue = RecipientQueue(window=8)
+    for i in range(10_000):
+        queue.push(message_id=i.to_bytes(16, "big"), sender="USA-GW1", envelope=b"e",
+                   prec=ROUTINE, expires_ms=10**12, queued_ms=1000 + i)
+        for item in queue.take_sendable():
+            if item.queued_ms != 1000:  # the first stays unacknowledged
+                queue.ack([item.seq])
+    assert queue.depth_by_precedence() == {ROUTINE: 1}
+    assert queue.oldest_by_precedence() == {ROUTINE: 1000}
+    assert sum(len(d) for d in queue._arrivals.values()) <= 64 + 2 * 8
