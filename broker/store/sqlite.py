@@ -367,7 +367,7 @@ def commit_batch(conn: sqlite3.Connection, batch: Batch) -> None:
 
 def _write_batch(conn: sqlite3.Connection, batch: Batch) -> None:
     if batch.entries:
-        conn.executemany("INSERT INTO entries VALUES (?, ?, ?)",
+        conn.executemany("INSERT INTO entries (idx, data, leaf) VALUES (?, ?, ?)",
                          ((batch.first_index + i, data, leaf) for i, (data, leaf) in
                           enumerate(zip(batch.entries, batch.leaves, strict=True))))
     conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)

@@ -23,7 +23,6 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.audit.merkle import STORED_LEVEL_STEP
 from broker.errors import StorageError
 
 SCHEMA_VERSION = 4
@@ -33,8 +32,10 @@ SCHEMA_VERSION = 4
 _MESSAGES = """CREATE TABLE IF NOT EXISTS messages (
     mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, id BLOB NOT NULL, envelope BLOB NOT NULL)"""
 
+# The leaf before the data: reading it (at start, for proofs) does not walk a long entry's
+# overflow pages.
 _ENTRIES = """CREATE TABLE IF NOT EXISTS {name} (
-    idx INTEGER PRIMARY KEY, data BLOB NOT NULL, leaf BLOB NOT NULL)"""
+    idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL, data BLOB NOT NULL)"""
 
 _QUEUE = """CREATE TABLE IF NOT EXISTS {name} (
     recipient TEXT NOT NULL, seq INTEGER NOT NULL, prec INTEGER NOT NULL, msg INTEGER NOT NULL,
@@ -91,14 +92,16 @@ UPGRADE_FROM_2 = [
 ]
 
 #: Version 3 → 4: each entry takes its recorded leaf hash (level 0 of ``nodes``) into its row;
-#: then the nodes a version-4 log does not store go (it reads no others).
+#: then the nodes a version-4 log does not store go (it reads no others). The step of 4 is
+#: written out: it is schema 4's (``merkle.STORED_LEVEL_STEP`` may change only with a new
+#: schema version, which would move the nodes).
 UPGRADE_FROM_3 = [
     _ENTRIES.format(name="entries_v4"),
-    "INSERT INTO entries_v4 SELECT e.idx, e.data, n.hash "
+    "INSERT INTO entries_v4 SELECT e.idx, n.hash, e.data "
     "FROM entries AS e JOIN nodes AS n ON n.level = 0 AND n.idx = e.idx",
     "DROP TABLE entries",
     "ALTER TABLE entries_v4 RENAME TO entries",
-    f"DELETE FROM nodes WHERE level % {STORED_LEVEL_STEP} != 0 OR level = 0",
+    "DELETE FROM nodes WHERE level % 4 != 0 OR level = 0",
     "UPDATE meta SET value = '4' WHERE key = 'schema'",
 ]
 
@@ -187,8 +190,8 @@ def _upgrade_from_3(conn: sqlite3.Connection) -> None:
     (kept,) = conn.execute("SELECT count(*) FROM entries").fetchone()
     if kept != entries:  # a version-3 broker refuses such a store at start too
         raise StorageError(f"{entries - kept} audit entries have no recorded leaf hash: the "
-                           "store is damaged (a version-3 broker would refuse it as well); "
-                           "nothing was changed")
+                           "store is damaged (a version-3 broker would refuse it as well); the "
+                           "upgrade to schema 4 changed nothing (the store is at schema 3)")
 
 
 def _transaction(conn: sqlite3.Connection, expect: str | None,
@@ -224,6 +227,10 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
         _transaction(conn, "2", _upgrade_from_2)
     if stored_version(conn) == "3":
         _transaction(conn, "3", _upgrade_from_3)
+    if version in ("2", "3"):
+        # An upgrade rewrote tables through the WAL (in WAL mode): give the space back now, not
+        # at the last connection's close, since the store's size is checked against its limit.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     version = stored_version(conn)
     if version != str(SCHEMA_VERSION):
         raise StorageError(f"{path} has schema version {version}; this broker reads "

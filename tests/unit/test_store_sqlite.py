@@ -331,6 +331,7 @@ def v3_store(path: Path, entries: list[bytes], nodes: Iterable[tuple[int, int, b
     """A schema-3 store as a version-3 broker leaves it: schema 2 upgraded by the frozen
     statements of that upgrade, with ``entries`` and every complete node (``nodes``)."""
     conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")  # as every broker since schema 2 leaves it
     with conn:
         conn.executescript(V2_SCHEMA)
         conn.execute("INSERT INTO meta VALUES ('schema', '2')")
@@ -352,6 +353,8 @@ def test_a_schema_3_store_is_upgraded_keeping_the_leaves_and_stored_levels(path:
     v3_store(path, V3_ENTRIES, V3_NODES)
     store = SqliteStore(path)
     try:
+        # The rewritten tables went through the WAL; it is given back at once, not at close.
+        assert path.with_name(path.name + "-wal").stat().st_size == 0
         assert store.entries(0, 40) == V3_ENTRIES
         assert store.nodes(0, 0, 40) == [leaf_hash(e) for e in V3_ENTRIES]
         assert list(store.iter_nodes(0)) == list(enumerate(store.nodes(0, 0, 40)))
@@ -376,6 +379,22 @@ def test_a_schema_3_store_with_an_entry_but_no_leaf_hash_is_refused_untouched(
     with pytest.raises(StorageError, match="1 audit entries have no recorded leaf hash"):
         SqliteStore(path)
     assert _dump(path) == before
+
+
+def test_a_schema_2_store_refused_on_the_way_to_4_says_it_is_at_3(path: Path) -> None:
+    """Each version's step is its own transaction: the step to 3 stays done."""
+    _v2_store(path, V2_ROWS)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM nodes")  # entry 0 loses its leaf hash
+    conn.close()
+    with pytest.raises(StorageError, match=r"changed nothing \(the store is at schema 3\)"):
+        SqliteStore(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    finally:
+        conn.close()
 
 
 def test_a_failed_upgrade_leaves_the_schema_3_store_untouched(
@@ -665,7 +684,7 @@ def test_creation_is_all_or_nothing(path: Path, tmp_path: Path,
     def dies_before_the_commit(conn: sqlite3.Connection, at: Path) -> None:
         conn.execute("PRAGMA cache_size=1")  # the transaction's pages spill to disk
         create_new(conn, at)
-        conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000), zeroblob(32))")
+        conn.execute("INSERT INTO entries VALUES (0, zeroblob(32), zeroblob(300000))")
         _as_a_crash_leaves_it(at, crashed)
         raise RuntimeError("the broker dies")
 
@@ -694,7 +713,7 @@ def test_a_store_whose_creation_died_in_a_rollback_journal_is_created(
     for statement in sqlite_schema._CREATE:
         conn.execute(statement)
     conn.execute("INSERT INTO meta VALUES ('schema', '3')")
-    conn.execute("INSERT INTO entries VALUES (0, zeroblob(300000), zeroblob(32))")
+    conn.execute("INSERT INTO entries VALUES (0, zeroblob(32), zeroblob(300000))")
     _as_a_crash_leaves_it(source, path)
     conn.execute("ROLLBACK")
     conn.close()
