@@ -309,16 +309,21 @@ def test_a_schema_2_store_is_upgraded_keeping_every_queued_row(path: Path) -> No
         reopened.close()
 
 
-def test_a_failed_upgrade_leaves_the_schema_2_store_untouched(
-        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _v2_store(path, V2_ROWS)
+def _upgrade_fails_at_its_last_step(path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    steps: str) -> None:
+    """The upgrade ``steps`` fails after every table was rebuilt: the store is as it was."""
     before = _dump(path)
-    # Fails at the last step, after every table was rebuilt.
-    monkeypatch.setattr(sqlite_schema, "UPGRADE_FROM_2",
-                        [*sqlite_schema.UPGRADE_FROM_2, "INSERT INTO nowhere VALUES (1)"])
+    monkeypatch.setattr(sqlite_schema, steps,
+                        [*getattr(sqlite_schema, steps), "INSERT INTO nowhere VALUES (1)"])
     with pytest.raises(StorageError, match="no such table: nowhere"):
         SqliteStore(path)
     assert _dump(path) == before
+
+
+def test_a_failed_upgrade_leaves_the_schema_2_store_untouched(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _v2_store(path, V2_ROWS)
+    _upgrade_fails_at_its_last_step(path, monkeypatch, "UPGRADE_FROM_2")
     monkeypatch.undo()
     store = SqliteStore(path)
     try:
@@ -400,12 +405,7 @@ def test_a_schema_2_store_refused_on_the_way_to_4_says_it_is_at_3(path: Path) ->
 def test_a_failed_upgrade_leaves_the_schema_3_store_untouched(
         path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     v3_store(path, V3_ENTRIES, V3_NODES)
-    before = _dump(path)
-    monkeypatch.setattr(sqlite_schema, "UPGRADE_FROM_3",
-                        [*sqlite_schema.UPGRADE_FROM_3, "INSERT INTO nowhere VALUES (1)"])
-    with pytest.raises(StorageError, match="no such table: nowhere"):
-        SqliteStore(path)
-    assert _dump(path) == before
+    _upgrade_fails_at_its_last_step(path, monkeypatch, "UPGRADE_FROM_3")
 
 
 def test_a_store_of_another_schema_version_is_refused_untouched(path: Path) -> None:
