@@ -154,12 +154,10 @@ class SqliteStore:
             start = int(rows[-1][0]) + 1
 
     def iter_nodes(self, level: int) -> Iterator[tuple[int, bytes]]:
+        select, args = _nodes_at(level)
         start = 0
         while True:
-            rows = self._query("SELECT idx, leaf FROM entries WHERE idx >= ? ORDER BY idx "
-                               "LIMIT 4096", (start,)) if level == 0 else self._query(
-                "SELECT idx, hash FROM nodes WHERE level = ? AND idx >= ? ORDER BY idx "
-                "LIMIT 4096", (level, start))
+            rows = self._query(f"{select} idx >= ? ORDER BY idx LIMIT 4096", (*args, start))
             for idx, digest in rows:
                 yield int(idx), bytes(digest)
             if len(rows) < 4096:
@@ -167,11 +165,9 @@ class SqliteStore:
             start = int(rows[-1][0]) + 1
 
     def nodes(self, level: int, start: int, end: int) -> list[bytes]:
-        rows = self._query("SELECT leaf FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
-                           (start, end)) if level == 0 else self._query(
-            "SELECT hash FROM nodes WHERE level = ? AND idx >= ? AND idx < ? ORDER BY idx",
-            (level, start, end))
-        return [bytes(digest) for (digest,) in rows]
+        select, args = _nodes_at(level)
+        rows = self._query(f"{select} idx >= ? AND idx < ? ORDER BY idx", (*args, start, end))
+        return [bytes(digest) for _, digest in rows]
 
     def checkpoints(self, since: int = 0) -> list[StoredCheckpoint]:
         cosigs: dict[int, dict[str, str]] = {}
@@ -346,6 +342,14 @@ def _with_our_schema(conn: sqlite3.Connection, path: Path, to: str) -> sqlite3.C
                            f"{path} has schema version {version}; this broker {to}s "
                            f"version {SCHEMA_VERSION}")
     return conn
+
+
+def _nodes_at(level: int) -> tuple[str, tuple[int, ...]]:
+    """The start of a query for ``(idx, hash)`` of the tree nodes at ``level``, to complete
+    with conditions on ``idx``: level 0 is the leaf hashes recorded in the entry rows."""
+    if level == 0:
+        return "SELECT idx, leaf FROM entries WHERE", ()
+    return "SELECT idx, hash FROM nodes WHERE level = ? AND", (level,)
 
 
 def commit_batch(conn: sqlite3.Connection, batch: Batch) -> None:
