@@ -154,17 +154,17 @@ def completed_nodes(
 #: A log stores the complete nodes of every fourth level only (16, 256, 4,096, … leaves): about
 #: one row per 15 entries instead of two per entry (a leaf hash and the parents it completes).
 #: Any other node is recomputed from at most eight stored ones below it, or from at most eight
-#: entries: a root or proof still costs O(log n) reads, a few rows each.
+#: leaf hashes: a root or proof still costs O(log n) reads, a few rows each.
 STORED_LEVEL_STEP = 4
 
 #: ``get_run(level, first, count)``: the hashes of the complete nodes ``first`` to
-#: ``first + count - 1`` at ``level``, a stored level or 0 (the leaf hashes of the entries).
+#: ``first + count - 1`` at ``level``, a stored level or 0 (the entries' leaf hashes).
 GetRun = Callable[[int, int, int], Sequence[bytes]]
 
 
 def is_stored_level(level: int) -> bool:
-    """Whether a log stores the complete nodes of ``level`` (level 0, the leaves, are
-    recomputed from the entries themselves)."""
+    """Whether a log stores the complete nodes of ``level`` as nodes (level 0, the leaf
+    hashes, it records with the entries)."""
     return level > 0 and level % STORED_LEVEL_STEP == 0
 
 
