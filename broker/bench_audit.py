@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from broker.audit.commit_policy import CommitPolicy
 from broker.audit.leaves import DeliverEntry, PolicyEntry, RouteEntry
-from broker.audit.log import AuditLog, CommitPolicy
+from broker.audit.log import AuditLog
 from broker.audit.note import Signer
 from broker.coalition import DAY_MS, NodeSpec, build_coalition
 from broker.release import decide_recipient

@@ -313,7 +313,7 @@ def _broker_check(args: argparse.Namespace) -> int:
 
 
 def _broker_reload(args: argparse.Namespace) -> int:
-    from broker.server import PID_FILE
+    from broker.serve import PID_FILE
 
     config = load_config(args.config)
     # Check the new bundle here first, so the operator sees a refusal at once.
@@ -340,7 +340,7 @@ def _broker_backup(args: argparse.Namespace) -> int:
 
 
 def _broker_serve(args: argparse.Namespace) -> int:
-    from broker.server import serve
+    from broker.serve import serve
 
     configure(level=args.log_level, json=True)
     config = load_config(args.config)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from broker import examples
-from broker.audit.log import CommitPolicy
+from broker.audit.commit_policy import CommitPolicy
 from broker.cli_audit import print_report
 from broker.coalition import Coalition
 from broker.envelope import Envelope, build_envelope

@@ -49,14 +49,13 @@ from broker.metrics import Metrics
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
 from broker.session import error_frame
-from broker.store.base import Batch, QueueRow, Store
+from broker.store.base import Batch, QueueRow
+from broker.stored_bundle import stored_bundle
 from broker.verifier import VerifyPool
 from policies.bundle import (
     Bundle,
-    build_bundle,
     bundle_content,
     check_succession,
-    documents_from_content,
 )
 from policies.cache import DecisionCache
 from policies.catalogue import label_catalogue
@@ -568,29 +567,3 @@ class Hub:
 
 
 _ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}
-
-
-def stored_bundle(store: Store) -> Bundle | None:
-    """The bundle in force when the broker last ran (to refuse a rollback across a restart);
-    ``None`` on a new store.
-
-    Fails closed: a store that records a bundle as in force but does not hold it, or holds
-    content that no longer verifies or is another bundle than the one recorded, raises
-    :class:`StorageError`. Without that bundle the broker could not tell a rollback from a
-    successor, so it does not start (docs/operations.md, "The stored policy bundle")."""
-    digest = store.active_bundle()
-    if digest is None:
-        return None
-    content = store.bundle(digest)
-    if content is None:
-        raise StorageError(f"the store records policy bundle {digest.hex()} as in force but "
-                           "does not hold it: damaged store")
-    try:
-        bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
-    except BrokerError as exc:
-        raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
-                           f"({exc.reason}): damaged store") from exc
-    if bundle.hash != digest:
-        raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
-                           f"{digest.hex()}, the one recorded as in force: damaged store")
-    return bundle

@@ -20,7 +20,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -28,14 +28,15 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from broker import wire
+from broker.audit.commit_policy import DEFAULT_COMMIT, CommitPolicy
 from broker.audit.leaves import SessionEntry
-from broker.audit.log import DEFAULT_COMMIT, AuditLog, CommitPolicy
+from broker.audit.log import AuditLog
 from broker.audit.note import Signer
 from broker.capacity import StoreCapacity
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
 from broker.guard import ConnectionGuard, LogLimiter, Refusal, address_key
-from broker.hub import Hub, stored_bundle
+from broker.hub import Hub
 from broker.limits import Limits as Limits  # re-exported: callers build servers with it
 from broker.limits import limits_from_section
 from broker.listener import (
@@ -50,6 +51,7 @@ from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
 from broker.store.sqlite import SqliteStore
 from broker.store.writer_process import WriterProcess
+from broker.stored_bundle import earlier_broker_keys
 from broker.tls import server_context_for
 from broker.verifier import VerifyPool
 from broker.witnesses import Witnesses
@@ -77,15 +79,6 @@ def read_broker_key(config: Config) -> KeyFile:
     if key.kind != "broker":
         raise ConfigError(f"broker.key {config.broker.key} is a {key.kind} key, not a broker key")
     return key
-
-
-def earlier_broker_keys(store: SqliteStore, name: str) -> list[bytes]:
-    """The key the nations listed for this broker in the bundle in force when it last ran: after
-    a rotation of the broker's key (a new trust root), the last checkpoint is signed with it."""
-    previous = stored_bundle(store)
-    if previous is None:
-        return []
-    return [b.key for b in previous.trust_root.brokers if b.name == name]
 
 
 def check_broker_key(bundle: Bundle, name: str, key: KeyFile) -> None:
@@ -506,59 +499,6 @@ class BrokerServer:
         except Exception:
             clog.exception("request_failed", frame=frame.T)
             return session.fail("internal", "the broker failed on this request", close=True)
-
-
-PID_FILE = "broker.pid"
-
-
-@contextlib.asynccontextmanager
-async def _admin_listener(server: BrokerServer, config: Config) -> AsyncIterator[None]:
-    """The admin API on its own listener, unless ``admin.port`` is -1."""
-    from broker.admin.app import AdminContext, AdminServer
-    from broker.admin.auth import TokenTable
-
-    if config.admin.port < 0:
-        yield
-        return
-    if not config.admin.tokens:
-        log.warning("admin_without_tokens", detail="only /healthz, /readyz and /v1/openapi.json "
-                    "answer; add [[admin.tokens]] (coalition admin token)")
-
-    async def reload() -> Bundle:
-        return await server.reload(config.policy.dir,
-                                   pinned_root_sha256=config.policy.trust_root_sha256)
-
-    async with AdminServer(AdminContext(server, reload), TokenTable(config.admin.tokens),
-                           host=config.admin.host, port=config.admin.port,
-                           request_timeout_s=server.limits.request_timeout_s,
-                           write_stall_timeout_s=server.limits.write_stall_timeout_s):
-        yield
-
-
-async def serve(config: Config, *, stop: asyncio.Event | None = None,
-                reload: asyncio.Event | None = None) -> None:
-    """Run a broker from configuration until ``stop`` is set (or forever); each time
-    ``reload`` is set, load the policy directory again (see :meth:`BrokerServer.reload`)."""
-    server = BrokerServer.from_config(config)
-    server.settle_heap_before_listening = True  # a process of its own (not a test's)
-    stop = stop or asyncio.Event()
-    reload = reload or asyncio.Event()
-    pid_file = config.broker.data_dir / PID_FILE
-    async with server, _admin_listener(server, config):
-        pid_file.write_text(f"{os.getpid()}\n")
-        try:
-            while not stop.is_set():
-                waiters = [asyncio.ensure_future(e.wait()) for e in (stop, reload)]
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in waiters:
-                    waiter.cancel()
-                if reload.is_set() and not stop.is_set():
-                    reload.clear()
-                    with contextlib.suppress(BrokerError):
-                        await server.reload(config.policy.dir,
-                                            pinned_root_sha256=config.policy.trust_root_sha256)
-        finally:
-            pid_file.unlink(missing_ok=True)
 
 
 def settle_heap() -> None:

@@ -22,7 +22,8 @@ from types import TracebackType
 from typing import TypeVar
 
 from broker.coalition import Coalition, NodeSpec, build_coalition
-from broker.server import NODE_PATH, PID_FILE
+from broker.serve import PID_FILE
+from broker.server import NODE_PATH
 
 NATIONS = ("DEU", "FRA", "GBR", "POL", "USA")
 #: The throughput and latency publishers (one process each).

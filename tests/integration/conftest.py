@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from broker import verifier
-from broker.audit.log import CommitPolicy
+from broker.audit.commit_policy import CommitPolicy
 from broker.coalition import Coalition
 from broker.server import BrokerServer, Limits
 from clients.gateway import GatewayClient

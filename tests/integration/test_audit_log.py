@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from broker.audit import merkle
+from broker.audit.commit_policy import CommitPolicy
 from broker.audit.leaves import DeliverEntry, PolicyEntry, RouteEntry, entry_from_bytes
-from broker.audit.log import AuditLog, CommitPolicy, LogDamaged
+from broker.audit.log import AuditLog, LogDamaged
 from broker.audit.note import Checkpoint, Signer, verify_note
 from broker.errors import StorageError
 from broker.store.base import QueueRow

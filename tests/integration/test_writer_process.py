@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.audit.commit_policy import CommitPolicy
 from broker.audit.leaves import DeliverEntry
-from broker.audit.log import AuditLog, CommitPolicy
+from broker.audit.log import AuditLog
 from broker.audit.merkle import leaf_hash
 from broker.audit.note import Signer, verify_note
 from broker.coalition import Coalition

@@ -1,0 +1,48 @@
+"""The policy bundle a store records as in force: what the broker ran under last time.
+
+Read at start, before anything else is trusted: the hub refuses a bundle that steps back from
+it (a rollback across a restart), and the audit log accepts the last checkpoint signed with the
+broker key that bundle's trust root listed (the key before a rotation). Fails closed: a store
+that cannot produce the bundle it records is damaged, and the broker does not start.
+"""
+
+from __future__ import annotations
+
+from broker.errors import BrokerError, StorageError
+from broker.store.base import Store
+from policies.bundle import Bundle, build_bundle, documents_from_content
+
+
+def stored_bundle(store: Store) -> Bundle | None:
+    """The bundle in force when the broker last ran (to refuse a rollback across a restart);
+    ``None`` on a new store.
+
+    Fails closed: a store that records a bundle as in force but does not hold it, or holds
+    content that no longer verifies or is another bundle than the one recorded, raises
+    :class:`StorageError`. Without that bundle the broker could not tell a rollback from a
+    successor, so it does not start (docs/operations.md, "The stored policy bundle")."""
+    digest = store.active_bundle()
+    if digest is None:
+        return None
+    content = store.bundle(digest)
+    if content is None:
+        raise StorageError(f"the store records policy bundle {digest.hex()} as in force but "
+                           "does not hold it: damaged store")
+    try:
+        bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
+    except BrokerError as exc:
+        raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
+                           f"({exc.reason}): damaged store") from exc
+    if bundle.hash != digest:
+        raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
+                           f"{digest.hex()}, the one recorded as in force: damaged store")
+    return bundle
+
+
+def earlier_broker_keys(store: Store, name: str) -> list[bytes]:
+    """The key the nations listed for this broker in the bundle in force when it last ran: after
+    a rotation of the broker's key (a new trust root), the last checkpoint is signed with it."""
+    previous = stored_bundle(store)
+    if previous is None:
+        return []
+    return [b.key for b in previous.trust_root.brokers if b.name == name]
