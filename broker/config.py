@@ -14,6 +14,7 @@ from typing import Any
 from broker.envelope import MAX_RECIPIENTS
 from broker.errors import ConfigError
 from broker.router import MAX_TOPIC_BYTES
+from policies.documents import NODE_RE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,22 @@ class PolicySection:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeRate:
+    """``[limits.node_rates.<node>]``: one node's own per-connection rates (a busy gateway's),
+    in force once it has authenticated; a key left out keeps the ``[limits]`` value."""
+
+    node: str
+    frames_per_second: int | None = None
+    frames_burst: int | None = None
+    bytes_per_second: int | None = None
+    bytes_burst: int | None = None
+
+
+#: The ``[limits]`` keys a node's own rates may set.
+NODE_RATE_KEYS = ("frames_per_second", "frames_burst", "bytes_per_second", "bytes_burst")
+
+
+@dataclasses.dataclass(frozen=True)
 class LimitsSection:
     """``[limits]``: see ``docs/protocol.md`` (Limits) and :class:`broker.limits.Limits`."""
 
@@ -59,6 +76,7 @@ class LimitsSection:
     bytes_per_second: int = 16 << 20
     bytes_burst: int = 32 << 20
     max_throttle_seconds: float = 10
+    node_rates: tuple[NodeRate, ...] = ()
     idle_timeout_seconds: float = 120
     request_timeout_seconds: float = 10
     write_stall_timeout_seconds: float = 30
@@ -210,6 +228,10 @@ def _check_limits(limits: LimitsSection) -> None:
     if limits.bytes_burst < limits.max_frame_bytes:
         raise ConfigError("limits.bytes_burst must be at least limits.max_frame_bytes "
                           f"({limits.max_frame_bytes}): a largest frame must fit in a burst")
+    for rate in limits.node_rates:
+        if (rate.bytes_burst or limits.bytes_burst) < limits.max_frame_bytes:
+            raise ConfigError(f"limits.node_rates.{rate.node}: the bytes burst must be at least "
+                              f"limits.max_frame_bytes ({limits.max_frame_bytes})")
     if limits.auth_backoff_initial_seconds > limits.auth_backoff_max_seconds:
         raise ConfigError("limits.auth_backoff_initial_seconds must not exceed "
                           "limits.auth_backoff_max_seconds")
@@ -234,16 +256,20 @@ def _section(name: str, cls: type, raw: Any, base: Path) -> Any:
     return cls(**values)
 
 
-def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
+def _value(where: str, kind: Any, value: Any, base: Path, *, bounds: str | None = None) -> Any:
+    """``value`` checked as a ``kind``; a number within the range of ``bounds`` (a key of
+    ``_RANGES``; default: ``where``)."""
     if kind == "tuple[AdminToken, ...]":
         return _tokens(where, value)
+    if kind == "tuple[NodeRate, ...]":
+        return _node_rates(where, value, base)
     if kind == "Path | None":
         kind = "Path"
     if kind in ("int", int, "float", float):
         number = kind in ("float", float)
         if isinstance(value, bool) or not isinstance(value, (int, float) if number else int):
             raise ConfigError(f"{where} must be {'a number' if number else 'an integer'}")
-        low, high = _RANGES.get(where, (0, 1 << 62))
+        low, high = _RANGES.get(bounds or where, (0, 1 << 62))
         if not low <= value <= high:  # also false for NaN
             raise ConfigError(f"{where} must be between {_show(low)} and {_show(high)}, "
                               f"got {value}")
@@ -268,6 +294,27 @@ def _value(where: str, kind: Any, value: Any, base: Path) -> Any:
 
 def _show(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _node_rates(where: str, value: Any, base: Path) -> tuple[NodeRate, ...]:
+    """``[limits.node_rates.<node>]`` tables: the rate keys of ``[limits]``, in their ranges."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table of node ids ([{where}.<node>])")
+    rates = []
+    for node, raw in sorted(value.items()):
+        here = f"{where}.{node}"
+        if not NODE_RE.match(node):
+            raise ConfigError(f"{here}: {node!r} is not a node id")
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(f"{here} must be a table setting at least one of "
+                              f"{', '.join(NODE_RATE_KEYS)}")
+        unknown = set(raw) - set(NODE_RATE_KEYS)
+        if unknown:
+            raise ConfigError(f"{here}: unknown key(s): {', '.join(sorted(unknown))} (a node's "
+                              f"own rates are {', '.join(NODE_RATE_KEYS)})")
+        rates.append(NodeRate(node, **{key: _value(f"{here}.{key}", "int", raw[key], base,
+                                                   bounds=f"limits.{key}") for key in raw}))
+    return tuple(rates)
 
 
 def _tokens(where: str, value: Any) -> tuple[AdminToken, ...]:

@@ -10,10 +10,11 @@ first, so a refused envelope is neither routed nor audited, and the connection s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from broker import canonical, wire
 from broker.capacity import StoreLimits
-from broker.config import LimitsSection
+from broker.config import LimitsSection, NodeRate
 from broker.envelope import MAX_RECIPIENTS, Envelope
 from broker.errors import BrokerError, ProtocolError
 from broker.guard import ConnectionLimits
@@ -110,12 +111,24 @@ class Limits:
     #: peer does not read — is aborted.
     write_stall_timeout_s: float = 30.0
     rate: RateLimits = dataclasses.field(default_factory=RateLimits)
+    #: Nodes with rates of their own (busy gateways), in force once they have authenticated.
+    node_rates: Mapping[str, RateLimits] = dataclasses.field(default_factory=dict)
     connections: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
     envelope: EnvelopeLimits = dataclasses.field(default_factory=EnvelopeLimits)
 
 
+    def rate_of(self, node: str) -> RateLimits:
+        """The rates of an authenticated connection of ``node``."""
+        return self.node_rates.get(node, self.rate)
+
+
 def limits_from_section(section: LimitsSection) -> Limits:
     """The limits a validated ``[limits]`` section sets."""
+    rate = RateLimits(frames_per_second=float(section.frames_per_second),
+                      frames_burst=section.frames_burst,
+                      bytes_per_second=float(section.bytes_per_second),
+                      bytes_burst=section.bytes_burst,
+                      max_throttle_s=float(section.max_throttle_seconds))
     return Limits(
         max_frame_bytes=section.max_frame_bytes,
         clock_skew_ms=section.clock_skew_seconds * 1000,
@@ -131,11 +144,8 @@ def limits_from_section(section: LimitsSection) -> Limits:
         idle_timeout_s=float(section.idle_timeout_seconds),
         request_timeout_s=float(section.request_timeout_seconds),
         write_stall_timeout_s=float(section.write_stall_timeout_seconds),
-        rate=RateLimits(frames_per_second=float(section.frames_per_second),
-                        frames_burst=section.frames_burst,
-                        bytes_per_second=float(section.bytes_per_second),
-                        bytes_burst=section.bytes_burst,
-                        max_throttle_s=float(section.max_throttle_seconds)),
+        rate=rate,
+        node_rates={own.node: _own_rates(rate, own) for own in section.node_rates},
         connections=ConnectionLimits(
             max_connections=section.max_connections,
             max_unauthenticated_per_address=section.max_unauthenticated_per_address,
@@ -149,3 +159,17 @@ def limits_from_section(section: LimitsSection) -> Limits:
                                 max_to=section.max_to_entries,
                                 max_keys=section.max_keys_entries),
     )
+
+
+def _own_rates(default: RateLimits, own: NodeRate) -> RateLimits:
+    """``default`` with the rates ``own`` sets (the throttling bound stays the listener's)."""
+    return RateLimits(
+        frames_per_second=float(_either(own.frames_per_second, default.frames_per_second)),
+        frames_burst=int(_either(own.frames_burst, default.frames_burst)),
+        bytes_per_second=float(_either(own.bytes_per_second, default.bytes_per_second)),
+        bytes_burst=int(_either(own.bytes_burst, default.bytes_burst)),
+        max_throttle_s=default.max_throttle_s)
+
+
+def _either(own: int | None, default: float) -> float:
+    return default if own is None else own

@@ -46,6 +46,15 @@ class TokenBucket:
             self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
             self._stamp = now
 
+    def retune(self, rate: float, burst: float, now: float) -> None:
+        """Go on at ``rate`` and ``burst`` from ``now``: what was earned so far at the old rate
+        is kept (a debt too), capped at the new burst."""
+        if rate <= 0 or burst <= 0:
+            raise ValueError("a token bucket needs a positive rate and burst")
+        self.refill(now)
+        self.rate, self.burst = rate, burst
+        self.tokens = min(self.tokens, float(burst))
+
     def take(self, cost: float, now: float) -> float:
         """Spend ``cost`` tokens; return the seconds until the balance is back to zero
         (0.0 when there is no debt)."""
@@ -76,6 +85,14 @@ class ConnectionRate:
         self.bytes = TokenBucket(limits.bytes_per_second, limits.bytes_burst, now)
         #: When the current run of throttled messages began (``None``: not throttled).
         self.throttled_since: float | None = None
+
+    def retune(self, limits: RateLimits, now: float) -> None:
+        """Apply ``limits`` from ``now`` on (a node's own rates, once it has authenticated): the
+        buckets keep their balances, capped at the new bursts, and any run of throttling goes
+        on."""
+        self.limits = limits
+        self.frames.retune(limits.frames_per_second, limits.frames_burst, now)
+        self.bytes.retune(limits.bytes_per_second, limits.bytes_burst, now)
 
     def admit(self, nbytes: int, now: float) -> Verdict:
         """Charge one message of ``nbytes`` received at ``now``.

@@ -186,6 +186,9 @@ class BrokerServer:
         connections. Refuses to start (``BrokerError``) if this broker's key is not the one the
         trust root lists for its name, or if the log does not extend its last checkpoint."""
         check_broker_key(self.bundle, self.name, self.key)
+        strangers = sorted(set(self.limits.node_rates) - set(self.bundle.nodes))
+        if strangers:  # a typo, or a node still to come: the rates wait for it
+            log.warning("node_rates_for_unknown_nodes", nodes=strangers)
         store = SqliteStore.in_dir(self.data_dir)
         try:
             if self.writer_process:
@@ -375,6 +378,7 @@ class BrokerServer:
                            peer: WsPeer, clog: structlog.typing.FilteringBoundLogger,
                            reads: ReadDeadline, deadline: float) -> None:
         loop = asyncio.get_running_loop()
+        # The listener's rates until the hello, then the node's own (limits.node_rates).
         rate = ConnectionRate(self.limits.rate, loop.time())
         # A replaced or cut-off peer is not served any further, even before its close completes.
         while session.state is not State.CLOSED and not peer.closing:
@@ -416,6 +420,8 @@ class BrokerServer:
                     peer.pong(msg.data)
                 continue
             self._apply(events, session, peer, clog)
+            if handshake and session.node is not None:  # authenticated just now
+                rate.retune(self.limits.rate_of(session.node.node), loop.time())
 
     def _timed_out(self, session: BrokerSession, peer: WsPeer,
                    clog: structlog.typing.FilteringBoundLogger) -> None:

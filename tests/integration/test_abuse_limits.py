@@ -133,6 +133,38 @@ async def test_a_connection_that_stays_over_its_frame_rate_is_closed_rate_limite
         assert [e.event for e in await sessions(server)] == ["connect", "disconnect"]
 
 
+async def test_a_node_with_rates_of_its_own_is_held_to_them_once_authenticated(
+    coalition: Coalition,
+) -> None:
+    """A busy gateway gets its own rates (limits.node_rates); every other node, and every
+    connection before its hello, the listener's."""
+    tight = RateLimits(frames_per_second=20, frames_burst=5, max_throttle_s=0.5)
+    busy = RateLimits(frames_per_second=100_000, frames_burst=1000, max_throttle_s=0.5)
+    async with broker(coalition, rate=tight, node_rates={"USA-GW1": busy}) as server, \
+            RawNode(server.url) as fast, RawNode(server.url) as other:
+        assert isinstance(await fast.login(coalition.nodes["USA-GW1"]), wire.Welcome)
+        assert isinstance(await other.login(coalition.nodes["GBR-GW1"]), wire.Welcome)
+        for _ in range(200):
+            await fast.send(wire.Ping())
+        for _ in range(200):
+            assert isinstance(await answer(fast), wire.Pong)
+        assert "USA-GW1" in server.hub.peers
+        for _ in range(100):
+            await other.send(wire.Ping())
+        assert errors(await frames_until_close(other)) == ["rate_limited"]
+        assert "USA-GW1" in server.hub.peers
+
+
+async def test_rates_for_a_node_the_bundle_does_not_know_are_reported_at_start(
+    coalition: Coalition,
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with broker(coalition, node_rates={"USA-GW9": RateLimits(), "USA-GW1": RateLimits()}):
+            pass
+    warned = [e for e in logs if e["event"] == "node_rates_for_unknown_nodes"]
+    assert [e["nodes"] for e in warned] == [["USA-GW9"]]
+
+
 async def test_a_message_too_big_for_the_byte_rate_is_refused_at_once(
     coalition: Coalition,
 ) -> None:

@@ -129,3 +129,21 @@ def test_every_limits_key_reaches_the_limits(tmp_path: Any) -> None:
             conn.auth_backoff_table_size) == (11, 12, 13, 0, 0.25, 60, 14)
     assert limits.envelope == EnvelopeLimits(max_topic_bytes=100, max_label_bytes=1000,
                                              max_to=15, max_keys=16)
+
+
+def test_a_node_s_own_rates_replace_the_listener_s_only_where_set(tmp_path: Any) -> None:
+    table = {
+        "broker": {"name": "b", "data_dir": "d", "key": "k"},
+        "policy": {"dir": "p", "trust_root_sha256": "ab" * 32},
+        "limits": {"frames_per_second": 7, "max_throttle_seconds": 1.5,
+                   "node_rates": {"USA-GW1": {"frames_per_second": 20000,
+                                              "frames_burst": 40000},
+                                  "GBR-GW1": {"bytes_per_second": 64 << 20}}},
+    }
+    limits = limits_from_section(parse_config(table, base=tmp_path).limits)
+    usa, gbr, fra = (limits.rate_of(n) for n in ("USA-GW1", "GBR-GW1", "FRA-GW1"))
+    assert (usa.frames_per_second, usa.frames_burst, usa.bytes_per_second) == (
+        20000, 40000, limits.rate.bytes_per_second)
+    assert (gbr.frames_per_second, gbr.bytes_per_second) == (7, 64 << 20)
+    assert fra is limits.rate
+    assert usa.max_throttle_s == gbr.max_throttle_s == 1.5  # the listener's bound

@@ -107,3 +107,29 @@ def test_bytes_throttle_independently_of_frames() -> None:
     assert rate.admit(2000, 0.0) == ADMIT
     verdict = rate.admit(500, 0.0)
     assert verdict.wait == pytest.approx(0.5) and not verdict.refuse
+
+
+def test_a_retuned_bucket_keeps_its_balance_capped_at_the_new_burst() -> None:
+    bucket = TokenBucket(rate=10, burst=5, now=0.0)
+    bucket.take(3, 0.0)  # 2 left
+    bucket.retune(rate=100, burst=50, now=0.0)
+    assert bucket.tokens == 2  # no free burst for having authenticated
+    assert bucket.take(4, 0.0) == pytest.approx(0.02)  # a debt of 2 at the new rate
+    bucket.retune(rate=10, burst=1, now=1.0)  # refilled at 100/s first, then capped
+    assert bucket.tokens == 1
+    with pytest.raises(ValueError):
+        bucket.retune(rate=0, burst=1, now=1.0)
+
+
+def test_a_connection_retuned_to_a_node_s_own_rates_is_judged_by_them() -> None:
+    rate = ConnectionRate(LIMITS, now=0.0)
+    for _ in range(5):
+        assert rate.admit(10, 0.0) == ADMIT
+    assert rate.admit(10, 0.0).wait == pytest.approx(0.1)  # 1 frame over, at 10 frames/s
+    own = RateLimits(frames_per_second=1000, frames_burst=500, bytes_per_second=10**6,
+                     bytes_burst=10**6, max_throttle_s=2.0)
+    rate.retune(own, 0.1)  # the debt was repaid at the old rate: a balance of 0
+    assert rate.limits == own
+    assert rate.admit(10, 0.1).wait == pytest.approx(0.001)  # 1 frame over, at 1000/s
+    assert all(rate.admit(10, 0.2) == ADMIT for _ in range(99))  # 0.1 s at 1000/s
+    assert rate.admit(10, 0.2).wait > 0
