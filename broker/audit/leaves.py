@@ -53,11 +53,6 @@ def _decision_to_map(decision: Decision) -> dict[str, Any]:
     return out
 
 
-def _exact(*values: object, kind: type) -> bool:
-    """Every value is exactly of type ``kind`` (not a subclass: ``bool`` is not an ``int``)."""
-    return all(type(value) is kind for value in values)
-
-
 @functools.lru_cache(maxsize=4096)
 def _decision_value(decision: Decision) -> dict[str, Any]:
     # Entries repeat a handful of decisions (one per reason set and agreement tier): each is
@@ -140,12 +135,24 @@ class RouteEntry(_Entry):
         })
 
     def _plain_types(self) -> bool:
-        return (_exact(self.ts, self.prec, self.ttl, kind=int)
-                and _exact(self.id, self.env, self.bundle, kind=bytes)
-                and _exact(self.sender, self.topic, *self.sealed, *self.decisions, kind=str)
-                and all(type(d.permit) is bool and _exact(*d.reasons, kind=str)
-                        and (d.via is None or type(d.via) is str)
-                        for d in self.decisions.values()))
+        # Exact types (not subclasses: ``bool`` is not an ``int``). Written out: once per
+        # publish, and a generator per field group made this half the cost of to_bytes.
+        if not (type(self.ts) is int and type(self.prec) is int and type(self.ttl) is int
+                and type(self.id) is bytes and type(self.env) is bytes
+                and type(self.bundle) is bytes and type(self.sender) is str
+                and type(self.topic) is str):
+            return False
+        for node in self.sealed:
+            if type(node) is not str:
+                return False
+        for node, d in self.decisions.items():
+            if type(node) is not str or type(d.permit) is not bool or (
+                    d.via is not None and type(d.via) is not str):
+                return False
+            for reason in d.reasons:
+                if type(reason) is not str:
+                    return False
+        return True
 
     @classmethod
     def from_map(cls, ts: int, value: Mapping[str, Any]) -> RouteEntry:
@@ -190,7 +197,7 @@ class DeliverEntry(_Entry):
     def to_bytes(self) -> bytes:
         """As :meth:`_Entry.to_bytes`, without the generic pass: one per delivered copy (a
         field of an unexpected type takes the generic path, and its refusal)."""
-        if not (_exact(self.ts, self.seq, kind=int) and type(self.id) is bytes
+        if not (type(self.ts) is int and type(self.seq) is int and type(self.id) is bytes
                 and type(self.to) is str):
             return super().to_bytes()
         return canonical.encode_ordered({"id": self.id, "kind": self.KIND, "seq": self.seq,

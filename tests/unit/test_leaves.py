@@ -92,6 +92,10 @@ def test_non_canonical_bytes_are_refused() -> None:
         entry_from_bytes(bytes(data) + b"\x00")
 
 
+class _Str(str):
+    """A ``str`` subclass: equal to its value, but not a plain type (the generic path decides)."""
+
+
 def _generic_outcome(entry: Entry) -> bytes | str:
     try:
         return _Entry.to_bytes(entry)
@@ -104,10 +108,18 @@ def _generic_outcome(entry: Entry) -> bytes | str:
     dataclasses.replace(ROUTE, topic=None),  # type: ignore[arg-type]
     dataclasses.replace(ROUTE, prec=True),
     dataclasses.replace(ROUTE, decisions={"FRA-GW1": Decision(permit=1)}),  # type: ignore[arg-type]
+    dataclasses.replace(ROUTE, sealed=(7,)),  # type: ignore[arg-type]
+    dataclasses.replace(ROUTE, decisions={b"FRA-GW1": Decision(permit=True)}),  # type: ignore[dict-item]
+    dataclasses.replace(ROUTE, decisions={"FRA-GW1": Decision(permit=True, via=1)}),  # type: ignore[arg-type]
+    dataclasses.replace(ROUTE, decisions={"FRA-GW1": Decision(permit=False, reasons=(b"x",))}),  # type: ignore[arg-type]
+    dataclasses.replace(ROUTE, sender=_Str("USA-GW1")),
+    dataclasses.replace(ROUTE, bundle=bytearray(32)),  # type: ignore[arg-type]
     DeliverEntry(ts=1.5, id=b"\x01" * 16, to="FRA-GW1", seq=7),  # type: ignore[arg-type]
     DeliverEntry(ts=5, id=None, to="FRA-GW1", seq=7),  # type: ignore[arg-type]
     DeliverEntry(ts=5, id=b"\x01" * 16, to="FRA-GW1", seq=1 << 64),
-], ids=["float-ttl", "nil-topic", "bool-prec", "int-permit", "float-ts", "nil-id", "huge-seq"])
+], ids=["float-ttl", "nil-topic", "bool-prec", "int-permit", "int-sealed", "bytes-node",
+        "int-via", "bytes-reason", "str-subclass-sender", "bytearray-bundle", "float-ts", "nil-id",
+        "huge-seq"])
 def test_direct_entry_encoders_refuse_or_encode_exactly_as_the_generic_path(entry: Entry) -> None:
     try:
         fast: bytes | str = entry.to_bytes()
