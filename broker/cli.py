@@ -155,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("--config", type=Path, required=True)
     backup.add_argument("--out", type=Path, required=True, help="a new file (never overwritten)")
     backup.set_defaults(run=_broker_backup)
+    repair = broker_cmd.add_parser("repair-tree", help="recompute the audit log's leaf hashes "
+                                   "and tree nodes from its entries, checked against the last "
+                                   "signed checkpoint (the broker stopped)")
+    repair.add_argument("--config", type=Path, required=True)
+    repair.add_argument("--dry-run", action="store_true", help="report what differs; write "
+                        "nothing")
+    repair.add_argument("--json", action="store_true", help="machine-readable report")
+    repair.set_defaults(run=_broker_repair_tree)
     check = broker_cmd.add_parser("check-config", help="validate a config and its policy")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(run=_broker_check)
@@ -336,6 +344,30 @@ def _broker_backup(args: argparse.Namespace) -> int:
     backup_store(config.broker.data_dir, args.out)
     print(f"backed up {config.broker.data_dir} to {args.out} "
           f"({args.out.stat().st_size} bytes, integrity ok)")
+    return 0
+
+
+def _broker_repair_tree(args: argparse.Namespace) -> int:
+    import json
+
+    from broker.audit.note import Signer
+    from broker.audit.repair import BrokerRunning, RepairRefused, repair_data_dir
+    from broker.server import read_broker_key
+
+    configure(level="warning", json=True)  # logs to stderr: stdout is the report
+    config = load_config(args.config)
+    key = read_broker_key(config)
+    try:
+        report = repair_data_dir(config.broker.data_dir,
+                                 Signer.from_seed(config.broker.name, bytes(key.signing_key)),
+                                 dry_run=args.dry_run)
+    except (RepairRefused, BrokerRunning) as exc:  # exit 1: refused, nothing written
+        if args.json:
+            print(json.dumps({"status": "refused", "code": exc.code, "reason": exc.reason}))
+        else:
+            print(f"refused: {exc.reason}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_json()) if args.json else report.summary())
     return 0
 
 

@@ -71,6 +71,22 @@ class LogDamaged(StorageError):
 CheckpointListener = Callable[[StoredCheckpoint], None]
 
 
+def verify_stored_checkpoint(stored: StoredCheckpoint, origin: str,
+                             verifiers: Sequence[Verifier]) -> Checkpoint:
+    """The checkpoint ``stored`` carries, if it is signed by one of ``verifiers`` (the broker's
+    key, then its keys before a rotation) under the log's name ``origin`` and of its recorded
+    size; else :class:`LogDamaged`. How the log's start, and a repair, trust the last one."""
+    try:
+        verified = verify_note(stored.note, list(verifiers))
+        checkpoint = Checkpoint.from_text(verified.text)
+    except BrokerError as exc:
+        raise LogDamaged(f"the last stored checkpoint does not verify with this broker's "
+                         f"key: {exc.reason}") from exc
+    if checkpoint.size != stored.size or checkpoint.origin != origin:
+        raise LogDamaged("the last stored checkpoint is not this log's")
+    return checkpoint
+
+
 def log_failure(done: asyncio.Future[int]) -> None:
     """Done-callback of an audit write nothing waits for: log it if it failed."""
     if not done.cancelled() and done.exception() is not None:
@@ -161,15 +177,7 @@ class AuditLog:
                  checkpoint=None if latest is None else latest.size)
 
     def _checkpoint_of(self, stored: StoredCheckpoint) -> Checkpoint:
-        try:
-            verified = verify_note(stored.note, [self.verifier, *self._earlier])
-            checkpoint = Checkpoint.from_text(verified.text)
-        except BrokerError as exc:
-            raise LogDamaged(f"the last stored checkpoint does not verify with this broker's "
-                             f"key: {exc.reason}") from exc
-        if checkpoint.size != stored.size or checkpoint.origin != self.signer.name:
-            raise LogDamaged("the last stored checkpoint is not this log's")
-        return checkpoint
+        return verify_stored_checkpoint(stored, self.signer.name, [self.verifier, *self._earlier])
 
     def _check_root(self, expected: Checkpoint, size: int) -> None:
         if self.root(size) != expected.root:

@@ -44,7 +44,7 @@ class SqliteStore:
         self._writer: sqlite3.Connection | None = None
         self._queue_reader: sqlite3.Connection | None = None
         if read_only:
-            self._reader = self._open_reader()
+            self._reader = open_reader(path)
             return
         try:
             # Another program's database is refused before any read-write connection.
@@ -84,22 +84,6 @@ class SqliteStore:
         writable (read a ``coalition broker backup`` copy otherwise); another program's
         database is refused before, with nothing created next to it."""
         return cls(path, read_only=True)
-
-    def _open_reader(self) -> sqlite3.Connection:
-        path = self.path
-        # Decided first without a mode=ro connection, which creates the -shm and -wal of a WAL
-        # database that nobody has open (kept for the export itself: immutable=1 would not see
-        # a running broker's commits, or its checkpoints, safely).
-        if not is_broker_store(path) and path.exists():
-            raise StorageError(f"{path} is not a broker store (no schema version)")
-        try:
-            conn = connect_read_only(path)
-        except sqlite3.Error as exc:
-            hint = (" (SQLite needs write access to the directory for the store's -shm file; "
-                    "read a `coalition broker backup` copy instead)"
-                    if path.exists() and not os.access(path.parent, os.W_OK) else "")
-            raise storage_error(f"cannot open the store {path} to read{hint}", exc) from exc
-        return _with_our_schema(conn, path, "read")
 
     # --- writes -------------------------------------------------------------------------
 
@@ -157,7 +141,7 @@ class SqliteStore:
         while True:
             rows = self._query(f"{select} idx >= ? ORDER BY idx LIMIT 4096", (*args, start))
             for idx, digest in rows:
-                yield int(idx), bytes(digest)
+                yield int(idx), _blob(digest)
             if len(rows) < 4096:
                 return
             start = int(rows[-1][0]) + 1
@@ -165,7 +149,7 @@ class SqliteStore:
     def nodes(self, level: int, start: int, end: int) -> list[bytes]:
         select, args = _nodes_at(level)
         rows = self._query(f"{select} idx >= ? AND idx < ? ORDER BY idx", (*args, start, end))
-        return [bytes(digest) for _, digest in rows]
+        return [_blob(digest) for _, digest in rows]
 
     def checkpoints(self, since: int = 0) -> list[StoredCheckpoint]:
         cosigs: dict[int, dict[str, str]] = {}
@@ -307,6 +291,24 @@ def _use_wal(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
 
 
+def open_reader(path: Path) -> sqlite3.Connection:
+    """A connection to the existing store at ``path`` (this schema version) that cannot write
+    it, creating no file next to it when it can be helped (see the comment)."""
+    # Decided first without a mode=ro connection, which creates the -shm and -wal of a WAL
+    # database that nobody has open (kept for the export itself: immutable=1 would not see
+    # a running broker's commits, or its checkpoints, safely).
+    if not is_broker_store(path) and path.exists():
+        raise StorageError(f"{path} is not a broker store (no schema version)")
+    try:
+        conn = connect_read_only(path)
+    except sqlite3.Error as exc:
+        hint = (" (SQLite needs write access to the directory for the store's -shm file; "
+                "read a `coalition broker backup` copy instead)"
+                if path.exists() and not os.access(path.parent, os.W_OK) else "")
+        raise storage_error(f"cannot open the store {path} to read{hint}", exc) from exc
+    return _with_our_schema(conn, path, "read")
+
+
 def open_writer(path: Path) -> sqlite3.Connection:
     """A connection that commits batches to the existing store at ``path`` (see
     :func:`commit_batch`): for a writer in another process. The store must have been opened
@@ -340,6 +342,12 @@ def _with_our_schema(conn: sqlite3.Connection, path: Path, to: str) -> sqlite3.C
                            f"{path} has schema version {version}; this broker {to}s "
                            f"version {SCHEMA_VERSION}")
     return conn
+
+
+def _blob(value: object) -> bytes:
+    """A stored hash as bytes; anything but a blob (a damaged or hand-edited row) as ``b""``,
+    which matches no hash: the caller reports the row as damaged instead of failing on it."""
+    return value if type(value) is bytes else b""
 
 
 def _nodes_at(level: int) -> tuple[str, tuple[int, ...]]:

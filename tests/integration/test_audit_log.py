@@ -111,6 +111,8 @@ async def _closed_log_of(tmp_path: Path, count: int) -> Path:
     ("UPDATE entries SET data = ? WHERE idx = 3", "entry 3 does not match its stored leaf"),
     ("DELETE FROM entries WHERE idx = 4", "entry 4 is missing"),
     ("DELETE FROM entries WHERE idx >= 8", "entries were lost"),
+    ("UPDATE entries SET leaf = 'hand-edited' WHERE idx = 5",
+     "entry 5 does not match its stored leaf"),  # text, not a blob: refused, not a TypeError
 ])
 async def test_start_refuses_a_log_that_does_not_extend_its_checkpoint(
         tmp_path: Path, damage: str, message: str) -> None:
@@ -149,6 +151,10 @@ def _damage_a_node(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE nodes SET hash = ? WHERE level = 4 AND idx = 2", (bytes(32),))
 
 
+def _put_text_in_a_node(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE nodes SET hash = 'hand-edited' WHERE level = 4 AND idx = 2")
+
+
 def _store_a_node_beyond(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO nodes VALUES (8, 0, ?)", (bytes(32),))
 
@@ -156,6 +162,7 @@ def _store_a_node_beyond(conn: sqlite3.Connection) -> None:
 @pytest.mark.parametrize("damage, message", [
     (_rewrite_an_entry, "node over entries 16 to 31 does not match"),
     (_damage_a_node, "node over entries 32 to 47 does not match"),
+    (_put_text_in_a_node, "node over entries 32 to 47 does not match"),
     (_store_a_node_beyond, r"stored beyond the entries \(level 8, index 0\)"),
 ])
 async def test_start_checks_the_stored_nodes_beyond_the_last_checkpoint(
