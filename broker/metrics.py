@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.tls import REFUSAL_KINDS
 from policies.decide import Decision
 
 PRECEDENCE_NAMES = {3: "FLASH", 2: "IMMEDIATE", 1: "PRIORITY", 0: "ROUTINE"}
@@ -68,6 +69,12 @@ class Metrics:
         self._denials: dict[str, Counter] = {}
         self.admin_actions = Counter("coalition_admin_actions", "Admin API mutations by action "
                                      "and outcome.", ["action", "outcome"], registry=r)
+        self.tls_refusals = Counter("coalition_tls_handshakes_refused", "TLS handshakes on the "
+                                    "node listener that failed, by kind (no_certificate, "
+                                    "bad_certificate, not_tls, timeout, client_aborted, other).",
+                                    ["kind"], registry=r)
+        for kind in REFUSAL_KINDS:  # every kind exported from the start, at 0
+            self.tls_refusals.labels(kind)
 
     def watch(self, state: LiveState, clock_ms: Callable[[], int]) -> None:
         """Read queue depths and ages, connections and the audit size from ``state``."""
@@ -91,6 +98,10 @@ class Metrics:
 
     def refused(self, code: str) -> None:
         self.publishes.labels(code).inc()
+
+    def tls_refused(self, kind: str) -> None:
+        """Count one failed TLS handshake; a kind outside the fixed set counts as ``other``."""
+        self.tls_refusals.labels(kind if kind in REFUSAL_KINDS else "other").inc()
 
     def committed(self, seconds: float, entries: int) -> None:
         self.commit_seconds.observe(seconds)

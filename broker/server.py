@@ -230,7 +230,8 @@ class BrokerServer:
             site = (web.TCPSite(self._runner, self.host, self.port)
                     if self.ssl_context is None else
                     TlsSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
-                            handshake_timeout=self.limits.handshake_timeout_s))
+                            handshake_timeout=self.limits.handshake_timeout_s,
+                            metrics=self._hub.metrics))
             await site.start()
         except BaseException:  # e.g. the port is taken: release the log and the store too
             await self.stop()

@@ -8,11 +8,16 @@ Both ends negotiate TLS 1.3 whenever the other end can; TLS 1.2 is the floor, li
 forward-secret AEAD suites. Certificate files are parsed here first, with ``cryptography``, so
 that a bad file is a :class:`~broker.errors.ConfigError` naming it (OpenSSL's own errors do not
 say which file they are about). Nothing here logs or puts into an error any key material.
+
+:func:`handshake_refusal` names why a client's handshake on the node listener failed, from the
+error the event loop raised: OpenSSL's reason code only, never a certificate's content.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import errno
 import ipaddress
 import ssl
 from collections.abc import Sequence
@@ -36,6 +41,21 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 #: How far back a generated certificate's validity starts, for peers whose clocks run behind.
 BACKDATE = datetime.timedelta(minutes=5)
+
+#: Why a handshake failed, coarsely: the label values of ``coalition_tls_handshakes_refused``.
+#: A fixed set, so that nothing a client sends can add a time series.
+REFUSAL_KINDS = ("no_certificate", "bad_certificate", "not_tls", "timeout", "client_aborted",
+                 "other")
+
+#: OpenSSL reasons for a client that sent no certificate although ``client_ca`` requires one.
+_NO_CERTIFICATE = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "NO_CERTIFICATE_RETURNED"})
+#: OpenSSL reasons for bytes that are not a TLS ClientHello at all: an HTTP request (plain
+#: ``ws://`` or ``http://`` to the TLS port), a proxy's CONNECT, or anything else.
+_NOT_TLS = frozenset({"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER",
+                      "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG"})
+#: Prefixes of the reasons for a TLS alert the client sent: it gave up on the handshake itself,
+#: typically because it does not trust the broker's certificate.
+_CLIENT_ALERT = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
@@ -146,6 +166,60 @@ def make_self_signed(common_name: str, hosts: Sequence[str], days: int, *,
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate (DER), hex: what an operator compares out of band."""
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+@dataclasses.dataclass(frozen=True)
+class HandshakeRefusal:
+    """Why one TLS handshake on the node listener failed."""
+
+    #: One of :data:`REFUSAL_KINDS`.
+    kind: str
+    #: Short and fixed: OpenSSL's reason code (``PEER_DID_NOT_RETURN_A_CERTIFICATE``,
+    #: ``CERTIFICATE_VERIFY_FAILED``, ``HTTP_REQUEST``...), ``timeout``, ``connection_closed``,
+    #: an errno name, or an exception's class name.
+    reason: str
+    #: OpenSSL's verdict on a client certificate (``certificate has expired``, ``unable to get
+    #: local issuer certificate``...): a fixed message, never the certificate's content.
+    detail: str | None = None
+
+
+def handshake_refusal(exc: BaseException) -> HandshakeRefusal:
+    """Classify the error ``loop.connect_accepted_socket`` raised for a failed server-side
+    handshake. Both asyncio's loop and uvloop raise the ``ssl.SSLError`` of the handshake,
+    ``ConnectionAbortedError`` when ``ssl_handshake_timeout`` expires, and
+    ``ConnectionResetError`` when the client closes the connection before the handshake ends."""
+    if isinstance(exc, ssl.SSLError):
+        # ``reason`` is set by the ssl module on the errors OpenSSL reports, not on all others.
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return HandshakeRefusal("bad_certificate", reason,
+                                    getattr(exc, "verify_message", None) or None)
+        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            return HandshakeRefusal("client_aborted", reason)
+        return HandshakeRefusal(_ssl_kind(reason), reason)
+    if isinstance(exc, (ConnectionAbortedError, TimeoutError)):
+        return HandshakeRefusal("timeout", "timeout")
+    if isinstance(exc, ConnectionError):  # reset, broken pipe, or end of stream
+        return HandshakeRefusal("client_aborted", _errno_name(exc) or "connection_closed")
+    if isinstance(exc, OSError):
+        return HandshakeRefusal("other", _errno_name(exc) or type(exc).__name__)
+    return HandshakeRefusal("other", type(exc).__name__)
+
+
+def _ssl_kind(reason: str) -> str:
+    if reason in _NO_CERTIFICATE:
+        return "no_certificate"
+    if reason == "CERTIFICATE_VERIFY_FAILED":
+        return "bad_certificate"
+    if reason in _NOT_TLS:
+        return "not_tls"
+    if reason.startswith(_CLIENT_ALERT):
+        return "client_aborted"
+    return "other"
+
+
+def _errno_name(exc: OSError) -> str | None:
+    return errno.errorcode.get(exc.errno) if exc.errno is not None else None
 
 
 # --- internals -------------------------------------------------------------------------
