@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from broker import canonical, wire
 from broker.capacity import StoreLimits
-from broker.config import LimitsSection, NodeRate
+from broker.config import NODE_RATE_KEYS, LimitsSection, NodeRate
 from broker.envelope import MAX_RECIPIENTS, Envelope
 from broker.errors import BrokerError, ProtocolError
 from broker.guard import ConnectionLimits
@@ -163,13 +163,5 @@ def limits_from_section(section: LimitsSection) -> Limits:
 
 def _own_rates(default: RateLimits, own: NodeRate) -> RateLimits:
     """``default`` with the rates ``own`` sets (the throttling bound stays the listener's)."""
-    return RateLimits(
-        frames_per_second=float(_either(own.frames_per_second, default.frames_per_second)),
-        frames_burst=int(_either(own.frames_burst, default.frames_burst)),
-        bytes_per_second=float(_either(own.bytes_per_second, default.bytes_per_second)),
-        bytes_burst=int(_either(own.bytes_burst, default.bytes_burst)),
-        max_throttle_s=default.max_throttle_s)
-
-
-def _either(own: int | None, default: float) -> float:
-    return default if own is None else own
+    set_here = {key: getattr(own, key) for key in NODE_RATE_KEYS if getattr(own, key) is not None}
+    return dataclasses.replace(default, **set_here)
