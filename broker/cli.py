@@ -321,14 +321,16 @@ def _broker_check(args: argparse.Namespace) -> int:
 
 
 def _broker_reload(args: argparse.Namespace) -> int:
-    from broker.serve import PID_FILE
+    from broker.serve import PID_FILE, read_pid
 
     config = load_config(args.config)
     # Check the new bundle here first, so the operator sees a refusal at once.
     bundle = load_bundle(config.policy.dir, pinned_root_sha256=config.policy.trust_root_sha256)
     pid_file = config.broker.data_dir / PID_FILE
     try:
-        pid = int(pid_file.read_text())
+        pid = read_pid(config.broker.data_dir)
+        if pid is None:
+            raise FileNotFoundError(f"no {pid_file}")
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"no running broker for {args.config} ({pid_file}: {exc})") from exc

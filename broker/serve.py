@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 
@@ -21,6 +22,26 @@ from policies.bundle import Bundle
 log = structlog.get_logger("broker.server")
 
 PID_FILE = "broker.pid"
+
+
+def read_pid(data_dir: Path) -> int | None:
+    """The process id in the PID file of a broker serving ``data_dir``; ``None`` without one.
+    Raises ``ValueError`` (the reason) if the file cannot be read or holds no positive process
+    id: ``os.kill`` of 0 or a negative id would signal a whole process group."""
+    pid_file = data_dir / PID_FILE
+    try:
+        text = pid_file.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(f"cannot read {pid_file}: {exc.strerror}") from exc
+    try:
+        pid = int(text)
+    except ValueError:
+        pid = 0
+    if pid <= 0:
+        raise ValueError(f"{pid_file} holds no process id")
+    return pid
 
 
 @contextlib.asynccontextmanager

@@ -367,26 +367,18 @@ def verify_broker_stopped(data_dir: Path) -> None:
     process (as ``coalition broker reload`` finds the broker). A PID file whose process is gone
     (a broker killed before its clean-up) does not count; one that holds no process id does
     (only the operator can tell)."""
-    from broker.serve import PID_FILE  # the server's modules, only when the command runs
+    from broker.serve import read_pid  # the server's modules, only when the command runs
 
-    pid_file = data_dir / PID_FILE
     try:
-        text = pid_file.read_text()
-    except FileNotFoundError:
+        pid = read_pid(data_dir)
+    except ValueError as exc:
+        raise BrokerRunning(f"{exc}: remove it if no broker runs on {data_dir}") from exc
+    if pid is None:
         return
-    except OSError as exc:
-        raise BrokerRunning(f"cannot read {pid_file}: {exc.strerror}") from exc
-    try:
-        pid = int(text)
-    except ValueError:
-        pid = 0
-    if pid <= 0:  # os.kill(0, ...) would signal our own process group
-        raise BrokerRunning(f"{pid_file} holds no process id: remove it if no broker runs on "
-                            f"{data_dir}")
     if _alive(pid):
-        raise BrokerRunning(f"broker process {pid} runs on {data_dir} ({pid_file}): stop it "
+        raise BrokerRunning(f"broker process {pid} runs on {data_dir} (its PID file): stop it "
                             "first (if that process is not the broker, remove the file)")
-    log.warning("stale_pid_file", pid=pid, path=str(pid_file))
+    log.warning("stale_pid_file", pid=pid, data_dir=str(data_dir))
 
 
 def _alive(pid: int) -> bool:
