@@ -16,9 +16,21 @@ from broker.bench import report
 from broker.bench.cli import SCENARIO_NAMES
 from broker.bench.context import Options, Run
 from broker.bench.harness import load_average
+from broker.errors import ConfigError
 
 #: Every scenario, in the order they run (limits first: the others are compared with them).
 SCENARIOS = SCENARIO_NAMES
+
+
+def check_workdir(workdir: Path) -> None:
+    """Raise ``ConfigError`` unless ``workdir`` is absent or an empty directory."""
+    if not workdir.exists():
+        return
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is not a directory")
+    if any(workdir.iterdir()):
+        raise ConfigError(f"--workdir {workdir} is not empty: a run writes new coalition keys "
+                          "and broker data there; give a new directory or empty this one")
 
 
 def run_bench(options: Options, scenarios: Sequence[str], *, out: Path | None = None,
@@ -26,8 +38,12 @@ def run_bench(options: Options, scenarios: Sequence[str], *, out: Path | None = 
     """Run ``scenarios`` (the limits always run too) and return the JSON document.
 
     A scenario that raises is recorded as ``failed`` with its reason and the run goes on.
-    ``workdir`` keeps the coalitions, broker data and logs (a temporary directory otherwise).
+    ``workdir`` keeps the coalitions, broker data and logs (a temporary directory otherwise);
+    it must be new or empty (``ConfigError`` otherwise, before anything runs): a run writes
+    fresh keys and data directories and never mixes them with an earlier run's.
     """
+    if workdir is not None:
+        check_workdir(workdir)
     chosen = [name for name in SCENARIOS if name in scenarios or name == "limits"]
     document: dict[str, Any] = {"meta": report.meta(dataclasses.asdict(options), chosen)}
     results: dict[str, dict[str, Any]] = {}

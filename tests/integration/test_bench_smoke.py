@@ -66,3 +66,30 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
     printed = capsys.readouterr().out
     assert "throughput" in printed and "÷verify" in printed
     assert document["meta"]["load_average_start"] and document["meta"]["cpus"]
+
+
+def test_a_used_workdir_is_refused_before_anything_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A second run into the same directory used to fail half-way, on an existing key file.
+    workdir = tmp_path / "w"
+    (workdir / "coalition").mkdir(parents=True)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--scenario", "throughput", "--out", str(out),
+                 "--workdir", str(workdir)]) != 0
+    printed = capsys.readouterr()
+    assert f"--workdir {workdir} is not empty" in printed.out + printed.err
+    assert not out.exists()
+    assert [p.name for p in workdir.iterdir()] == ["coalition"]  # nothing written into it
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    from broker.bench.runner import check_workdir
+    from broker.errors import ConfigError
+
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        check_workdir(target)
+    check_workdir(tmp_path / "new")  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_workdir(tmp_path / "empty")
