@@ -44,6 +44,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
                         help="how long past its TTL a copy may still be outstanding at the end "
                         "of the log before it counts as dropped (default 300; more than the "
                         "broker's expiry_interval_ms)")
+    verify.add_argument("--workers", type=_workers, metavar="N",
+                        help="processes that parse entries and replay decisions beside this "
+                        "one (default: one per CPU, up to 4, for a log of 20,000 entries or "
+                        "more; 0: none)")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
     verify.set_defaults(run=_verify)
 
@@ -96,11 +100,22 @@ def _progress(done: int, total: int) -> None:
               file=sys.stderr, flush=True)
 
 
+def _workers(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if not 0 <= count <= 64:
+        raise argparse.ArgumentTypeError("--workers is a count from 0 to 64")
+    return count
+
+
 def _verify(args: argparse.Namespace) -> int:
     progress = _progress if sys.stderr.isatty() and not args.json else None
     report = verify_export(args.export, pins=_pins(args.pin), saved=args.checkpoint,
                            quorum=args.quorum, progress=progress,
-                           expiry_grace_ms=int(args.expiry_grace * 1000))
+                           expiry_grace_ms=int(args.expiry_grace * 1000),
+                           workers=args.workers)
     if progress is not None:
         print(file=sys.stderr)
     if args.json:

@@ -24,20 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from broker.audit import merkle
-from broker.audit.leaves import (
-    AdminEntry,
-    DeliverEntry,
-    ExpireEntry,
-    PolicyEntry,
-    RouteEntry,
-    SessionEntry,
-    entry_from_bytes,
-)
 from broker.audit.note import (
     SIG_COSIGNATURE_V1,
     Checkpoint,
@@ -47,8 +38,10 @@ from broker.audit.note import (
 )
 from broker.audit.witness import verify_log_checkpoint
 from broker.errors import BrokerError
-from broker.release import decide_recipient
+from clients import replay_workers
 from clients.export import Export
+from clients.replay import Replay
+from clients.replay_workers import Decider, default_workers
 from policies.bundle import (
     TRUST_ROOT,
     Bundle,
@@ -57,14 +50,10 @@ from policies.bundle import (
     document_hash,
     documents_from_content,
 )
-from policies.cache import DecisionCache
-from policies.decide import Decision
 from policies.model import NodeCert
 
 Progress = Callable[[int, int], None]
 
-#: How far entry times may step back (clock adjustments) before it counts as backdating.
-MAX_CLOCK_STEP_BACK_MS = 5 * 60 * 1000
 #: A copy still outstanding this long past its TTL at the end of the log was dropped (the
 #: broker sweeps for expired copies every ``expiry_interval_ms``, 1 s by default).
 DEFAULT_EXPIRY_GRACE_MS = 5 * 60 * 1000
@@ -140,145 +129,60 @@ def load_bundles(export: Export, pins: Iterable[bytes], report: Report) -> dict[
     return bundles
 
 
-class _Replay:
-    """Decision replay state: who was permitted what, which nodes were suspended."""
+class _Runs:
+    """The export's entries in runs of ``size``, up to the first
+    gap or unreadable record (kept in :attr:`missing` / :attr:`failure` for the report)."""
 
-    def __init__(self, bundles: Mapping[bytes, Bundle], report: Report) -> None:
-        self.bundles = bundles
-        self.report = report
-        #: (message id, recipient) released → the TTL ends (ms) of its copies not yet ended.
-        #: Usually one; the same envelope routed again (sent again after a broker restart)
-        #: makes a second copy. Each copy ends exactly once: delivered or expired.
-        self.outstanding: dict[tuple[bytes, str], list[int]] = {}
-        self.suspended: set[str] = set()
-        self.revoked: set[str] = set()
-        self.cache = DecisionCache(max_entries=1 << 16)
-        self.active: bytes | None = None  # the bundle of the last ``policy`` entry
-        #: Nodes with a ``connect`` entry and no ``disconnect`` after it.
-        self.connected: set[str] = set()
-        self.last_ts = 0
+    def __init__(self, export: Export, size: int) -> None:
+        self.export = export
+        self.size = size
+        self.missing: tuple[int, int] | None = None  # (position, the next stored index)
+        self.failure: str | None = None
 
-    def clock(self, index: int, ts: int) -> None:
-        """Entry times may jitter, but a jump back in time would let a broker backdate a
-        decision into an agreement's window."""
-        if ts < self.last_ts - MAX_CLOCK_STEP_BACK_MS:
-            self.report.add("entries", f"time goes back {self.last_ts - ts} ms", index)
-        self.last_ts = max(self.last_ts, ts)
-
-    def policy(self, entry: PolicyEntry) -> None:
-        self.active = entry.bundle
-
-    def route(self, index: int, entry: RouteEntry) -> None:
-        if entry.bundle != self.active:
-            self.report.add("replay", f"decided under bundle {entry.bundle.hex()[:16]}…, but the "
-                            f"bundle in force was {(self.active or b'').hex()[:16] or 'none'}…",
-                            index)
-        bundle = self.bundles.get(entry.bundle)
-        if bundle is None:
-            self.report.add("replay", f"bundle {entry.bundle.hex()} is not in the export "
-                            "(or does not verify)", index)
-            return
-        sender = bundle.nodes.get(entry.sender)
-        if sender is None:
-            self.report.add("replay", f"sender {entry.sender} has no certificate in the bundle",
-                            index)
-            return
-        for node, recorded in entry.decisions.items():
-            replayed = decide_recipient(
-                entry.label, sender, node, entry.topic, entry.ts, bundle,
-                sealed_for=entry.sealed, inactive_nodes=self.suspended, cache=self.cache)
-            self.report.decisions_replayed += 1
-            if replayed != recorded:
-                self.report.add("replay", f"decision for {node}: logged {_show(recorded)}, "
-                                f"replay gives {_show(replayed)}", index)
-            if recorded.permit:
-                copies = self.outstanding.setdefault((entry.id, node), [])
-                copies.append(entry.ts + entry.ttl * 1000)
-                copies.sort()
-
-    def deliver(self, index: int, entry: DeliverEntry | ExpireEntry) -> None:
-        """A released copy ends once: delivered, or expired (never before its TTL, which
-        would be a silent drop dressed up as an expiry)."""
-        key = (entry.id, entry.to)
-        if isinstance(entry, DeliverEntry):
-            self.report.deliveries_checked += 1
-        else:
-            self.report.expiries_checked += 1
-        copies = self.outstanding.get(key)
-        if copies is None:
-            self.report.add(entry.KIND, f"message {entry.id.hex()} went to {entry.to}, which it "
-                            "was not released to", index)
-            return
-        if not copies:
-            self.report.add(entry.KIND, f"message {entry.id.hex()} for {entry.to} was already "
-                            "delivered or expired", index)
-            return
-        deadline = copies.pop(0)  # the copy whose TTL ends first
-        if isinstance(entry, ExpireEntry) and entry.ts < deadline:
-            self.report.add("expire", f"message {entry.id.hex()} for {entry.to} expired "
-                            f"{deadline - entry.ts} ms before its TTL", index)
-
-    def session(self, entry: SessionEntry) -> None:
-        if entry.event == "connect":
-            self.connected.add(entry.node)
-        elif entry.event == "disconnect":
-            self.connected.discard(entry.node)
-
-    def finish(self, grace_ms: int) -> None:
-        """A released copy whose TTL ended more than ``grace_ms`` before the log's last entry
-        and that was neither delivered nor expired was dropped without a word (say, deleted
-        from the broker's queue on disk): its sender was never told. A recipient still
-        connected at the end may hold it un-acknowledged (in flight copies do not expire), so
-        it is not flagged."""
-        for (message_id, node), deadlines in sorted(self.outstanding.items()):
-            if node in self.connected:
-                continue
-            for deadline in deadlines:
-                if deadline < self.last_ts - grace_ms:
-                    self.report.add("expire", f"message {message_id.hex()} for {node}: its TTL "
-                                    f"ended {self.last_ts - deadline} ms before the last entry, "
-                                    "yet it was neither delivered nor expired (dropped)")
-
-    def admin(self, entry: AdminEntry) -> None:
-        """Operator suspensions and revocations change later decisions (node_inactive)."""
-        if entry.outcome != "ok":
-            return
-        if entry.action in ("suspend", "revoke"):
-            self.suspended.add(entry.target)
-        if entry.action == "revoke":
-            self.revoked.add(entry.target)
-        elif entry.action == "resume" and entry.target not in self.revoked:
-            self.suspended.discard(entry.target)
+    def __iter__(self) -> Iterator[list[tuple[int, bytes]]]:
+        run: list[tuple[int, bytes]] = []
+        try:
+            for position, (index, data) in enumerate(self.export.entries()):
+                if index != position:
+                    self.missing = (position, index)
+                    break
+                run.append((index, data))
+                if len(run) == self.size:
+                    yield run
+                    run = []
+        except BrokerError as exc:
+            self.failure = exc.reason
+        if run:
+            yield run
 
 
-def _show(decision: Decision) -> str:
-    return decision.status() + (f" via {decision.via}" if decision.via else "")
-
-
-def check_entries(export: Export, replay: _Replay, report: Report,
+def check_entries(export: Export, decider: Decider, report: Report,
                   progress: Progress | None, total: int) -> tuple[merkle.MemoryTree, int | None]:
-    """Walk every entry: order, format, recorded leaf hash, replay. Returns the tree and the
-    first index whose entry differs from the leaf hash recorded at append time (if any)."""
+    """Walk every entry: order, format, recorded leaf hash, replay (its decisions from
+    ``decider``, applied in order to ``decider.replay``). Returns the tree and the first index
+    whose entry differs from the leaf hash recorded at append time (if any)."""
     tree = merkle.MemoryTree()
     first_mismatch: int | None = None
     recorded = export.recorded_leaves()
-    try:
-        for position, (index, data) in enumerate(export.entries()):
-            if index != position:
-                report.add("entries", f"entry {position} is missing (next stored index is "
-                           f"{index})", position)
-                break
+    runs = _Runs(export, replay_workers.CHUNK)
+    replay = decider.replay
+    for run, steps in decider.steps(iter(runs)):
+        for (index, data), step in zip(run, steps, strict=True):
             leaf = merkle.leaf_hash(data)
-            if position < len(recorded) and recorded[position] != leaf:
-                first_mismatch = position if first_mismatch is None else first_mismatch
+            if index < len(recorded) and recorded[index] != leaf:
+                first_mismatch = index if first_mismatch is None else first_mismatch
                 report.add("entries", "the entry differs from the one appended at this index "
                            "(its recorded leaf hash does not match)", index)
             tree.append(leaf)
-            _replay_one(index, data, replay, report)
+            replay.apply(step)
             if progress is not None and index % 4096 == 0:
                 progress(index, total)
-    except BrokerError as exc:
-        report.add("entries", f"entries.bin: {exc.reason}", tree.size)
+    if runs.missing is not None:
+        position, index = runs.missing
+        report.add("entries", f"entry {position} is missing (next stored index is {index})",
+                   position)
+    if runs.failure is not None:
+        report.add("entries", f"entries.bin: {runs.failure}", tree.size)
     report.entries = tree.size
     if len(recorded) != tree.size:
         report.add("entries", f"{len(recorded)} leaf hashes recorded for {tree.size} entries",
@@ -286,25 +190,6 @@ def check_entries(export: Export, replay: _Replay, report: Report,
         if len(recorded) < tree.size:
             first_mismatch = min(first_mismatch or len(recorded), len(recorded))
     return tree, first_mismatch
-
-
-def _replay_one(index: int, data: bytes, replay: _Replay, report: Report) -> None:
-    try:
-        entry = entry_from_bytes(data)
-    except BrokerError as exc:
-        report.add("entries", f"not a valid entry: {exc.reason}", index)
-        return
-    replay.clock(index, entry.ts)
-    if isinstance(entry, RouteEntry):
-        replay.route(index, entry)
-    elif isinstance(entry, PolicyEntry):
-        replay.policy(entry)
-    elif isinstance(entry, (DeliverEntry, ExpireEntry)):
-        replay.deliver(index, entry)
-    elif isinstance(entry, AdminEntry):
-        replay.admin(entry)
-    elif isinstance(entry, SessionEntry):
-        replay.session(entry)
 
 
 def _node_certs(bundles: Mapping[bytes, Bundle]) -> dict[str, list[NodeCert]]:
@@ -406,20 +291,30 @@ def check_checkpoints(export: Export, tree: merkle.MemoryTree, bundles: Mapping[
 
 def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = (),
                   quorum: int | None = None, progress: Progress | None = None,
-                  expiry_grace_ms: int = DEFAULT_EXPIRY_GRACE_MS) -> Report:
+                  expiry_grace_ms: int = DEFAULT_EXPIRY_GRACE_MS,
+                  workers: int | None = None) -> Report:
     """Verify an export directory; see the module docstring for what is checked.
 
     ``expiry_grace_ms``: how long past its TTL a copy may still be outstanding at the end of
-    the log before it counts as dropped (more than the broker's ``expiry_interval_ms``)."""
+    the log before it counts as dropped (more than the broker's ``expiry_interval_ms``).
+    ``workers``: processes that parse entries and replay their decisions (0: all in this one;
+    ``None``: one per CPU for a large log, :func:`clients.replay_workers.default_workers`)."""
     export = Export.open(path)
     report = Report(origin=export.origin)
     bundles = load_bundles(export, pins, report)
     if not bundles:
         report.add("bundle", "no policy bundle verifies under the pinned trust root(s)")
-    replay = _Replay(bundles, report)
     total = _count_hint(path)
-    tree, first_mismatch = check_entries(export, replay, report, progress, total)
+    replay = Replay(report.add)
+    contents = {digest: content for name, content in export.bundles().items()
+                if (digest := _hex_or_none(name)) in bundles}
+    count = default_workers(total) if workers is None else workers
+    with Decider(bundles, contents, replay, count) as decider:
+        tree, first_mismatch = check_entries(export, decider, report, progress, total)
     replay.finish(expiry_grace_ms)
+    report.decisions_replayed = replay.decisions_replayed
+    report.deliveries_checked = replay.deliveries_checked
+    report.expiries_checked = replay.expiries_checked
     saved_notes = []
     for note_path in saved:
         try:
@@ -429,6 +324,13 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
     check_checkpoints(export, tree, bundles, saved_notes, quorum, report, first_mismatch)
     report.problems.sort(key=lambda p: (p.index is None, p.index or 0))
     return report
+
+
+def _hex_or_none(name: str) -> bytes | None:
+    try:
+        return bytes.fromhex(name)
+    except ValueError:
+        return None
 
 
 def _count_hint(path: Path) -> int:

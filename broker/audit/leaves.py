@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from broker import canonical
@@ -75,12 +75,66 @@ def _decision_from_map(value: Any) -> Decision:
     return Decision(permit=permit, reasons=reasons, via=via)
 
 
+class _Interned:
+    """What a parser made of a decoded value, by the value's msgpack bytes: route entries
+    repeat a handful of labels and decisions, and an auditor parses every entry. Sound for
+    values decoded from msgpack only (lists, never tuples): equal bytes are then an equal value,
+    and a parse is a function of the value. Only successes are kept; bounded (cleared when
+    full: the working set is small)."""
+
+    MAX = 4096
+
+    def __init__(self) -> None:
+        self._parsed: dict[bytes, Any] = {}
+
+    def get(self, value: Any) -> tuple[bytes, Any]:
+        """``(key, parsed or None)`` for a decoded ``value``."""
+        key = canonical.pack(value)
+        return key, self._parsed.get(key)
+
+    def put(self, key: bytes, parsed: Any) -> None:
+        if len(self._parsed) >= self.MAX:
+            self._parsed.clear()
+        self._parsed[key] = parsed
+
+
+_LABELS = _Interned()
+_DECISIONS = _Interned()
+
+
+def _decided(value: Any) -> Decision:
+    """:func:`_decision_from_map` of a decoded value, interned."""
+    key, decision = _DECISIONS.get(value)
+    if decision is None:
+        decision = _decision_from_map(value)
+        _DECISIONS.put(key, decision)
+    return decision  # type: ignore[no-any-return]
+
+
+def _entry_label(value: Any) -> Label:
+    """The label of a decoded route entry, interned (with its digest, once computed)."""
+    key, label = _LABELS.get(value)
+    if label is None:
+        label = Label.from_canonical_map(value)
+        if label.to_map() != value:
+            # Label.from_map takes an absent ``cats`` as empty; an entry is written with all
+            # five fields, so another form would be a second encoding of the same entry.
+            raise _bad("the label must have exactly policy, class, cats, rel and orig")
+        _LABELS.put(key, label)
+    return label  # type: ignore[no-any-return]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     KIND: ClassVar[str]
     FIELDS: ClassVar[frozenset[str]]
 
     ts: int
+
+    @classmethod
+    def from_decoded(cls, ts: int, value: dict[str, Any]) -> Any:
+        """:meth:`from_map` of a map decoded from msgpack (see :func:`entry_from_bytes`)."""
+        return cls.from_map(ts, value)  # type: ignore[attr-defined]
 
     def to_map(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -156,22 +210,30 @@ class RouteEntry(_Entry):
 
     @classmethod
     def from_map(cls, ts: int, value: Mapping[str, Any]) -> RouteEntry:
-        decisions = _field(value, "decisions", dict)
-        if not all(isinstance(n, str) for n in decisions):
-            raise _bad("decision keys must be node ids")
         label_map = _field(value, "label", dict)
         label = Label.from_map(label_map)
         if label.to_map() != label_map:
-            # Label.from_map takes an absent ``cats`` as empty; an entry is written with all
-            # five fields, so another form would be a second encoding of the same entry.
             raise _bad("the label must have exactly policy, class, cats, rel and orig")
+        return cls._build(ts, value, label, _decision_from_map)
+
+    @classmethod
+    def from_decoded(cls, ts: int, value: dict[str, Any]) -> RouteEntry:
+        """:meth:`from_map`, with the label and the decisions interned by their bytes."""
+        return cls._build(ts, value, _entry_label(_field(value, "label", dict)), _decided)
+
+    @classmethod
+    def _build(cls, ts: int, value: Mapping[str, Any], label: Label,
+               decision: Callable[[Any], Decision]) -> RouteEntry:
+        decisions = _field(value, "decisions", dict)
+        if not all(isinstance(n, str) for n in decisions):
+            raise _bad("decision keys must be node ids")
         return cls(
             ts=ts, id=_field(value, "id", bytes), env=_field(value, "env", bytes),
             sender=_field(value, "from", str), topic=_field(value, "topic", str),
             label=label,
             prec=_field(value, "prec", int), ttl=_field(value, "ttl", int),
             bundle=_field(value, "bundle", bytes), sealed=_str_list(value, "sealed"),
-            decisions={n: _decision_from_map(d) for n, d in decisions.items()},
+            decisions={n: decision(d) for n, d in decisions.items()},
         )
 
     @property
@@ -310,7 +372,7 @@ def entry_from_bytes(data: bytes) -> Entry:
         raise _bad(f"unknown kind {kind!r}")
     if set(value) != cls.FIELDS | {"kind", "ts"}:
         raise _bad(f"a {kind} entry has exactly the fields {sorted(cls.FIELDS | {'kind', 'ts'})}")
-    entry: Entry = cls.from_map(_field(value, "ts", int), value)
+    entry: Entry = cls.from_decoded(_field(value, "ts", int), value)
     return entry
 
 

@@ -233,11 +233,17 @@ class MemoryTree:
         """Append a leaf hash (not the entry: call :func:`leaf_hash` first)."""
         if len(leaf) != HASH_SIZE:
             raise ValueError(f"a leaf hash is {HASH_SIZE} bytes, not {len(leaf)}")
-        for level, index, digest in completed_nodes(self.size, leaf, self.get_node):
-            if level == len(self._levels):
-                self._levels.append([])
-            assert len(self._levels[level]) == index  # nodes complete left to right
-            self._levels[level].append(digest)
+        # completed_nodes(), written out: an auditor appends every entry of the log.
+        levels = self._levels
+        index, digest = len(levels[0]), leaf
+        levels[0].append(leaf)
+        level = 0
+        while index & 1:  # a right child completes its parent
+            digest = node_hash(levels[level][index - 1], digest)
+            level, index = level + 1, index >> 1
+            if level == len(levels):
+                levels.append([])
+            levels[level].append(digest)
 
     def get_node(self, level: int, index: int) -> bytes:
         """Return the hash of complete subtree ``index`` at ``level``; IndexError if absent."""

@@ -713,7 +713,7 @@ async def test_a_queued_message_deleted_on_disk_does_not_vanish_unnoticed(
     recipient was never connected.
 
     The broker cannot see it without replaying its whole log at start; the auditor does:
-    ``_Replay.finish`` flags a copy outstanding past its TTL at the end of the log."""
+    ``clients.replay.Replay.finish`` flags a copy outstanding past its TTL at the end of the log."""
     outcome = await queued_then_restarted(coalition, tmp_path, delete_row=True)
     if outcome.refused is not None:
         return  # the broker noticed: fine

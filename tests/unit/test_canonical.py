@@ -383,3 +383,16 @@ def test_canonical_set_sorts_by_utf8_bytes_and_removes_duplicates(
     out = canonical.canonical_set(values)
     assert out == expected
     assert canonical.is_sorted_unique(out)
+
+
+def test_the_shared_packer_survives_a_failed_pack_and_gives_back_a_large_buffer() -> None:
+    with pytest.raises(ProtocolError):
+        canonical.encode_ordered({"a": [1, 2, object()]})  # fails half-way through the map
+    assert canonical.encode({"b": 1, "a": [2]}) == msgpack.packb({"a": [2], "b": 1})
+    kept = canonical._PACKER
+    canonical.pack(b"x" * 1000)
+    assert canonical._PACKER is kept  # small: the packer and its buffer are reused
+    big = b"x" * (canonical._KEEP_PACKER_BYTES + 1)
+    assert canonical.decode(canonical.pack(big), max_bytes=len(big) + 8) == big
+    assert canonical._PACKER is not kept  # its buffer had grown past the limit: replaced
+    assert canonical.pack([1, "x", b"y"]) == msgpack.packb([1, "x", b"y"], use_bin_type=True)

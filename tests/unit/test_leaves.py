@@ -137,3 +137,26 @@ def test_an_int_permit_does_not_poison_the_decision_cache() -> None:
     dataclasses.replace(ROUTE, decisions={"FRA-GW1": same}).to_bytes()
     assert entry_from_bytes(ROUTE.to_bytes()) == ROUTE
     assert ROUTE.to_bytes() == _Entry.to_bytes(ROUTE)
+
+
+def test_interned_labels_and_decisions_are_the_ones_in_the_bytes() -> None:
+    """Parsed labels and decisions are reused by their bytes: entries that differ in one
+    reason or one label field each parse as what they say, and a bad one is refused every
+    time (only what parsed is kept)."""
+    other = dataclasses.replace(
+        ROUTE, label=label("NATO", "SECRET", "GBR", ["FRA", "GBR"]),
+        decisions={**ROUTE.decisions, "USA-GW1": Decision.deny("ceiling")})
+    for entry in (ROUTE, other, ROUTE, other):
+        assert entry_from_bytes(entry.to_bytes()) == entry
+    first, second = (entry_from_bytes(ROUTE.to_bytes()) for _ in range(2))
+    assert isinstance(first, RouteEntry) and isinstance(second, RouteEntry)
+    assert first.label is second.label  # parsed once
+    bad = _mutated(ROUTE, decisions={"FRA-GW1": {"permit": True, "reasons": ["ceiling"]}})
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="PERMIT has no reasons"):
+            entry_from_bytes(bad)
+    label_map = canonical.decode(ROUTE.to_bytes())["label"]
+    del label_map["cats"]
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="exactly policy, class, cats, rel and orig"):
+            entry_from_bytes(_mutated(ROUTE, label=label_map))

@@ -1,0 +1,274 @@
+"""Worker processes that decide runs of audit entries for the auditor (:mod:`clients.replay`).
+
+``coalition audit verify`` spends nearly all its time parsing entries and re-running their
+decisions, which each entry needs on its own; the tree and the copies outstanding follow the log
+in order and are cheap. With workers, runs of entries (:data:`CHUNK` each) go round the workers
+while the auditor hashes the tree and applies the steps that come back, in log order; the report
+is the one the auditor makes in line (tests compare the two).
+
+A worker is ``python -m clients.replay_workers FD`` (:func:`broker.child.spawn`): length-prefixed
+msgpack over a socket pair. It rebuilds the bundles the auditor verified from their signed
+documents (``["bundles", [[hash, content], ...]]`` → ``["ready", [hash, ...]]``), then answers
+``[number, suspended, revoked, [index, entry, index, entry, ...]]`` with ``[number, steps]``.
+It exits when its socket closes, so it never outlives the auditor for long.
+
+Nothing a worker says is needed for the verdict: a worker that fails, or answers anything but
+the steps of the run it was given, is dropped, and its runs (and all later ones) are decided in
+line. A run decided from a wrong guess of the suspensions at its start (an ``admin`` entry in a
+run still in flight) is decided again in line.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import msgpack
+import structlog
+
+from broker import child
+from clients.replay import Replay, Suspensions, decide_steps
+from policies.bundle import TRUST_ROOT, Bundle, build_bundle, document_hash, documents_from_content
+from policies.cache import DecisionCache
+
+log = structlog.get_logger("clients.replay_workers")
+
+#: Entries per run sent to a worker.
+CHUNK = 2048
+#: Below this many entries the auditor decides in line (starting workers costs ~0.2 s).
+MIN_ENTRIES = 20_000
+#: A worker that has not said it is ready, or answered a run, after this long is dropped.
+TIMEOUT_S = 60.0
+_LENGTH = struct.Struct(">I")
+#: Larger than any run: CHUNK entries of at most 4 MiB each (broker.audit.leaves).
+_MAX_MESSAGE = CHUNK * ((4 << 20) + 64)
+
+Entries = list[tuple[int, bytes]]
+
+
+def default_workers(entries: int) -> int:
+    """Workers for a log of ``entries``: one per CPU this process may use (at most 4), none
+    for a small log or on one CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = min(cpus or 1, 4)
+    return cpus if entries >= MIN_ENTRIES and cpus > 1 else 0
+
+
+class WorkerLost(Exception):
+    """A worker failed or answered something else than it was asked."""
+
+
+def _send(sock: socket.socket, message: Any) -> None:
+    data = msgpack.packb(message, use_bin_type=True)
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _receive_exactly(sock: socket.socket, count: int) -> bytes:
+    parts, left = [], count
+    while left:
+        part = sock.recv(min(left, 1 << 20))
+        if not part:
+            raise EOFError("the socket closed")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _receive(sock: socket.socket) -> Any:
+    (length,) = _LENGTH.unpack(_receive_exactly(sock, _LENGTH.size))
+    if length > _MAX_MESSAGE:
+        raise ValueError(f"a message of {length} bytes")
+    return msgpack.unpackb(_receive_exactly(sock, length), raw=False, use_list=True)
+
+
+class _Worker:
+    """The auditor's end of one worker."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.sock = ours
+        self.sock.settimeout(TIMEOUT_S)
+        self.process: subprocess.Popen[bytes] = child.spawn("clients.replay_workers", theirs)
+
+    def ask(self, message: Any) -> Any:
+        try:
+            _send(self.sock, message)
+            return _receive(self.sock)
+        except (OSError, EOFError, ValueError, msgpack.UnpackException) as exc:
+            raise WorkerLost(f"{type(exc).__name__}: {exc}") from exc
+
+    def send(self, message: Any) -> None:
+        try:
+            _send(self.sock, message)
+        except OSError as exc:
+            raise WorkerLost(f"{type(exc).__name__}: {exc}") from exc
+
+    def receive(self) -> Any:
+        try:
+            return _receive(self.sock)
+        except (OSError, EOFError, ValueError, msgpack.UnpackException) as exc:
+            raise WorkerLost(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        self.sock.close()  # it exits when it reads the end of its socket
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Decider:
+    """Decides runs of entries into steps (:func:`clients.replay.decide_steps`), with workers
+    when it has any, and hands them back in log order for :class:`~clients.replay.Replay`."""
+
+    def __init__(self, bundles: Mapping[bytes, Bundle], contents: Mapping[bytes, bytes],
+                 replay: Replay, workers: int) -> None:
+        """``contents``: the signed content of each bundle in ``bundles``, for the workers."""
+        self.bundles = bundles
+        self.replay = replay
+        self.cache = DecisionCache(max_entries=1 << 16)
+        self.workers: list[_Worker] = []
+        self._numbers = 0
+        if workers > 0:
+            self._start(workers, contents)
+
+    def __enter__(self) -> Decider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        workers, self.workers = self.workers, []
+        for worker in workers:  # all told at once, then waited for
+            worker.sock.close()
+        for worker in workers:
+            worker.close()
+
+    def steps(self, runs: Iterator[Entries]) -> Iterator[tuple[Entries, list[list[Any]]]]:
+        """``(run, its steps)`` for each run of ``runs``, in order. Between two, the caller
+        applies the steps to :attr:`replay` (whose suspensions the next runs start from)."""
+        in_flight: collections.deque[tuple[_Worker, Entries, tuple[list[str], list[str]]]] = (
+            collections.deque())
+        for worker in list(self.workers):
+            self._submit(worker, next(runs, None), in_flight)
+        while in_flight:
+            worker, run, guess = in_flight.popleft()
+            yield run, self._answer(worker, run, guess)
+            if self.workers:  # else lost: what is in flight is decided in line, in order
+                self._submit(worker, next(runs, None), in_flight)
+        for run in runs:
+            yield run, self._in_line(run)
+
+    def _start(self, count: int, contents: Mapping[bytes, bytes]) -> None:
+        try:
+            self.workers = [_Worker() for _ in range(count)]
+        except OSError as exc:
+            log.warning("replay_workers_not_started", reason=str(exc))
+            self.close()
+            return
+        expected = sorted(self.bundles)
+        message = ["bundles", [[digest, contents[digest]] for digest in expected]]
+        try:
+            for worker in self.workers:
+                worker.send(message)
+            for worker in self.workers:
+                if worker.receive() != ["ready", expected]:
+                    raise WorkerLost("it did not build the bundles the auditor verified")
+        except WorkerLost as exc:
+            log.warning("replay_workers_not_started", reason=str(exc))
+            self.close()
+
+    def _submit(self, worker: _Worker, run: Entries | None,
+                in_flight: collections.deque[tuple[_Worker, Entries,
+                                                   tuple[list[str], list[str]]]]) -> None:
+        if run is None:
+            return
+        guess = self.replay.suspensions.snapshot()
+        self._numbers += 1
+        flat: list[Any] = [item for pair in run for item in pair]
+        try:
+            worker.send([self._numbers, guess[0], guess[1], flat])
+        except WorkerLost as exc:
+            self._lose(exc)
+        in_flight.append((worker, run, guess))
+
+    def _answer(self, worker: _Worker, run: Entries,
+                guess: tuple[list[str], list[str]]) -> list[list[Any]]:
+        if worker in self.workers:
+            try:
+                steps = _checked_steps(worker.receive(), run)
+            except WorkerLost as exc:
+                self._lose(exc)
+            else:
+                if self.replay.suspensions.snapshot() == guess:
+                    return steps
+        return self._in_line(run)
+
+    def _in_line(self, run: Entries) -> list[list[Any]]:
+        suspensions = Suspensions(*self.replay.suspensions.snapshot())
+        return decide_steps(run, self.bundles, self.cache, suspensions)
+
+    def _lose(self, exc: WorkerLost) -> None:
+        log.warning("replay_worker_lost", reason=str(exc),
+                    detail="the rest of the log is decided in line")
+        self.close()
+
+
+def _checked_steps(reply: Any, run: Entries) -> list[list[Any]]:
+    """The steps of ``reply`` if they are one list per entry of ``run``, for that entry."""
+    if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
+            and len(reply[1]) == len(run)):
+        raise WorkerLost("it answered something else than the steps of its run")
+    steps: list[list[Any]] = reply[1]
+    for step, (index, _) in zip(steps, run, strict=True):
+        if not (isinstance(step, list) and len(step) >= 3 and step[1] == index):
+            raise WorkerLost("it answered steps for other entries")
+    return steps
+
+
+# --- the worker ---------------------------------------------------------------------------
+
+
+def _bundles_from(contents: Sequence[Any]) -> dict[bytes, Bundle]:
+    bundles = {}
+    for digest, content in contents:
+        documents = documents_from_content(content)
+        bundle = build_bundle(documents, pinned_root_sha256=document_hash(documents[TRUST_ROOT]))
+        if bundle.hash == digest:
+            bundles[digest] = bundle
+    return bundles
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer the auditor on ``sock`` until it closes."""
+    hello = _receive(sock)
+    bundles = _bundles_from(hello[1]) if hello[0] == "bundles" else {}
+    _send(sock, ["ready", sorted(bundles)])
+    cache = DecisionCache(max_entries=1 << 16)
+    while True:
+        try:
+            number, suspended, revoked, flat = _receive(sock)
+        except EOFError:
+            return
+        run = list(zip(flat[::2], flat[1::2], strict=True))
+        _send(sock, [number, decide_steps(run, bundles, cache, Suspensions(suspended, revoked))])
+
+
+def main(argv: Sequence[str]) -> int:
+    child.ignore_stop_signals()
+    with socket.socket(fileno=int(argv[0])) as sock, contextlib.suppress(OSError):
+        serve(sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
