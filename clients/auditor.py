@@ -130,7 +130,7 @@ def load_bundles(export: Export, pins: Iterable[bytes], report: Report) -> dict[
 
 
 class _Runs:
-    """The export's entries in runs of ``size``, up to the first
+    """The export's entries in runs of ``size`` (or fewer, of RUN_BYTES), up to the first
     gap or unreadable record (kept in :attr:`missing` / :attr:`failure` for the report)."""
 
     def __init__(self, export: Export, size: int) -> None:
@@ -141,15 +141,17 @@ class _Runs:
 
     def __iter__(self) -> Iterator[list[tuple[int, bytes]]]:
         run: list[tuple[int, bytes]] = []
+        size = 0
         try:
             for position, (index, data) in enumerate(self.export.entries()):
                 if index != position:
                     self.missing = (position, index)
                     break
                 run.append((index, data))
-                if len(run) == self.size:
+                size += len(data)
+                if len(run) == self.size or size >= replay_workers.RUN_BYTES:
                     yield run
-                    run = []
+                    run, size = [], 0
         except BrokerError as exc:
             self.failure = exc.reason
         if run:

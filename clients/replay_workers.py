@@ -6,11 +6,10 @@ in order and are cheap. With workers, runs of entries (:data:`CHUNK` each) go ro
 while the auditor hashes the tree and applies the steps that come back, in log order; the report
 is the one the auditor makes in line (tests compare the two).
 
-A worker is ``python -m clients.replay_workers FD`` (:func:`broker.child.spawn`): length-prefixed
-msgpack over a socket pair. It rebuilds the bundles the auditor verified from their signed
-documents (``["bundles", [[hash, content], ...]]`` → ``["ready", [hash, ...]]``), then answers
-``[number, suspended, revoked, [index, entry, index, entry, ...]]`` with ``[number, steps]``.
-It exits when its socket closes, so it never outlives the auditor for long.
+A worker is ``python -m clients.replay_child FD`` (:func:`broker.child.spawn`; the protocol is
+in :mod:`clients.replay_child`): it rebuilds the bundles the auditor verified from their signed
+documents, then answers each run with its steps. It exits when its socket closes, so it never
+outlives the auditor for long.
 
 Nothing a worker says is needed for the verdict: a worker that fails, or answers anything but
 the steps of the run it was given, is dropped, and its runs (and all later ones) are decided in
@@ -21,34 +20,30 @@ run still in flight) is decided again in line.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import socket
-import struct
 import subprocess
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgpack
 import structlog
 
 from broker import child
+from clients import replay_child
 from clients.replay import Replay, Suspensions, decide_steps
-from policies.bundle import TRUST_ROOT, Bundle, build_bundle, document_hash, documents_from_content
+from policies.bundle import Bundle
 from policies.cache import DecisionCache
 
 log = structlog.get_logger("clients.replay_workers")
 
-#: Entries per run sent to a worker.
+#: Entries per run sent to a worker, and bytes of them (a run ends at whichever comes first).
 CHUNK = 2048
+RUN_BYTES = 32 << 20
 #: Below this many entries the auditor decides in line (starting workers costs ~0.2 s).
 MIN_ENTRIES = 20_000
 #: A worker that has not said it is ready, or answered a run, after this long is dropped.
 TIMEOUT_S = 60.0
-_LENGTH = struct.Struct(">I")
-#: Larger than any run: CHUNK entries of at most 4 MiB each (broker.audit.leaves).
-_MAX_MESSAGE = CHUNK * ((4 << 20) + 64)
 
 Entries = list[tuple[int, bytes]]
 
@@ -65,29 +60,6 @@ class WorkerLost(Exception):
     """A worker failed or answered something else than it was asked."""
 
 
-def _send(sock: socket.socket, message: Any) -> None:
-    data = msgpack.packb(message, use_bin_type=True)
-    sock.sendall(_LENGTH.pack(len(data)) + data)
-
-
-def _receive_exactly(sock: socket.socket, count: int) -> bytes:
-    parts, left = [], count
-    while left:
-        part = sock.recv(min(left, 1 << 20))
-        if not part:
-            raise EOFError("the socket closed")
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
-
-
-def _receive(sock: socket.socket) -> Any:
-    (length,) = _LENGTH.unpack(_receive_exactly(sock, _LENGTH.size))
-    if length > _MAX_MESSAGE:
-        raise ValueError(f"a message of {length} bytes")
-    return msgpack.unpackb(_receive_exactly(sock, length), raw=False, use_list=True)
-
-
 class _Worker:
     """The auditor's end of one worker."""
 
@@ -95,24 +67,17 @@ class _Worker:
         ours, theirs = socket.socketpair()
         self.sock = ours
         self.sock.settimeout(TIMEOUT_S)
-        self.process: subprocess.Popen[bytes] = child.spawn("clients.replay_workers", theirs)
-
-    def ask(self, message: Any) -> Any:
-        try:
-            _send(self.sock, message)
-            return _receive(self.sock)
-        except (OSError, EOFError, ValueError, msgpack.UnpackException) as exc:
-            raise WorkerLost(f"{type(exc).__name__}: {exc}") from exc
+        self.process: subprocess.Popen[bytes] = child.spawn("clients.replay_child", theirs)
 
     def send(self, message: Any) -> None:
         try:
-            _send(self.sock, message)
+            replay_child.send(self.sock, message)
         except OSError as exc:
             raise WorkerLost(f"{type(exc).__name__}: {exc}") from exc
 
     def receive(self) -> Any:
         try:
-            return _receive(self.sock)
+            return replay_child.receive(self.sock)
         except (OSError, EOFError, ValueError, msgpack.UnpackException) as exc:
             raise WorkerLost(f"{type(exc).__name__}: {exc}") from exc
 
@@ -162,9 +127,12 @@ class Decider:
             self._submit(worker, next(runs, None), in_flight)
         while in_flight:
             worker, run, guess = in_flight.popleft()
-            yield run, self._answer(worker, run, guess)
+            steps = self._answer(worker, run, guess)
             if self.workers:  # else lost: what is in flight is decided in line, in order
+                # Its next run first, so that it works while the caller applies these steps
+                # (the guess is older by one run: only an admin entry in it makes it stale).
                 self._submit(worker, next(runs, None), in_flight)
+            yield run, steps
         for run in runs:
             yield run, self._in_line(run)
 
@@ -233,42 +201,3 @@ def _checked_steps(reply: Any, run: Entries) -> list[list[Any]]:
         if not (isinstance(step, list) and len(step) >= 3 and step[1] == index):
             raise WorkerLost("it answered steps for other entries")
     return steps
-
-
-# --- the worker ---------------------------------------------------------------------------
-
-
-def _bundles_from(contents: Sequence[Any]) -> dict[bytes, Bundle]:
-    bundles = {}
-    for digest, content in contents:
-        documents = documents_from_content(content)
-        bundle = build_bundle(documents, pinned_root_sha256=document_hash(documents[TRUST_ROOT]))
-        if bundle.hash == digest:
-            bundles[digest] = bundle
-    return bundles
-
-
-def serve(sock: socket.socket) -> None:
-    """Answer the auditor on ``sock`` until it closes."""
-    hello = _receive(sock)
-    bundles = _bundles_from(hello[1]) if hello[0] == "bundles" else {}
-    _send(sock, ["ready", sorted(bundles)])
-    cache = DecisionCache(max_entries=1 << 16)
-    while True:
-        try:
-            number, suspended, revoked, flat = _receive(sock)
-        except EOFError:
-            return
-        run = list(zip(flat[::2], flat[1::2], strict=True))
-        _send(sock, [number, decide_steps(run, bundles, cache, Suspensions(suspended, revoked))])
-
-
-def main(argv: Sequence[str]) -> int:
-    child.ignore_stop_signals()
-    with socket.socket(fileno=int(argv[0])) as sock, contextlib.suppress(OSError):
-        serve(sock)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -24,6 +24,8 @@ def run(bench: Run) -> dict[str, Any]:
         "status": "ok", "count": figures.entries, "entries": figures.entries,
         "group_commit_per_s": round(figures.commit_per_s, 1),
         "verify_entries_per_s": round(figures.verify_per_s, 1),
+        "verify_workers": figures.workers,
+        "verify_in_line_entries_per_s": round(figures.in_line_per_s, 1),
         "replay_decisions_per_s": round(figures.replay_per_s, 1),
         "decisions_replayed": figures.decisions_replayed, "verify_s": round(figures.verify_s, 3),
         "problems": figures.problems,

@@ -180,8 +180,10 @@ def _policy(r: Result, out: TextIO) -> None:
 def _auditor(r: Result, out: TextIO) -> None:
     table(f"auditor ({r['entries']:,} entries)", ["measure", "per s"], [
         ["group commit (SQLite WAL, synchronous=FULL)", r["group_commit_per_s"]],
-        ["offline verify, entries (with decision replay)", r["verify_entries_per_s"]],
+        [f"offline verify, entries (with decision replay; {r['verify_workers']} workers)",
+         r["verify_entries_per_s"]],
         ["decisions replayed", r["replay_decisions_per_s"]],
+        ["offline verify, entries, in line (no workers)", r["verify_in_line_entries_per_s"]],
     ], out)
 
 

@@ -94,6 +94,7 @@ async def export(coalition: Coalition, tmp_path: Path) -> Path:
 def test_workers_report_exactly_what_the_auditor_finds_in_line(
         coalition: Coalition, export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replay_workers, "CHUNK", 5)  # many runs: suspensions change in flight
+    monkeypatch.setattr(replay_workers, "RUN_BYTES", 1200)  # some end at a size instead
     in_line: list[int] = []
     decide = Decider._in_line
 
