@@ -27,10 +27,13 @@ _MAX_DEPTH = 16
 _SCALARS = frozenset({str, bytes, int, bool})
 
 #: One packer for every call: ``msgpack.packb`` builds one per call, with a 256 KiB buffer
-#: (~1 µs). Safe to share: it packs with the GIL held and calls no Python code (no
-#: ``default``), so two threads never interleave in it, and a failed pack resets its buffer.
-#: Its buffer grows to the largest object packed and stays: after one larger than
-#: :data:`_KEEP_PACKER_BYTES` the packer is replaced, to hand that memory back.
+#: (~1 µs). Shared only when it is msgpack's C packer, which packs with the GIL held and calls
+#: no Python code (no ``default``), so two threads never interleave in it (the pure-Python one,
+#: under PyPy or ``MSGPACK_PUREPYTHON``, would: then every call builds its own). Its buffer
+#: grows to the largest object packed and stays: after one larger than
+#: :data:`_KEEP_PACKER_BYTES`, or a pack that failed (perhaps after growing it), the packer is
+#: replaced, to hand that memory back.
+_SHARED_PACKER = msgpack.Packer.__module__.endswith("_cmsgpack")
 _PACKER = msgpack.Packer(use_bin_type=True)
 _KEEP_PACKER_BYTES = 1 << 20
 
@@ -101,7 +104,13 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
 def pack(obj: Any) -> bytes:
     """``msgpack.packb(obj, use_bin_type=True)`` with the shared packer: no canonical checks."""
     global _PACKER
-    packed: bytes = _PACKER.pack(obj)
+    if not _SHARED_PACKER:
+        return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    try:
+        packed: bytes = _PACKER.pack(obj)
+    except BaseException:
+        _PACKER = msgpack.Packer(use_bin_type=True)
+        raise
     if len(packed) > _KEEP_PACKER_BYTES:
         _PACKER = msgpack.Packer(use_bin_type=True)
     return packed

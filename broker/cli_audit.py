@@ -17,6 +17,7 @@ from broker.audit.leaves import RouteEntry, entry_from_bytes
 from broker.audit.note import parse_note
 from broker.config import load_config
 from broker.errors import ConfigError, VerificationError
+from broker.logs import configure
 from broker.store.sqlite import SqliteStore
 from clients.auditor import Report, load_bundles, log_verifiers, verified_checkpoint, verify_export
 from clients.export import Export, export_store
@@ -111,6 +112,7 @@ def _workers(text: str) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    configure(level="warning", json=args.json)  # to stderr: stdout is the report
     progress = _progress if sys.stderr.isatty() and not args.json else None
     report = verify_export(args.export, pins=_pins(args.pin), saved=args.checkpoint,
                            quorum=args.quorum, progress=progress,

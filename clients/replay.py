@@ -70,6 +70,35 @@ class Suspensions:
         return sorted(self.suspended), sorted(self.revoked)
 
 
+#: The types of each kind's step, field by field (exact types: a ``bool`` is not an ``int``).
+_SHAPES: dict[int, tuple[type, ...]] = {
+    BAD: (int, int, str),
+    ROUTE: (int, int, int, bytes, bytes, int, list, int, list),
+    POLICY: (int, int, int, bytes),
+    DELIVER: (int, int, int, bytes, str),
+    EXPIRE: (int, int, int, bytes, str),
+    ADMIN: (int, int, int, str, str, str),
+    SESSION: (int, int, int, str, str),
+}
+
+
+def is_step(step: Any, index: int) -> bool:
+    """Whether ``step`` is a step :func:`decide_steps` could make for entry ``index``: its
+    kind's fields, of their types (what :meth:`Replay.apply` relies on). For steps that come
+    from another process."""
+    if type(step) is not list or len(step) < 2 or type(step[0]) is not int or step[1] != index:
+        return False
+    shape = _SHAPES.get(step[0])
+    if shape is None or len(step) != len(shape) or any(
+            type(value) is not kind for value, kind in zip(step, shape, strict=True)):
+        return False
+    if step[0] == ROUTE:
+        return all(type(node) is str for node in step[6]) and all(
+            type(found) is list and len(found) == 2 and type(found[0]) is str
+            and type(found[1]) is str for found in step[8])
+    return True
+
+
 def show(decision: Decision) -> str:
     return decision.status() + (f" via {decision.via}" if decision.via else "")
 

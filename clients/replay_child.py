@@ -24,8 +24,10 @@ from policies.bundle import TRUST_ROOT, Bundle, build_bundle, document_hash, doc
 from policies.cache import DecisionCache
 
 _LENGTH = struct.Struct(">I")
-#: Larger than any message: the auditor's runs stop after 32 MiB of entries (one entry is at
-#: most 4 MiB, broker.audit.leaves), and the steps of a run are smaller than its entries.
+#: The largest message either end reads. The auditor's runs stop after 32 MiB of entries (one
+#: entry is at most 4 MiB, broker.audit.leaves); the steps of a run are usually far smaller than
+#: its entries, but not always (a route entry's problems name each decision that differs): an
+#: answer over this is refused, the worker dropped, and the rest decided in line.
 MAX_MESSAGE = 64 << 20
 
 

@@ -31,7 +31,7 @@ import structlog
 
 from broker import child
 from clients import replay_child
-from clients.replay import Replay, Suspensions, decide_steps
+from clients.replay import Replay, Suspensions, decide_steps, is_step
 from policies.bundle import Bundle
 from policies.cache import DecisionCache
 
@@ -65,9 +65,13 @@ class _Worker:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
+        try:
+            self.process: subprocess.Popen[bytes] = child.spawn("clients.replay_child", theirs)
+        except BaseException:
+            ours.close()  # spawn closes theirs
+            raise
         self.sock = ours
         self.sock.settimeout(TIMEOUT_S)
-        self.process: subprocess.Popen[bytes] = child.spawn("clients.replay_child", theirs)
 
     def send(self, message: Any) -> None:
         try:
@@ -81,8 +85,12 @@ class _Worker:
         except (OSError, EOFError, ValueError, msgpack.UnpackException) as exc:
             raise WorkerLost(f"{type(exc).__name__}: {exc}") from exc
 
-    def close(self) -> None:
-        self.sock.close()  # it exits when it reads the end of its socket
+    def close(self, *, kill: bool = False) -> None:
+        """Close its socket (it exits when it reads the end of it) and reap it; ``kill``: at
+        once, for one whose work is no longer wanted."""
+        self.sock.close()
+        if kill:
+            self.process.kill()
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -111,12 +119,13 @@ class Decider:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """Stop the workers (``kill``: without letting them finish a run)."""
         workers, self.workers = self.workers, []
         for worker in workers:  # all told at once, then waited for
             worker.sock.close()
         for worker in workers:
-            worker.close()
+            worker.close(kill=kill)
 
     def steps(self, runs: Iterator[Entries]) -> Iterator[tuple[Entries, list[list[Any]]]]:
         """``(run, its steps)`` for each run of ``runs``, in order. Between two, the caller
@@ -130,7 +139,8 @@ class Decider:
             steps = self._answer(worker, run, guess)
             if self.workers:  # else lost: what is in flight is decided in line, in order
                 # Its next run first, so that it works while the caller applies these steps
-                # (the guess is older by one run: only an admin entry in it makes it stale).
+                # (the guess misses this run and the other workers' runs: an admin entry in
+                # one of them makes it stale, and the run is decided again).
                 self._submit(worker, next(runs, None), in_flight)
             yield run, steps
         for run in runs:
@@ -138,10 +148,11 @@ class Decider:
 
     def _start(self, count: int, contents: Mapping[bytes, bytes]) -> None:
         try:
-            self.workers = [_Worker() for _ in range(count)]
+            for _ in range(count):
+                self.workers.append(_Worker())
         except OSError as exc:
             log.warning("replay_workers_not_started", reason=str(exc))
-            self.close()
+            self.close(kill=True)
             return
         expected = sorted(self.bundles)
         message = ["bundles", [[digest, contents[digest]] for digest in expected]]
@@ -153,7 +164,7 @@ class Decider:
                     raise WorkerLost("it did not build the bundles the auditor verified")
         except WorkerLost as exc:
             log.warning("replay_workers_not_started", reason=str(exc))
-            self.close()
+            self.close(kill=True)
 
     def _submit(self, worker: _Worker, run: Entries | None,
                 in_flight: collections.deque[tuple[_Worker, Entries,
@@ -188,16 +199,18 @@ class Decider:
     def _lose(self, exc: WorkerLost) -> None:
         log.warning("replay_worker_lost", reason=str(exc),
                     detail="the rest of the log is decided in line")
-        self.close()
+        self.close(kill=True)
 
 
 def _checked_steps(reply: Any, run: Entries) -> list[list[Any]]:
-    """The steps of ``reply`` if they are one list per entry of ``run``, for that entry."""
+    """The steps of ``reply`` if they are one well-formed step per entry of ``run``, for that
+    entry (:func:`clients.replay.is_step`): what :meth:`Replay.apply` can apply."""
     if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
             and len(reply[1]) == len(run)):
         raise WorkerLost("it answered something else than the steps of its run")
     steps: list[list[Any]] = reply[1]
     for step, (index, _) in zip(steps, run, strict=True):
-        if not (isinstance(step, list) and len(step) >= 3 and step[1] == index):
-            raise WorkerLost("it answered steps for other entries")
+        if not is_step(step, index):
+            raise WorkerLost(f"it answered a malformed step, or one for another entry than "
+                             f"{index}")
     return steps

@@ -79,10 +79,12 @@ class _Interned:
     """What a parser made of a decoded value, by the value's msgpack bytes: route entries
     repeat a handful of labels and decisions, and an auditor parses every entry. Sound for
     values decoded from msgpack only (lists, never tuples): equal bytes are then an equal value,
-    and a parse is a function of the value. Only successes are kept; bounded (cleared when
-    full: the working set is small)."""
+    and a parse is a function of the value. Only successes are kept, of values up to
+    :attr:`MAX_KEY` bytes (a hostile export could otherwise make it hold thousands of large
+    labels); bounded (cleared when full: the working set is small)."""
 
     MAX = 4096
+    MAX_KEY = 4096
 
     def __init__(self) -> None:
         self._parsed: dict[bytes, Any] = {}
@@ -93,6 +95,8 @@ class _Interned:
         return key, self._parsed.get(key)
 
     def put(self, key: bytes, parsed: Any) -> None:
+        if len(key) > self.MAX_KEY:
+            return
         if len(self._parsed) >= self.MAX:
             self._parsed.clear()
         self._parsed[key] = parsed

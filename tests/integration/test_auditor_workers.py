@@ -4,15 +4,20 @@ are decided again), and when a worker dies."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker import child
 from broker.audit.leaves import AdminEntry, DeliverEntry, Entry, PolicyEntry, RouteEntry
 from broker.audit.log import AuditLog
 from broker.audit.note import Signer
+from broker.cli import main
 from broker.coalition import Coalition
 from broker.release import decide_recipient
 from broker.store.sqlite import SqliteStore
@@ -20,7 +25,17 @@ from clients import replay_workers
 from clients.auditor import verify_export
 from clients.export import Export, export_store
 from clients.gateway import label
-from clients.replay import Replay, Suspensions, decide_steps
+from clients.replay import (
+    ADMIN,
+    BAD,
+    DELIVER,
+    ROUTE,
+    SESSION,
+    Replay,
+    Suspensions,
+    decide_steps,
+    is_step,
+)
 from clients.replay_workers import Decider, WorkerLost, _checked_steps, default_workers
 from policies.bundle import bundle_content
 from policies.cache import DecisionCache
@@ -120,8 +135,9 @@ def test_workers_report_exactly_what_the_auditor_finds_in_line(
     assert runs > 10 and 1 <= len(in_line) < runs // 2, (runs, in_line)
 
 
+@pytest.mark.parametrize("when", [0, 3])
 def test_a_worker_that_dies_leaves_the_rest_to_the_auditor(
-        coalition: Coalition, export: Path) -> None:
+        coalition: Coalition, export: Path, when: int) -> None:
     bundle = coalition.bundle()
     entries = list(Export.open(export).entries())
     runs = [entries[i:i + 7] for i in range(0, len(entries), 7)]
@@ -137,27 +153,107 @@ def test_a_worker_that_dies_leaves_the_rest_to_the_auditor(
     with Decider({bundle.hash: bundle}, {bundle.hash: bundle_content(bundle)}, replay,
                  workers=2) as decider:
         assert len(decider.workers) == 2
-        victim = decider.workers[1].process
-        victim.kill()
-        victim.wait()
-        for _, steps in decider.steps(iter(runs)):
+        processes = [worker.process for worker in decider.workers]
+        for number, (_, steps) in enumerate(decider.steps(iter(runs))):
+            if number == when:  # each worker holds a run by now: the victim dies with one
+                processes[1].kill()
             for step in steps:
                 replay.apply(step)
         assert decider.workers == []  # dropped, with the other one
+    assert all(process.poll() is not None for process in processes)  # none left behind
     assert problems == expected_problems and problems
     assert replay.outstanding == expected.outstanding
     assert replay.decisions_replayed == expected.decisions_replayed == 60
 
 
-def test_an_answer_for_other_entries_is_refused() -> None:
+def test_an_answer_for_other_entries_or_malformed_is_refused() -> None:
     run = [(4, b"a"), (5, b"b")]
-    assert _checked_steps([1, [[3, 4, 0, "x"], [3, 5, 0, "y"]]], run)
-    for reply in ([1, [[3, 4, 0, "x"]]], [1, [[3, 4, 0, "x"], [3, 6, 0, "y"]]], "garbage",
-                  [1, [[3, 4], [3, 5]]], [1, [None, None]]):
+    good = [[DELIVER, 4, 7, b"i", "GBR-GW1"], [BAD, 5, "not a valid entry: x"]]
+    assert _checked_steps([1, good], run) == good
+    for reply in ([1, good[:1]], [1, [good[0], [BAD, 6, "x"]]], "garbage", [1, [[3, 4], [3, 5]]],
+                  [1, [None, None]], [1, [good[0], [BAD, 5, b"bytes, not text"]]]):
         with pytest.raises(WorkerLost):
             _checked_steps(reply, run)
 
 
-def test_small_logs_are_verified_in_line() -> None:
-    assert default_workers(100) == 0
-    assert default_workers(10**6) in (0, *range(2, 5))  # none on one CPU
+ROUTE_STEP = [ROUTE, 9, 1, b"b" * 32, b"i" * 16, 60, ["GBR-GW1"], 2, [["replay", "differs"]]]
+
+
+@pytest.mark.parametrize("step", [
+    [ROUTE, 9, True, *ROUTE_STEP[3:]],  # a bool is not a time
+    ROUTE_STEP[:-1],  # a field short
+    [*ROUTE_STEP, 0],  # one too many
+    [*ROUTE_STEP[:6], [7], *ROUTE_STEP[7:]],  # a recipient that is not a node id
+    [*ROUTE_STEP[:8], [["replay"]]],  # a problem without its detail
+    [*ROUTE_STEP[:8], [["replay", 3]]],
+    [ADMIN, 9, 1, "suspend", "GBR-GW1"],
+    [SESSION, 9, 1, "connect", None],
+    [99, 9, 1],  # no such kind
+    [[ROUTE], 9, 1],
+    (ROUTE, 9),
+])
+def test_a_malformed_step_is_not_a_step(step: Any) -> None:
+    assert is_step(ROUTE_STEP, 9) and not is_step(ROUTE_STEP, 8)
+    assert not is_step(step, 9)
+
+
+def _truncated(entries: bytes) -> bytes:
+    return entries[:-5]
+
+
+def _gapped(entries: bytes) -> bytes:
+    records, offset = [], 0
+    while offset < len(entries):
+        length = int.from_bytes(entries[offset + 8:offset + 12], "big")
+        records.append(entries[offset:offset + 12 + length])
+        offset += 12 + length
+    return b"".join(records[:17] + records[18:])
+
+
+def _corrupted(entries: bytes) -> bytes:
+    at = len(entries) // 2
+    return entries[:at] + bytes([entries[at] ^ 0x40]) + entries[at + 1:]
+
+
+@pytest.mark.parametrize("tamper", [_truncated, _gapped, _corrupted])
+def test_workers_and_the_auditor_agree_on_a_damaged_export(
+        coalition: Coalition, export: Path, monkeypatch: pytest.MonkeyPatch,
+        tamper: Callable[[bytes], bytes]) -> None:
+    entries = export / "entries.bin"
+    entries.write_bytes(tamper(entries.read_bytes()))
+    monkeypatch.setattr(replay_workers, "CHUNK", 4)
+    spawned: list[subprocess.Popen[bytes]] = []
+    spawn = child.spawn
+
+    def recorded(*args: Any) -> subprocess.Popen[bytes]:
+        spawned.append(spawn(*args))
+        return spawned[-1]
+
+    monkeypatch.setattr(child, "spawn", recorded)
+    alone = verify_export(export, pins=[coalition.root_sha256], quorum=0, workers=0)
+    helped = verify_export(export, pins=[coalition.root_sha256], quorum=0, workers=3)
+    assert helped.to_map() == alone.to_map()
+    assert not alone.ok and alone.first_bad_index is not None
+    assert len(spawned) == 3 and all(process.poll() is not None for process in spawned)
+
+
+def test_the_cli_report_stays_json_when_a_worker_is_lost(
+        coalition: Coalition, export: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def lost(self: Any) -> Any:
+        raise WorkerLost("EOFError: the socket closed")
+
+    monkeypatch.setattr(replay_workers._Worker, "receive", lost)
+    code = main(["audit", "verify", str(export), "--pin", coalition.root_sha256.hex(),
+                 "--quorum", "0", "--workers", "2", "--json"])
+    printed = capsys.readouterr()
+    assert code == 1 and json.loads(printed.out)["decisions_replayed"] == 60
+    assert "replay_workers_not_started" in printed.err
+
+
+@pytest.mark.parametrize(("cpus", "large", "small"), [(1, 0, 0), (2, 2, 0), (8, 4, 0)])
+def test_workers_by_default_one_per_cpu_for_large_logs(
+        monkeypatch: pytest.MonkeyPatch, cpus: int, large: int, small: int) -> None:
+    monkeypatch.setattr(replay_workers.os, "sched_getaffinity", lambda _: set(range(cpus)))
+    assert default_workers(replay_workers.MIN_ENTRIES) == large
+    assert default_workers(replay_workers.MIN_ENTRIES - 1) == small

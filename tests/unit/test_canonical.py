@@ -386,8 +386,10 @@ def test_canonical_set_sorts_by_utf8_bytes_and_removes_duplicates(
 
 
 def test_the_shared_packer_survives_a_failed_pack_and_gives_back_a_large_buffer() -> None:
+    kept = canonical._PACKER
     with pytest.raises(ProtocolError):
         canonical.encode_ordered({"a": [1, 2, object()]})  # fails half-way through the map
+    assert canonical._PACKER is not kept  # whatever its buffer grew to is given back
     assert canonical.encode({"b": 1, "a": [2]}) == msgpack.packb({"a": [2], "b": 1})
     kept = canonical._PACKER
     canonical.pack(b"x" * 1000)

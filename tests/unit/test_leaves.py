@@ -160,3 +160,16 @@ def test_interned_labels_and_decisions_are_the_ones_in_the_bytes() -> None:
     for _ in range(2):
         with pytest.raises(ProtocolError, match="exactly policy, class, cats, rel and orig"):
             entry_from_bytes(_mutated(ROUTE, label=label_map))
+
+
+def test_a_large_label_is_parsed_every_time_not_kept() -> None:
+    """A hostile export's large labels must not pile up in the intern cache."""
+    from broker.audit.leaves import _LABELS
+
+    big = dataclasses.replace(ROUTE, label=label("NATO", "SECRET", "GBR",
+                                                 [f"N{i:04d}" for i in range(1000)]))
+    first, second = (entry_from_bytes(big.to_bytes()) for _ in range(2))
+    assert first == second == big
+    assert isinstance(first, RouteEntry) and isinstance(second, RouteEntry)
+    assert first.label is not second.label and first.label == second.label
+    assert all(len(key) <= _LABELS.MAX_KEY for key in _LABELS._parsed)
