@@ -34,7 +34,10 @@ def register(commands: Any) -> None:
     bench.add_argument("--fanout-messages", type=int, help="messages per fan-out width "
                        "(default 6000)")
     bench.add_argument("--policy-messages", type=int, help="messages per coalition size "
-                       "(default 6000)")
+                       "and round (default 6000)")
+    bench.add_argument("--policy-rounds", dest="policy_broker_rounds", type=int,
+                       help="rounds of the policy-scale scenario, the sizes taking turns; "
+                       "each size's least disturbed round counts (default 3)")
     bench.add_argument("--audit-entries", type=int, help="auditor entries (default 50000)")
     bench.add_argument("--backlog", type=int, help="messages queued for the offline node "
                        "(default 100000)")
@@ -67,8 +70,8 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 _OVERRIDES = ("messages", "latency_messages", "latency_fractions", "fanout_messages",
-              "policy_messages", "audit_entries", "backlog", "size", "window", "log_level",
-              "profile", "commit_delay_ms", "verify_workers", "writer")
+              "policy_messages", "policy_broker_rounds", "audit_entries", "backlog", "size",
+              "window", "log_level", "profile", "commit_delay_ms", "verify_workers", "writer")
 
 
 def _bench(args: argparse.Namespace) -> int:

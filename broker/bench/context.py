@@ -24,9 +24,11 @@ class Options:
     #: Messages per fan-out point, and the fan-out widths.
     fanout_messages: int = 6_000
     fanout: tuple[int, ...] = (1, 4, 16)
-    #: Messages per coalition size in the policy-scale scenario.
+    #: Messages per coalition size in the policy-scale scenario, per round: the sizes take
+    #: turns, each on a fresh broker, and each size's least disturbed round counts.
     policy_messages: int = 6_000
     policy_sizes: tuple[tuple[int, int], ...] = ((3, 2), (100, 300))
+    policy_broker_rounds: int = 3
     #: Operations per round of the in-process policy benchmark, and rounds.
     policy_ops: int = 2_000
     policy_rounds: int = 5
@@ -57,7 +59,8 @@ class Options:
         """Tiny counts, enough to exercise every code path in seconds (the smoke test)."""
         values: dict[str, Any] = dict(
             messages=60, latency_messages=40, latency_fractions=(0.25,), fanout_messages=20,
-            policy_messages=20, policy_ops=20, policy_rounds=1, audit_entries=200, backlog=200,
+            policy_messages=20, policy_ops=20, policy_rounds=1, policy_broker_rounds=1,
+            audit_entries=200, backlog=200,
             limit_seconds=0.05, quick=True)
         values.update(overrides)
         return cls(**values)

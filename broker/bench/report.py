@@ -167,11 +167,13 @@ def _fanout(r: Result, out: TextIO) -> None:
 def _policy(r: Result, out: TextIO) -> None:
     table("policy scale (1 publisher → 2 candidates; broker process, and policy part "
           "in-process)",
-          ["nations / DSAs", "messages/s", "broker CPU µs/msg", "policy cold µs",
-           "policy warm µs", "decide() miss µs"],
+          ["nations / DSAs", "messages/s", "broker CPU µs/msg", "rounds µs/msg",
+           "policy cold µs", "policy warm µs", "decide() miss µs"],
           [[f"{s['nations']} / {s['agreements']}", s["messages_per_s"],
-            s["broker_cpu_us_per_message"], s.get("publish_policy_cold_us"),
-            s.get("publish_policy_warm_us"), s.get("decide_miss_us")] for s in r["sizes"]],
+            s["broker_cpu_us_per_message"],
+            " ".join(f"{cpu:g}" for cpu in s.get("broker_cpu_us_per_message_rounds", ())),
+            s.get("publish_policy_cold_us"), s.get("publish_policy_warm_us"),
+            s.get("decide_miss_us")] for s in r["sizes"]],
           out)
     print(f"broker CPU per message, large ÷ small: {r['cpu_per_message_large_over_small']}",
           file=out)

@@ -51,6 +51,8 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
     sizes = scenarios["policy"]["sizes"]
     assert [(s["nations"], s["agreements"]) for s in sizes] == [(3, 2), (100, 300)]
     assert all(s["copies"] == s["messages"] > 0 for s in sizes)  # one permit, one deny each
+    assert all(s["broker_cpu_us_per_message_rounds"] == [s["broker_cpu_us_per_message"]]
+               for s in sizes)  # one round in a quick run
     assert scenarios["auditor"]["problems"] == 0
     backlog = scenarios["backlog"]
     assert backlog["queued"] == backlog["drained"] == 200
