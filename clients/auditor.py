@@ -158,20 +158,22 @@ class _Runs:
             yield run
 
 
-def check_entries(export: Export, decider: Decider, report: Report,
-                  progress: Progress | None, total: int) -> tuple[merkle.MemoryTree, int | None]:
+def check_entries(export: Export, decider: Decider, report: Report, progress: Progress | None,
+                  total: int, sizes: Iterable[int] = ()) -> tuple[merkle.RootsAt, int | None]:
     """Walk every entry: order, format, recorded leaf hash, replay (its decisions from
-    ``decider``, applied in order to ``decider.replay``). Returns the tree and the first index
-    whose entry differs from the leaf hash recorded at append time (if any)."""
-    tree = merkle.MemoryTree()
+    ``decider``, applied in order to ``decider.replay``). Returns the tree's roots at ``sizes``
+    (the checkpoints'; memory stays small however long the log) and the first index whose entry
+    differs from the leaf hash recorded at append time (if any)."""
+    tree = merkle.RootsAt(sizes)
     first_mismatch: int | None = None
-    recorded = export.recorded_leaves()
+    recorded = export.iter_recorded_leaves()
     runs = _Runs(export, replay_workers.CHUNK)
     replay = decider.replay
     for run, steps in decider.steps(iter(runs)):
         for (index, data), step in zip(run, steps, strict=True):
             leaf = merkle.leaf_hash(data)
-            if index < len(recorded) and recorded[index] != leaf:
+            expected = next(recorded, None)
+            if expected is not None and expected != leaf:
                 first_mismatch = index if first_mismatch is None else first_mismatch
                 report.add("entries", "the entry differs from the one appended at this index "
                            "(its recorded leaf hash does not match)", index)
@@ -186,11 +188,12 @@ def check_entries(export: Export, decider: Decider, report: Report,
     if runs.failure is not None:
         report.add("entries", f"entries.bin: {runs.failure}", tree.size)
     report.entries = tree.size
-    if len(recorded) != tree.size:
-        report.add("entries", f"{len(recorded)} leaf hashes recorded for {tree.size} entries",
-                   min(len(recorded), tree.size))
-        if len(recorded) < tree.size:
-            first_mismatch = min(first_mismatch or len(recorded), len(recorded))
+    count = export.recorded_leaf_count()
+    if count != tree.size:
+        report.add("entries", f"{count} leaf hashes recorded for {tree.size} entries",
+                   min(count, tree.size))
+        if count < tree.size:
+            first_mismatch = min(first_mismatch or count, count)
     return tree, first_mismatch
 
 
@@ -242,16 +245,30 @@ def _witnesses(note: str, certs: Mapping[str, list[NodeCert]], origin: str) -> d
     return found
 
 
-def check_checkpoints(export: Export, tree: merkle.MemoryTree, bundles: Mapping[bytes, Bundle],
-                      saved: Iterable[tuple[str, str]], quorum: int | None,
-                      report: Report, first_mismatch: int | None = None) -> None:
+def checkpoint_sizes(notes: Iterable[str]) -> set[int]:
+    """The sizes the notes claim, unverified: where the entry walk keeps the tree's root (a
+    note that does not parse names none, and fails its verification later)."""
+    sizes = set()
+    for note in notes:
+        try:
+            sizes.add(Checkpoint.from_text(parse_note(note).text).size)
+        except (BrokerError, ValueError):
+            continue
+    return sizes
+
+
+def check_checkpoints(export: Export, tree: merkle.RootsAt | merkle.MemoryTree,
+                      bundles: Mapping[bytes, Bundle], saved: Iterable[tuple[str, str]],
+                      quorum: int | None, report: Report, first_mismatch: int | None = None,
+                      notes: Iterable[tuple[str, str]] | None = None) -> None:
     """Signatures, roots against the recomputed tree, cosignatures and the quorum."""
     verifiers = log_verifiers(bundles, report.origin)
     certs = _node_certs(bundles)
     required = quorum if quorum is not None else max(
         (b.trust_root.witness_quorum for b in bundles.values()), default=1)
     witnessed: tuple[Checkpoint, list[str]] | None = None
-    for source, name, note in [*(("export", n, t) for n, t in export.checkpoint_notes()),
+    exported = export.checkpoint_notes() if notes is None else notes
+    for source, name, note in [*(("export", n, t) for n, t in exported),
                                *(("saved", n, t) for n, t in saved)]:
         try:
             checkpoint = verified_checkpoint(note, verifiers)
@@ -311,19 +328,24 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
     contents = {digest: content for name, content in export.bundles().items()
                 if (digest := _hex_or_none(name)) in bundles}
     count = default_workers(total) if workers is None else workers
-    with Decider(bundles, contents, replay, count) as decider:
-        tree, first_mismatch = check_entries(export, decider, report, progress, total)
-    replay.finish(expiry_grace_ms)
-    report.decisions_replayed = replay.decisions_replayed
-    report.deliveries_checked = replay.deliveries_checked
-    report.expiries_checked = replay.expiries_checked
-    saved_notes = []
+    notes = export.checkpoint_notes()
+    saved_notes, unreadable = [], []
     for note_path in saved:
         try:
             saved_notes.append((note_path.name, note_path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as exc:
-            report.add("checkpoint", f"saved checkpoint {note_path.name!r} cannot be read: {exc}")
-    check_checkpoints(export, tree, bundles, saved_notes, quorum, report, first_mismatch)
+            unreadable.append(f"saved checkpoint {note_path.name!r} cannot be read: {exc}")
+    sizes = checkpoint_sizes(note for _, note in [*notes, *saved_notes])
+    with Decider(bundles, contents, replay, count) as decider:
+        tree, first_mismatch = check_entries(export, decider, report, progress, total, sizes)
+    replay.finish(expiry_grace_ms)
+    report.decisions_replayed = replay.decisions_replayed
+    report.deliveries_checked = replay.deliveries_checked
+    report.expiries_checked = replay.expiries_checked
+    for problem in unreadable:
+        report.add("checkpoint", problem)
+    check_checkpoints(export, tree, bundles, saved_notes, quorum, report, first_mismatch,
+                      notes=notes)
     report.problems.sort(key=lambda p: (p.index is None, p.index or 0))
     return report
 

@@ -114,6 +114,20 @@ class Export:
                     raise ProtocolError(f"entries.bin ends inside entry {index}")
                 yield index, body
 
+    def iter_recorded_leaves(self) -> Iterator[bytes]:
+        """The recorded leaf hashes one by one, read as they are needed (a partial last
+        record is left out, as by :meth:`recorded_leaves`)."""
+        path = self.path / "leaves.bin"
+        if not path.exists():
+            return
+        with open(path, "rb") as leaves:
+            while len(digest := leaves.read(32)) == 32:
+                yield digest
+
+    def recorded_leaf_count(self) -> int:
+        path = self.path / "leaves.bin"
+        return path.stat().st_size // 32 if path.exists() else 0
+
     def recorded_leaves(self) -> list[bytes]:
         raw = (self.path / "leaves.bin").read_bytes() if (self.path / "leaves.bin").exists() \
             else b""

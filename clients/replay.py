@@ -40,6 +40,9 @@ from policies.decide import Decision
 #: Step kinds: a step is ``[kind, index, ...]``; see :func:`decide_steps`.
 BAD, ROUTE, POLICY, DELIVER, EXPIRE, ADMIN, SESSION = range(7)
 
+#: What :attr:`Replay.outstanding` holds for a released message whose copies all ended.
+_ENDED: tuple[()] = ()
+
 #: How far entry times may step back (clock adjustments) before it counts as backdating.
 MAX_CLOCK_STEP_BACK_MS = 5 * 60 * 1000
 
@@ -171,7 +174,7 @@ class Replay:
         #: (message id, recipient) released → the TTL ends (ms) of its copies not yet ended.
         #: Usually one; the same envelope routed again (sent again after a broker restart)
         #: makes a second copy. Each copy ends exactly once: delivered or expired.
-        self.outstanding: dict[tuple[bytes, str], list[int]] = {}
+        self.outstanding: dict[tuple[bytes, str], list[int] | tuple[()]] = {}
         self.suspensions = Suspensions()
         self.active: bytes | None = None  # the bundle of the last ``policy`` entry
         #: Nodes with a ``connect`` entry and no ``disconnect`` after it.
@@ -220,7 +223,9 @@ class Replay:
             self.found(what, detail, index)
         self.decisions_replayed += decided
         for node in permitted:
-            copies = self.outstanding.setdefault((message_id, node), [])
+            copies = self.outstanding.get((message_id, node))
+            if not copies:  # new, or all its copies ended (the shared empty tuple)
+                copies = self.outstanding[message_id, node] = []
             copies.append(ts + ttl * 1000)
             copies.sort()
 
@@ -242,6 +247,10 @@ class Replay:
                        "or expired", index)
             return
         deadline = copies.pop(0)  # the copy whose TTL ends first
+        if not copies:
+            # Remembered as ended (a second end is flagged), with one shared empty tuple
+            # rather than an empty list per copy: an auditor holds one per message released.
+            self.outstanding[message_id, to] = _ENDED
         if kind == EXPIRE and ts < deadline:
             self.found("expire", f"message {message_id.hex()} for {to} expired "
                        f"{deadline - ts} ms before its TTL", index)

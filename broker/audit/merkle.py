@@ -216,6 +216,53 @@ class StoredNodeCheck:
         return self._problem
 
 
+class RootsAt:
+    """The roots of a tree at chosen sizes, taken while its leaf hashes stream past.
+
+    Keeps the tree's right edge (the roots of its perfect subtrees, at most one per level) and
+    the roots asked for: memory O(log n + sizes) where :class:`MemoryTree` keeps every node. For
+    an auditor, whose log may not fit in memory as a tree.
+    """
+
+    def __init__(self, sizes: Iterable[int] = ()) -> None:
+        self._wanted = set(sizes)
+        self._roots: dict[int, bytes] = {0: EMPTY_ROOT} if 0 in self._wanted else {}
+        self._edge: list[bytes] = []  # largest (leftmost) subtree first
+        self.size = 0
+
+    def append(self, leaf: bytes) -> None:
+        """Append a leaf hash (not the entry: call :func:`leaf_hash` first)."""
+        if len(leaf) != HASH_SIZE:
+            raise ValueError(f"a leaf hash is {HASH_SIZE} bytes, not {len(leaf)}")
+        edge = self._edge
+        edge.append(leaf)
+        index = self.size
+        while index & 1:  # a right child completes its parent
+            right = edge.pop()
+            edge[-1] = node_hash(edge[-1], right)
+            index >>= 1
+        self.size += 1
+        if self.size in self._wanted:
+            self._roots[self.size] = self._fold()
+
+    def _fold(self) -> bytes:
+        # RFC 9162 §2.1.1 on the right edge: MTH = node(P1, node(P2, … node(Pm-1, Pm))).
+        digest = self._edge[-1]
+        for subtree in reversed(self._edge[:-1]):
+            digest = node_hash(subtree, digest)
+        return digest
+
+    def root(self, size: int | None = None) -> bytes:
+        """The root at ``size`` leaves (default: now); ``ValueError`` for a size not asked for
+        when it went past, or not reached."""
+        if size is None or size == self.size:
+            return self._fold() if self._edge else EMPTY_ROOT
+        root = self._roots.get(size)
+        if root is None:
+            raise ValueError(f"the root at size {size} was not kept (tree size {self.size})")
+        return root
+
+
 class MemoryTree:
     """An in-memory tree that keeps every complete node, appended one leaf hash at a time."""
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from broker.audit import merkle
 from broker.audit.merkle import (
     EMPTY_ROOT,
     STORED_LEVEL_STEP,
@@ -381,3 +382,22 @@ def test_consistency_with_a_hash_of_the_wrong_length_is_rejected(which: str) -> 
     new_root = new_root + b"\x00" if which == "new" else new_root
     proof = [*proof[:-1], b""] if which == "proof" else proof
     _bad_proof(lambda: verify_consistency(5, 9, old_root, new_root, proof), "bytes, not 32")
+
+
+def test_roots_at_chosen_sizes_match_the_full_tree() -> None:
+    """The auditor's streaming tree keeps only its right edge, and the roots asked for."""
+    leaves = [merkle.leaf_hash(bytes([i % 256, i // 256])) for i in range(300)]
+    sizes = {0, 1, 2, 3, 7, 8, 9, 64, 100, 255, 256, 257, 299}
+    streamed, full = merkle.RootsAt(sizes), merkle.MemoryTree()
+    assert streamed.root() == full.root() == merkle.EMPTY_ROOT
+    for count, leaf in enumerate(leaves, start=1):
+        streamed.append(leaf)
+        full.append(leaf)
+        assert streamed.size == count and streamed.root() == full.root()
+        assert len(streamed._edge) == bin(count).count("1")  # one hash per perfect subtree
+    for size in sizes:
+        assert streamed.root(size) == full.root(size) == merkle.root_hash(leaves[:size])
+    with pytest.raises(ValueError, match="not kept"):
+        streamed.root(5)
+    with pytest.raises(ValueError, match="leaf hash is 32 bytes"):
+        streamed.append(b"short")
