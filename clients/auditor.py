@@ -181,6 +181,7 @@ def check_entries(export: Export, decider: Decider, report: Report, progress: Pr
             replay.apply(step)
             if progress is not None and index % 4096 == 0:
                 progress(index, total)
+    recorded.close()
     if runs.missing is not None:
         position, index = runs.missing
         report.add("entries", f"entry {position} is missing (next stored index is {index})",
@@ -192,8 +193,8 @@ def check_entries(export: Export, decider: Decider, report: Report, progress: Pr
     if count != tree.size:
         report.add("entries", f"{count} leaf hashes recorded for {tree.size} entries",
                    min(count, tree.size))
-        if count < tree.size:
-            first_mismatch = min(first_mismatch or count, count)
+        if count < tree.size:  # the entries past the recorded leaves are unconfirmed
+            first_mismatch = count if first_mismatch is None else min(first_mismatch, count)
     return tree, first_mismatch
 
 
@@ -257,18 +258,19 @@ def checkpoint_sizes(notes: Iterable[str]) -> set[int]:
     return sizes
 
 
-def check_checkpoints(export: Export, tree: merkle.RootsAt | merkle.MemoryTree,
+def check_checkpoints(notes: Iterable[tuple[str, str]], tree: merkle.RootsAt,
                       bundles: Mapping[bytes, Bundle], saved: Iterable[tuple[str, str]],
-                      quorum: int | None, report: Report, first_mismatch: int | None = None,
-                      notes: Iterable[tuple[str, str]] | None = None) -> None:
-    """Signatures, roots against the recomputed tree, cosignatures and the quorum."""
+                      quorum: int | None, report: Report,
+                      first_mismatch: int | None = None) -> None:
+    """Signatures, roots against the recomputed tree, cosignatures and the quorum, for the
+    exported ``notes`` and the ``saved`` ones (``(name, note)`` each): ``tree`` kept the roots
+    at their sizes (:func:`checkpoint_sizes`)."""
     verifiers = log_verifiers(bundles, report.origin)
     certs = _node_certs(bundles)
     required = quorum if quorum is not None else max(
         (b.trust_root.witness_quorum for b in bundles.values()), default=1)
     witnessed: tuple[Checkpoint, list[str]] | None = None
-    exported = export.checkpoint_notes() if notes is None else notes
-    for source, name, note in [*(("export", n, t) for n, t in exported),
+    for source, name, note in [*(("export", n, t) for n, t in notes),
                                *(("saved", n, t) for n, t in saved)]:
         try:
             checkpoint = verified_checkpoint(note, verifiers)
@@ -344,8 +346,7 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
     report.expiries_checked = replay.expiries_checked
     for problem in unreadable:
         report.add("checkpoint", problem)
-    check_checkpoints(export, tree, bundles, saved_notes, quorum, report, first_mismatch,
-                      notes=notes)
+    check_checkpoints(notes, tree, bundles, saved_notes, quorum, report, first_mismatch)
     report.problems.sort(key=lambda p: (p.index is None, p.index or 0))
     return report
 

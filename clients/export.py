@@ -19,7 +19,7 @@ import dataclasses
 import json
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 from broker.errors import ProtocolError
@@ -114,19 +114,20 @@ class Export:
                     raise ProtocolError(f"entries.bin ends inside entry {index}")
                 yield index, body
 
-    def iter_recorded_leaves(self) -> Iterator[bytes]:
+    def iter_recorded_leaves(self) -> Generator[bytes, None, None]:
         """The recorded leaf hashes one by one, read as they are needed (a partial last
         record is left out, as by :meth:`recorded_leaves`)."""
         path = self.path / "leaves.bin"
-        if not path.exists():
+        if not path.is_file():  # absent, or not a file (a device would never end)
             return
         with open(path, "rb") as leaves:
             while len(digest := leaves.read(32)) == 32:
                 yield digest
 
     def recorded_leaf_count(self) -> int:
+        """How many whole leaf hashes :meth:`iter_recorded_leaves` yields."""
         path = self.path / "leaves.bin"
-        return path.stat().st_size // 32 if path.exists() else 0
+        return path.stat().st_size // 32 if path.is_file() else 0
 
     def recorded_leaves(self) -> list[bytes]:
         raw = (self.path / "leaves.bin").read_bytes() if (self.path / "leaves.bin").exists() \

@@ -35,7 +35,7 @@ def register(commands: Any) -> None:
                        "(default 6000)")
     bench.add_argument("--policy-messages", type=int, help="messages per coalition size "
                        "and round (default 6000)")
-    bench.add_argument("--policy-rounds", dest="policy_broker_rounds", type=int,
+    bench.add_argument("--policy-rounds", dest="policy_broker_rounds", type=_positive,
                        help="rounds of the policy-scale scenario, the sizes taking turns; "
                        "each size's least disturbed round counts (default 3)")
     bench.add_argument("--audit-entries", type=int, help="auditor entries (default 50000)")
@@ -57,6 +57,16 @@ def register(commands: Any) -> None:
     bench.add_argument("--workdir", type=Path, metavar="DIR",
                        help="keep coalitions, broker data and logs here")
     bench.set_defaults(run=_bench)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return value
 
 
 def _fractions(text: str) -> tuple[float, ...]:

@@ -29,7 +29,8 @@ class Options:
     policy_messages: int = 6_000
     policy_sizes: tuple[tuple[int, int], ...] = ((3, 2), (100, 300))
     policy_broker_rounds: int = 3
-    #: Operations per round of the in-process policy benchmark, and rounds.
+    #: Operations per round of the in-process policy benchmark (broker.bench_policy), and its
+    #: rounds (not the broker rounds above).
     policy_ops: int = 2_000
     policy_rounds: int = 5
     #: Audit entries written, exported and verified by the auditor scenario.

@@ -12,12 +12,13 @@ decision cache, cold and warm) for the same sizes.
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any
 
 from broker import bench_policy
-from broker.bench.context import Run
-from broker.bench.load import LoadPlan, run_load
+from broker.bench.context import Options, Run
+from broker.bench.load import LoadPlan, LoadResult, run_load
 from broker.bench.workers import PublisherSpec, SubscriberSpec
 from broker.coalition import Coalition, write_documents, write_keys
 
@@ -74,26 +75,44 @@ def run(bench: Run) -> dict[str, Any]:
     and a slow spell then falls on one round of one size, not on a whole size."""
     options = bench.options
     coalitions = {size: write_synthetic(bench, *size) for size in options.policy_sizes}
-    rounds: dict[tuple[int, int], list[Any]] = {size: [] for size in options.policy_sizes}
-    for _ in range(max(1, options.policy_broker_rounds)):
-        for (nations, agreements), coalition in coalitions.items():
-            with bench.broker(f"policy-{nations}-{agreements}", coalition) as broker:
+    rounds: dict[tuple[int, int], list[LoadResult]] = {size: [] for size in coalitions}
+    for number in range(options.policy_broker_rounds):
+        order = list(coalitions) if number % 2 == 0 else list(coalitions)[::-1]
+        for nations, agreements in order:  # turn about: no size always runs first
+            with bench.broker(f"policy-{nations}-{agreements}",
+                              coalitions[nations, agreements]) as broker:
                 rounds[nations, agreements].append(run_load(
-                    plan(bench, coalition, broker.url, options.policy_messages), broker))
-    sizes: list[dict[str, Any]] = []
-    for (nations, agreements), results in rounds.items():
-        cpu = [round(r.cpu_us_per(r.messages), 1) for r in results]
-        result = results[cpu.index(min(cpu))]
-        sizes.append({
-            "nations": nations, "agreements": agreements, "messages": result.messages,
-            "copies": result.copies, "messages_per_s": round(result.messages_per_s, 1),
-            "broker_cpu_us_per_message": min(cpu), "broker_cpu_us_per_message_rounds": cpu,
-            "broker_cpu_share": round(result.broker_cpu_share, 3),
-            "statuses": result.statuses, "errors": result.errors,
-            **in_process(nations, agreements, options.policy_ops, options.policy_rounds),
-        })
+                    plan(bench, coalitions[nations, agreements], broker.url,
+                         options.policy_messages), broker))
+    sizes = [_size(nations, agreements, results, options)
+             for (nations, agreements), results in rounds.items()]
     small, large = sizes[0], sizes[-1]
-    ratio = (large["broker_cpu_us_per_message"] / small["broker_cpu_us_per_message"]
-             if small["broker_cpu_us_per_message"] else 0.0)
-    return {"status": "ok", "count": sum(s["messages"] for s in sizes), "sizes": sizes,
-            "cpu_per_message_large_over_small": round(ratio, 3)}
+    if not (small["broker_cpu_us_per_message"] and large["broker_cpu_us_per_message"]):
+        return {"status": "failed", "count": 0, "sizes": sizes,
+                "reason": "no round of a size delivered every message without an error"}
+    ratio = large["broker_cpu_us_per_message"] / small["broker_cpu_us_per_message"]
+    return {"status": "ok", "count": sum(r.messages for rs in rounds.values() for r in rs),
+            "sizes": sizes, "cpu_per_message_large_over_small": round(ratio, 3)}
+
+
+def _size(nations: int, agreements: int, results: list[LoadResult],
+          options: Options) -> dict[str, Any]:
+    """One size's figures: its complete round (every message delivered, no error) with the
+    least broker CPU per message (0 when no round was complete); errors of every round."""
+    cpu = [round(r.cpu_us_per(r.messages), 1) for r in results]
+    complete = [i for i, r in enumerate(results)
+                if r.messages and not r.errors and r.copies == r.expected_copies]
+    best = min(complete, key=cpu.__getitem__, default=None)
+    result = results[-1 if best is None else best]
+    errors: collections.Counter[str] = collections.Counter()
+    for r in results:
+        errors.update(r.errors)
+    return {
+        "nations": nations, "agreements": agreements, "messages": result.messages,
+        "copies": result.copies, "messages_per_s": round(result.messages_per_s, 1),
+        "broker_cpu_us_per_message": 0.0 if best is None else cpu[best],
+        "broker_cpu_us_per_message_rounds": cpu,
+        "broker_cpu_share": round(result.broker_cpu_share, 3),
+        "statuses": result.statuses, "errors": dict(errors),
+        **in_process(nations, agreements, options.policy_ops, options.policy_rounds),
+    }

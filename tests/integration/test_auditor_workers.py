@@ -257,3 +257,18 @@ def test_workers_by_default_one_per_cpu_for_large_logs(
     monkeypatch.setattr(replay_workers.os, "sched_getaffinity", lambda _: set(range(cpus)))
     assert default_workers(replay_workers.MIN_ENTRIES) == large
     assert default_workers(replay_workers.MIN_ENTRIES - 1) == small
+
+
+def test_a_changed_first_entry_is_named_by_the_checkpoints_also_when_leaves_are_short(
+        coalition: Coalition, export: Path) -> None:
+    """Index 0 is a mismatch like any other (it once read as "none" beside a short
+    leaves.bin, and the checkpoints then named the end of the recorded leaves instead)."""
+    entries = export / "entries.bin"
+    data = bytearray(entries.read_bytes())
+    data[12 + 3] ^= 0x01  # inside the first entry's bytes (after its 12-byte header)
+    entries.write_bytes(bytes(data))
+    leaves = export / "leaves.bin"
+    leaves.write_bytes(leaves.read_bytes()[:-32])
+    report = verify_export(export, pins=[coalition.root_sha256], quorum=0, workers=0)
+    rewritten = [p for p in report.problems if "do not hash to its root" in p.detail]
+    assert rewritten and all(p.index == 0 for p in rewritten), report.problems

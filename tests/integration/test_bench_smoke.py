@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,29 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     check_workdir(tmp_path / "new")  # absent: fine
     (tmp_path / "empty").mkdir()
     check_workdir(tmp_path / "empty")
+
+
+def _round(messages: int, cpu_s: float, errors: dict[str, int] | None = None) -> Any:
+    from broker.bench.load import LoadResult
+
+    return LoadResult(messages=messages, copies=messages, elapsed_s=1.0, statuses={},
+                      errors=errors or {}, duplicates=0, expected_copies=6, envelope_bytes=0,
+                      build_s=0.0, broker_cpu_s=cpu_s, rss_before=0, rss_after=0,
+                      publishers=[], subscribers=[])
+
+
+def test_policy_scale_counts_only_complete_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that delivered nothing (0 µs per message) or had errors never is the best; the
+    errors of every round are reported."""
+    from broker.bench import policy
+    from broker.bench.context import Options
+
+    monkeypatch.setattr(policy, "in_process", lambda *args: {})
+    rounds = [_round(6, 0.003), _round(0, 0.001), _round(6, 0.001, {"timeout": 1}),
+              _round(6, 0.0024)]
+    size = policy._size(3, 2, rounds, Options())
+    assert size["broker_cpu_us_per_message"] == 400.0  # the last: complete and cheapest
+    assert size["broker_cpu_us_per_message_rounds"] == [500.0, 0.0, 166.7, 400.0]
+    assert size["errors"] == {"timeout": 1}
+    none = policy._size(3, 2, rounds[1:3], Options())
+    assert none["broker_cpu_us_per_message"] == 0.0 and none["errors"] == {"timeout": 1}
