@@ -116,7 +116,7 @@ class Export:
 
     def iter_recorded_leaves(self) -> Generator[bytes, None, None]:
         """The recorded leaf hashes one by one, read as they are needed (a partial last
-        record is left out, as by :meth:`recorded_leaves`)."""
+        record is left out)."""
         path = self.path / "leaves.bin"
         if not path.is_file():  # absent, or not a file (a device would never end)
             return
@@ -128,11 +128,6 @@ class Export:
         """How many whole leaf hashes :meth:`iter_recorded_leaves` yields."""
         path = self.path / "leaves.bin"
         return path.stat().st_size // 32 if path.is_file() else 0
-
-    def recorded_leaves(self) -> list[bytes]:
-        raw = (self.path / "leaves.bin").read_bytes() if (self.path / "leaves.bin").exists() \
-            else b""
-        return [raw[i:i + 32] for i in range(0, len(raw) - len(raw) % 32, 32)]
 
     def checkpoint_notes(self) -> list[tuple[str, str]]:
         """``(file name, note)`` by size.

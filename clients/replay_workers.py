@@ -46,6 +46,9 @@ MIN_ENTRIES = 20_000
 TIMEOUT_S = 60.0
 
 Entries = list[tuple[int, bytes]]
+#: The suspended and the revoked nodes a run was decided from (Suspensions.snapshot()).
+Guess = tuple[list[str], list[str]]
+InFlight = collections.deque[tuple["_Worker", Entries, Guess]]
 
 
 def default_workers(entries: int) -> int:
@@ -130,8 +133,7 @@ class Decider:
     def steps(self, runs: Iterator[Entries]) -> Iterator[tuple[Entries, list[list[Any]]]]:
         """``(run, its steps)`` for each run of ``runs``, in order. Between two, the caller
         applies the steps to :attr:`replay` (whose suspensions the next runs start from)."""
-        in_flight: collections.deque[tuple[_Worker, Entries, tuple[list[str], list[str]]]] = (
-            collections.deque())
+        in_flight: InFlight = collections.deque()
         for worker in list(self.workers):
             self._submit(worker, next(runs, None), in_flight)
         while in_flight:
@@ -166,9 +168,7 @@ class Decider:
             log.warning("replay_workers_not_started", reason=str(exc))
             self.close(kill=True)
 
-    def _submit(self, worker: _Worker, run: Entries | None,
-                in_flight: collections.deque[tuple[_Worker, Entries,
-                                                   tuple[list[str], list[str]]]]) -> None:
+    def _submit(self, worker: _Worker, run: Entries | None, in_flight: InFlight) -> None:
         if run is None:
             return
         guess = self.replay.suspensions.snapshot()
@@ -180,8 +180,7 @@ class Decider:
             self._lose(exc)
         in_flight.append((worker, run, guess))
 
-    def _answer(self, worker: _Worker, run: Entries,
-                guess: tuple[list[str], list[str]]) -> list[list[Any]]:
+    def _answer(self, worker: _Worker, run: Entries, guess: Guess) -> list[list[Any]]:
         if worker in self.workers:
             try:
                 steps = _checked_steps(worker.receive(), run)

@@ -391,7 +391,7 @@ def export(data: bytes) -> None:
     from the input. ``True`` when all of it reads."""
     _, entries_bin, leaves_bin, _, _, bundle_bytes = split_export(data)
     opened = export_reader.Export.open(_write_export(data, "00"))
-    recorded = opened.recorded_leaves()
+    recorded = list(opened.iter_recorded_leaves())
     _check(b"".join(recorded) == leaves_bin[:len(leaves_bin) - len(leaves_bin) % 32],
            "export: recorded leaves do not cover leaves.bin")
     notes = opened.checkpoint_notes()
