@@ -86,19 +86,30 @@ def run(bench: Run) -> dict[str, Any]:
                          options.policy_messages), broker))
     sizes = [_size(nations, agreements, results, options)
              for (nations, agreements), results in rounds.items()]
-    small, large = sizes[0], sizes[-1]
-    if not (small["broker_cpu_us_per_message"] and large["broker_cpu_us_per_message"]):
+    return summary(sizes, sum(r.messages for rs in rounds.values() for r in rs))
+
+
+def summary(sizes: list[dict[str, Any]], count: int) -> dict[str, Any]:
+    """The scenario's result from its sizes' figures (:func:`_size`): failed when a size has
+    no complete round; the ratio of the largest size's CPU per message to the smallest's, or
+    ``None`` when either is 0 µs, i.e. below the resolution of the kernel's CPU clock (10 ms:
+    a quick run's few messages can cost less than one tick)."""
+    incomplete = [f"{s['nations']} / {s['agreements']}" for s in sizes if not s["complete"]]
+    if incomplete:
         return {"status": "failed", "count": 0, "sizes": sizes,
-                "reason": "no round of a size delivered every message without an error"}
-    ratio = large["broker_cpu_us_per_message"] / small["broker_cpu_us_per_message"]
-    return {"status": "ok", "count": sum(r.messages for rs in rounds.values() for r in rs),
-            "sizes": sizes, "cpu_per_message_large_over_small": round(ratio, 3)}
+                "reason": "no round delivered every message without an error at "
+                          + ", ".join(incomplete)}
+    small, large = sizes[0]["broker_cpu_us_per_message"], sizes[-1]["broker_cpu_us_per_message"]
+    ratio = round(large / small, 3) if small and large else None
+    return {"status": "ok", "count": count, "sizes": sizes,
+            "cpu_per_message_large_over_small": ratio}
 
 
 def _size(nations: int, agreements: int, results: list[LoadResult],
           options: Options) -> dict[str, Any]:
     """One size's figures: its complete round (every message delivered, no error) with the
-    least broker CPU per message (0 when no round was complete); errors of every round."""
+    least broker CPU per message (0 when no round was complete: ``complete`` false); errors of
+    every round."""
     cpu = [round(r.cpu_us_per(r.messages), 1) for r in results]
     complete = [i for i, r in enumerate(results)
                 if r.messages and not r.errors and r.copies == r.expected_copies]
@@ -110,6 +121,7 @@ def _size(nations: int, agreements: int, results: list[LoadResult],
     return {
         "nations": nations, "agreements": agreements, "messages": result.messages,
         "copies": result.copies, "messages_per_s": round(result.messages_per_s, 1),
+        "complete": best is not None,
         "broker_cpu_us_per_message": 0.0 if best is None else cpu[best],
         "broker_cpu_us_per_message_rounds": cpu,
         "broker_cpu_share": round(result.broker_cpu_share, 3),

@@ -175,7 +175,9 @@ def _policy(r: Result, out: TextIO) -> None:
             s.get("publish_policy_cold_us"), s.get("publish_policy_warm_us"),
             s.get("decide_miss_us")] for s in r["sizes"]],
           out)
-    print(f"broker CPU per message, large ÷ small: {r['cpu_per_message_large_over_small']}",
+    ratio = r["cpu_per_message_large_over_small"]
+    print("broker CPU per message, large ÷ small: "
+          + (str(ratio) if ratio is not None else "n/a (below the CPU clock's 10 ms tick)"),
           file=out)
 
 
