@@ -20,7 +20,6 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/python -m pip install --quiet ruff mypy
 	$(BIN)/ruff check broker clients policies tests
 	$(BIN)/mypy
 
