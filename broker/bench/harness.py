@@ -147,6 +147,25 @@ def process_rss_bytes(pid: int) -> int:
     return 0
 
 
+def machine_ticks() -> tuple[int, int]:
+    """The machine's CPU time stolen by the hypervisor and its CPU time in all, both in clock
+    ticks over every CPU since boot (the first line of ``/proc/stat``; (0, 0) where it cannot
+    be read)."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest time is already in user and nice)
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time the hypervisor took between two
+    :func:`machine_ticks` (0 when none passed)."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 4) if total > 0 else 0.0
+
+
 def load_average() -> tuple[float, float, float]:
     """The 1, 5 and 15 minute load averages."""
     one, five, fifteen = os.getloadavg()

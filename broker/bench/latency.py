@@ -8,6 +8,12 @@ on its schedule with at most ``window`` receipts outstanding. Each publisher sta
 difference is publish→deliver through the broker, including the durable commit that comes
 before any delivery, both WebSocket hops and the load generators' own scheduling. Percentiles
 are nearest-rank over every delivered copy (two per message).
+
+Each point is followed by the same load at the same rate through :mod:`broker.bench.relay`
+(``floor``): what the machine gives a server that only relays, in the same minute. The
+broker's latency above the floor is its own; the floor is the machine's. Beside each, the
+share of the machine's CPU time the hypervisor took meanwhile (``steal_share``, from
+``/proc/stat``): on a shared virtual machine, stolen time is a tail no program can avoid.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from typing import Any
 
 from broker.bench import throughput
 from broker.bench.context import Run
+from broker.bench.harness import machine_ticks, steal_share
 from broker.bench.load import percentiles, run_load
+from broker.bench.relay import Relay
 
 POINTS = (50, 99, 99.9)
 #: No point runs longer than this (the count shrinks at low rates).
@@ -33,25 +41,35 @@ def run(bench: Run) -> dict[str, Any]:
         max_rate = throughput.measure(bench, max(60, options.messages // 10),
                                       "latency-probe").messages_per_s
     points = []
-    with bench.broker("latency") as broker:
+    with bench.broker("latency") as broker, Relay() as relay:
         if not options.quick:  # connections, caches and the store warmed up
             run_load(throughput.plan(bench, broker.url, WARMUP_MESSAGES), broker)
         for fraction in options.latency_fractions:
             rate = max(1.0, fraction * max_rate)
             count = max(30, min(options.latency_messages, int(rate * MAX_POINT_SECONDS)))
+            ticks = machine_ticks()
             result = run_load(throughput.plan(bench, broker.url, count, rate=rate,
                                               record=True), broker)
-            latencies = result.latencies_ns()
+            # The floor right after, at the same rate: the machine in the same state.
+            between = machine_ticks()
+            floor = run_load(throughput.plan(bench, relay.url, count, rate=rate, record=True),
+                             relay)
+            stolen = steal_share(ticks, between), steal_share(between, machine_ticks())
+            latencies, floor_ns = result.latencies_ns(), floor.latencies_ns()
             points.append({
                 "fraction": fraction, "target_rate": round(rate, 1),
                 "achieved_rate": round(result.messages_per_s, 1), "messages": result.messages,
-                "copies": len(latencies),
-                **{f"{name}_ms": value
-                   for name, value in percentiles(latencies, POINTS).items()},
-                "max_ms": round(latencies[-1] / 1e6, 3) if latencies else 0.0,
+                "copies": len(latencies), **_percentiles(latencies),
                 "publisher_max_lag_ms": round(max(p.max_lag_ms for p in result.publishers), 3),
                 "broker_cpu_share": round(result.broker_cpu_share, 3),
-                "errors": result.errors,
+                "errors": result.errors, "steal_share": stolen[0],
+                "floor": {"copies": len(floor_ns), "errors": floor.errors,
+                          "steal_share": stolen[1], **_percentiles(floor_ns)},
             })
     return {"status": "ok", "count": sum(p["copies"] for p in points),
             "max_rate": round(max_rate, 1), "max_rate_probed": probed, "points": points}
+
+
+def _percentiles(latencies: list[int]) -> dict[str, float]:
+    return {**{f"{name}_ms": value for name, value in percentiles(latencies, POINTS).items()},
+            "max_ms": round(latencies[-1] / 1e6, 3) if latencies else 0.0}

@@ -7,9 +7,12 @@
   envelope work of one publish without policy, storage or network;
 - **aiohttp WebSocket echo** on loopback: an aiohttp server process echoing 1 KiB binary
   messages to a client process that keeps ``window`` messages in flight (the framework's
-  message rate, one process each side, both on uvloop).
+  message rate, one process each side, both on uvloop);
+- **relay**: the throughput plan (the same load generators, frames and message count) through
+  :mod:`broker.bench.relay`, a server that only relays: the message rate with frame I/O and
+  routing the only costs (``relay_per_s``).
 
-Each is counted for ``limit_seconds`` of wall time, as operations per second.
+The first three are counted for ``limit_seconds`` of wall time, as operations per second.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from aiohttp import web
 
 from broker import crypto
 from broker.audit.leaves import envelope_digest
+from broker.bench import throughput
 from broker.bench.context import Run
 from broker.bench.harness import process_cpu_seconds
+from broker.bench.load import LoadResult, run_load
+from broker.bench.relay import Relay
 from broker.bench.workers import fit_payload, mp_context
 from broker.envelope import Envelope, build_envelope
 from clients.gateway import label
@@ -176,18 +182,31 @@ def _run_async(coro: Any) -> Any:
     return asyncio.run(coro)  # pragma: no cover - uvloop is a dependency on Linux
 
 
+def relay_rate(bench: Run) -> LoadResult:
+    """The throughput plan, ``messages`` of it, through a fresh relay."""
+    with Relay() as relay:
+        return run_load(throughput.plan(bench, relay.url, bench.options.messages), relay)
+
+
 def run(bench: Run) -> dict[str, Any]:
-    """Measure the three limits."""
+    """Measure the four limits."""
     seconds, size = bench.options.limit_seconds, bench.options.size
     raw, public = sample_envelope(size)
     verify, verified = verify_rate(raw, public, seconds)
     unpack, unpacked = unpack_verify_hash_rate(raw, public, seconds)
     echo, echoed, echo_cpu = ws_echo_rate(size, seconds)
+    relay = relay_rate(bench)
+    if relay.errors or relay.copies != relay.expected_copies:
+        raise RuntimeError(f"the relay lost messages: {relay.copies} of "
+                           f"{relay.expected_copies} copies, errors {relay.errors}")
     return {
-        "status": "ok", "count": verified + unpacked + echoed, "envelope_bytes": len(raw),
-        "seconds_each": seconds,
+        "status": "ok", "count": verified + unpacked + echoed + relay.messages,
+        "envelope_bytes": len(raw), "seconds_each": seconds,
         "ed25519_verify_per_s": round(verify, 1),
         "unpack_verify_hash_per_s": round(unpack, 1),
         "ws_echo_per_s": round(echo, 1), "ws_echo_server_cpu_share": round(echo_cpu, 3),
         "ws_echo_window": ECHO_WINDOW, "ws_echo_bytes": size,
+        "relay_per_s": round(relay.messages_per_s, 1), "relay_messages": relay.messages,
+        "relay_cpu_us_per_message": round(relay.cpu_us_per(relay.messages), 1),
+        "relay_cpu_share": round(relay.broker_cpu_share, 3),
     }

@@ -3,7 +3,9 @@
 Ratios compare a scenario's message rate with the limits measured in the same run:
 ``vs_verify`` = messages/s ÷ Ed25519 verifications/s, ``vs_unpack`` = messages/s ÷ (unpack +
 verify + hash)/s, ``vs_ws_echo`` = messages/s ÷ WebSocket echoes/s (one message in and one
-out per echo; the broker reads a ``pub`` and writes a receipt and a ``deliver`` per copy).
+out per echo; the broker reads a ``pub`` and writes a receipt and a ``deliver`` per copy),
+``vs_relay`` = messages/s ÷ the throughput plan's messages/s through a server that only relays
+(:mod:`broker.bench.relay`: the same frames, no checks, no disk).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from broker.bench.harness import load_average
 
 Result = Mapping[str, Any]
 LIMITS = {"vs_verify": "ed25519_verify_per_s", "vs_unpack": "unpack_verify_hash_per_s",
-          "vs_ws_echo": "ws_echo_per_s"}
+          "vs_ws_echo": "ws_echo_per_s", "vs_relay": "relay_per_s"}
 
 
 def ratios(rate: float, limits: Result | None) -> dict[str, float | None]:
@@ -113,7 +115,7 @@ def _ratio_cells(result: Result) -> list[object]:
     return [values.get(name) for name in LIMITS]
 
 
-RATIO_HEADER = ["÷verify", "÷unpack", "÷ws echo"]
+RATIO_HEADER = ["÷verify", "÷unpack", "÷ws echo", "÷relay"]
 
 
 def print_scenario(name: str, result: Result, out: TextIO = sys.stdout) -> None:
@@ -130,6 +132,7 @@ def _limits(r: Result, out: TextIO) -> None:
         ["unpack + verify + hash", r["unpack_verify_hash_per_s"]],
         [f"aiohttp WebSocket echo ({r['ws_echo_bytes']} B, window {r['ws_echo_window']})",
          r["ws_echo_per_s"]],
+        ["relay: the throughput plan, no checks, no disk (msg/s)", r["relay_per_s"]],
     ], out)
 
 
@@ -150,9 +153,18 @@ def _latency(r: Result, out: TextIO) -> None:
     table(f"latency publish→deliver (max rate {r['max_rate']:,.0f} msg/s"
           f"{', probed' if r['max_rate_probed'] else ''})",
           ["rate", "target/s", "achieved/s", "copies", "p50 ms", "p99 ms", "p99.9 ms",
-           "max ms"],
+           "max ms", "steal %", "floor p50", "floor p99", "floor p99.9", "steal %"],
           [[f"{p['fraction']:.0%}", p["target_rate"], p["achieved_rate"], p["copies"],
-            p["p50_ms"], p["p99_ms"], p["p99.9_ms"], p["max_ms"]] for p in r["points"]], out)
+            p["p50_ms"], p["p99_ms"], p["p99.9_ms"], p["max_ms"], _percent(p["steal_share"]),
+            p["floor"]["p50_ms"], p["floor"]["p99_ms"], p["floor"]["p99.9_ms"],
+            _percent(p["floor"]["steal_share"])] for p in r["points"]], out)
+    print("floor: the same load at the same rate through a server that only relays "
+          "(no checks, no disk), right after each point; steal %: the machine's CPU time the "
+          "hypervisor took meanwhile", file=out)
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.1f}"
 
 
 def _fanout(r: Result, out: TextIO) -> None:

@@ -199,7 +199,8 @@ def mp_context() -> Any:
     context = multiprocessing.get_context("forkserver")
     # Not the main module (``broker.cli``): each child runs it again as ``__mp_main__``, and
     # runpy warns when it is already imported.
-    context.set_forkserver_preload(["broker.bench.workers", "broker.bench.mqtt"])
+    context.set_forkserver_preload(["broker.bench.workers", "broker.bench.mqtt",
+                                    "broker.bench.relay"])
     return context
 
 

@@ -15,7 +15,7 @@ import pytest
 from broker.bench.cli import SCENARIO_NAMES
 from broker.cli import main
 
-RATIOS = {"vs_verify", "vs_unpack", "vs_ws_echo"}
+RATIOS = {"vs_verify", "vs_unpack", "vs_ws_echo", "vs_relay"}
 
 
 @pytest.mark.slow
@@ -32,8 +32,10 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
         assert scenarios[name]["count"] > 0, name
 
     limits = scenarios["limits"]
-    for key in ("ed25519_verify_per_s", "unpack_verify_hash_per_s", "ws_echo_per_s"):
+    for key in ("ed25519_verify_per_s", "unpack_verify_hash_per_s", "ws_echo_per_s",
+                "relay_per_s"):
         assert limits[key] > 0
+    assert limits["relay_messages"] == 60  # the throughput plan's count, every copy relayed
 
     throughput = scenarios["throughput"]
     assert throughput["messages"] == 60 and throughput["errors"] == {}
@@ -45,6 +47,9 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
 
     latency = scenarios["latency"]["points"]
     assert latency and all(p["copies"] > 0 and "p99.9_ms" in p for p in latency)
+    for point in latency:  # the floor: the same load through the relay, every copy arrived
+        assert point["floor"]["copies"] == point["copies"] and point["floor"]["errors"] == {}
+        assert 0 <= point["steal_share"] <= 1 and 0 <= point["floor"]["steal_share"] <= 1
     assert [p["recipients"] for p in scenarios["fanout"]["points"]] == [1, 4, 16]
     for point in scenarios["fanout"]["points"]:
         assert point["copies"] == point["expected_copies"] > 0

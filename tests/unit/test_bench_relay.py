@@ -1,0 +1,75 @@
+"""The benchmark's relay (the latency floor and the relay limit) speaks enough of the node
+protocol for the load generators, and routes as the broker would in the throughput plan: a
+copy to each subscriber in the label's audience, a deny for the others, then the receipt."""
+
+from __future__ import annotations
+
+import msgpack
+
+from broker import wire
+from broker.bench.limits import sample_envelope
+from broker.bench.relay import NOT_IN_AUDIENCE, RelayCore
+from broker.envelope import Envelope
+
+PUBLISHER, GBR, FRA, DEU = 1, 2, 3, 4
+
+
+def _frame(frame: wire.Frame) -> bytes:
+    return wire.encode_frame(frame)
+
+
+def _hello(node: str) -> bytes:
+    return msgpack.packb({"t": "hello", "v": 1, "node": node, "nonce": b"n" * 32, "ts": 0,
+                          "sig": b"s" * 64})
+
+
+def _relay() -> RelayCore:
+    core = RelayCore()
+    for conn, node in ((PUBLISHER, "USA-P1"), (GBR, "GBR-S1"), (FRA, "FRA-S1"),
+                       (DEU, "DEU-S1")):
+        (challenge,) = core.connected(conn)
+        assert isinstance(wire.decode_frame(challenge, max_bytes=1 << 16), wire.Challenge)
+        [(to, welcome)] = core.received(conn, _hello(node))
+        assert to == conn and wire.decode_frame(welcome, max_bytes=1 << 16) == wire.Welcome(
+            node=node)
+        if conn != PUBLISHER:
+            assert core.received(conn, _frame(wire.Sub(topic="bench.tput"))) == []
+    return core
+
+
+def test_a_pub_goes_to_the_audience_then_the_receipt_to_the_sender() -> None:
+    core = _relay()
+    env, _ = sample_envelope(1024)  # label NATO SECRET REL FRA, GBR on bench.tput
+    for seq in (1, 2):
+        sent = core.received(PUBLISHER, _frame(wire.Pub(env=env)))
+        frames = [(to, wire.decode_frame(data, max_bytes=1 << 16)) for to, data in sent]
+        assert frames[:2] == [(GBR, wire.Deliver(env=env, seq=seq)),
+                              (FRA, wire.Deliver(env=env, seq=seq))]
+        to, receipt = frames[2]
+        assert to == PUBLISHER and isinstance(receipt, wire.Receipt)
+        assert receipt.id == Envelope.from_bytes(env).id
+        assert dict(receipt.recipients) == {"GBR-S1": "delivered", "FRA-S1": "delivered",
+                                            "DEU-S1": NOT_IN_AUDIENCE}
+
+
+def test_ping_pong_and_what_the_relay_drops() -> None:
+    core = _relay()
+    env, _ = sample_envelope(1024)
+    assert core.received(GBR, _frame(wire.Ping())) == [(GBR, _frame(wire.Pong()))]
+    assert core.received(GBR, b"\xc1 not msgpack") == []
+    assert core.received(GBR, _frame(wire.Ack(seqs=(1, 2)))) == []
+    core.connected(9)  # no hello yet: its pub is not relayed
+    assert core.received(9, _frame(wire.Pub(env=env))) == []
+    assert core.received(99, _frame(wire.Ping())) == []  # never connected
+    core.disconnected(FRA)
+    sent = core.received(PUBLISHER, _frame(wire.Pub(env=env)))
+    assert [to for to, _ in sent] == [GBR, PUBLISHER]
+
+
+def test_steal_share_is_the_stolen_part_of_the_time_that_passed() -> None:
+    from broker.bench.harness import machine_ticks, steal_share
+
+    assert steal_share((10, 1000), (35, 1100)) == 0.25
+    assert steal_share((10, 1000), (10, 1000)) == 0.0  # no time passed: no share
+    stolen, total = machine_ticks()  # this machine's counters: steal is part of the total
+    assert 0 <= stolen <= total and total > 0
