@@ -149,14 +149,25 @@ def process_rss_bytes(pid: int) -> int:
 
 def machine_ticks() -> tuple[int, int]:
     """The machine's CPU time stolen by the hypervisor and its CPU time in all, both in clock
-    ticks over every CPU since boot (the first line of ``/proc/stat``; (0, 0) where it cannot
-    be read)."""
+    ticks over every CPU since boot (from ``/proc/stat``; (0, 0) where it cannot be read)."""
     try:
-        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
+        return parse_machine_ticks(Path("/proc/stat").read_text())
+    except OSError:
         return 0, 0
-    # user nice system idle iowait irq softirq steal (guest time is already in user and nice)
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def parse_machine_ticks(stat: str) -> tuple[int, int]:
+    """Steal and total ticks from the text of ``/proc/stat`` (its first, ``cpu`` line: user
+    nice system idle iowait irq softirq steal guest guest_nice; guest time is counted in user
+    and nice already, so the total stops at steal). (0, 0) for a line it cannot read."""
+    fields = stat.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu":
+        return 0, 0
+    try:
+        ticks = [int(field) for field in fields[1:9]]
+    except ValueError:
+        return 0, 0
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
 def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:

@@ -9,8 +9,9 @@ difference is publish→deliver through the broker, including the durable commit
 before any delivery, both WebSocket hops and the load generators' own scheduling. Percentiles
 are nearest-rank over every delivered copy (two per message).
 
-Each point is followed by the same load at the same rate through :mod:`broker.bench.relay`
-(``floor``): what the machine gives a server that only relays, in the same minute. The
+Beside each point, the same load at the same rate through :mod:`broker.bench.relay`
+(``floor``), right before or right after it in turn: what the machine gives a server that only
+relays, in the same minute. The
 broker's latency above the floor is its own; the floor is the machine's. Beside each, the
 share of the machine's CPU time the hypervisor took meanwhile (``steal_share``, from
 ``/proc/stat``): on a shared virtual machine, stolen time is a tail no program can avoid.
@@ -22,8 +23,8 @@ from typing import Any
 
 from broker.bench import throughput
 from broker.bench.context import Run
-from broker.bench.harness import machine_ticks, steal_share
-from broker.bench.load import percentiles, run_load
+from broker.bench.harness import BrokerProcess
+from broker.bench.load import LoadResult, percentiles, run_load
 from broker.bench.relay import Relay
 
 POINTS = (50, 99, 99.9)
@@ -44,17 +45,17 @@ def run(bench: Run) -> dict[str, Any]:
     with bench.broker("latency") as broker, Relay() as relay:
         if not options.quick:  # connections, caches and the store warmed up
             run_load(throughput.plan(bench, broker.url, WARMUP_MESSAGES), broker)
-        for fraction in options.latency_fractions:
+        for index, fraction in enumerate(options.latency_fractions):
             rate = max(1.0, fraction * max_rate)
             count = max(30, min(options.latency_messages, int(rate * MAX_POINT_SECONDS)))
-            ticks = machine_ticks()
-            result = run_load(throughput.plan(bench, broker.url, count, rate=rate,
-                                              record=True), broker)
-            # The floor right after, at the same rate: the machine in the same state.
-            between = machine_ticks()
-            floor = run_load(throughput.plan(bench, relay.url, count, rate=rate, record=True),
-                             relay)
-            stolen = steal_share(ticks, between), steal_share(between, machine_ticks())
+            # The floor at the same rate, the machine in the same state: right before or right
+            # after, in turn, so that neither always runs on the heels of the other.
+            if index % 2 == 0:
+                result = _paced(bench, broker, count, rate)
+                floor = _paced(bench, relay, count, rate)
+            else:
+                floor = _paced(bench, relay, count, rate)
+                result = _paced(bench, broker, count, rate)
             latencies, floor_ns = result.latencies_ns(), floor.latencies_ns()
             points.append({
                 "fraction": fraction, "target_rate": round(rate, 1),
@@ -62,12 +63,17 @@ def run(bench: Run) -> dict[str, Any]:
                 "copies": len(latencies), **_percentiles(latencies),
                 "publisher_max_lag_ms": round(max(p.max_lag_ms for p in result.publishers), 3),
                 "broker_cpu_share": round(result.broker_cpu_share, 3),
-                "errors": result.errors, "steal_share": stolen[0],
+                "errors": result.errors, "steal_share": result.steal_share,
                 "floor": {"copies": len(floor_ns), "errors": floor.errors,
-                          "steal_share": stolen[1], **_percentiles(floor_ns)},
+                          "steal_share": floor.steal_share, **_percentiles(floor_ns)},
             })
     return {"status": "ok", "count": sum(p["copies"] for p in points),
             "max_rate": round(max_rate, 1), "max_rate_probed": probed, "points": points}
+
+
+def _paced(bench: Run, server: Relay | BrokerProcess, count: int, rate: float) -> LoadResult:
+    """The throughput plan's ``count`` messages to ``server`` at ``rate``, times recorded."""
+    return run_load(throughput.plan(bench, server.url, count, rate=rate, record=True), server)
 
 
 def _percentiles(latencies: list[int]) -> dict[str, float]:

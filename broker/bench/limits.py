@@ -22,7 +22,6 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
 import aiohttp
@@ -32,11 +31,11 @@ from aiohttp import web
 from broker import crypto
 from broker.audit.leaves import envelope_digest
 from broker.bench import throughput
+from broker.bench.childserver import ChildServer
 from broker.bench.context import Run
-from broker.bench.harness import process_cpu_seconds
 from broker.bench.load import LoadResult, run_load
 from broker.bench.relay import Relay
-from broker.bench.workers import fit_payload, mp_context
+from broker.bench.workers import fit_payload
 from broker.envelope import Envelope, build_envelope
 from clients.gateway import label
 from clients.identity import KeyFile
@@ -91,13 +90,8 @@ def unpack_verify_hash_rate(raw: bytes, public: bytes, seconds: float) -> tuple[
     return _rate(once, seconds)
 
 
-def _echo_server(conn: Connection) -> None:
-    """Process target: an aiohttp WebSocket echo server on 127.0.0.1; sends its port."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
+def echo_app() -> web.Application:
+    """An aiohttp WebSocket echo server (``/echo``), for :class:`ChildServer`."""
     async def echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=1 << 20)
         await ws.prepare(request)
@@ -108,18 +102,9 @@ def _echo_server(conn: Connection) -> None:
                     await ws.send_bytes(msg.data)
         return ws
 
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_get("/echo", echo)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        conn.send(runner.addresses[0][1])
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-        await runner.cleanup()
-
-    asyncio.run(serve())
+    app = web.Application()
+    app.router.add_get("/echo", echo)
+    return app
 
 
 async def _echo_client(port: int, size: int, seconds: float) -> tuple[float, int]:
@@ -151,26 +136,11 @@ async def _echo_client(port: int, size: int, seconds: float) -> tuple[float, int
 
 def ws_echo_rate(size: int, seconds: float) -> tuple[float, int, float]:
     """Echoed messages per second, the count, and the server's CPU share."""
-    context = mp_context()
-    parent, child = context.Pipe()
-    server = context.Process(target=_echo_server, args=(child,), daemon=True)
-    server.start()
-    child.close()
-    try:
-        if not parent.poll(60):
-            raise RuntimeError("the echo server did not start")
-        port = int(parent.recv())
-        assert server.pid is not None
-        cpu_before = process_cpu_seconds(server.pid)
+    with ChildServer(echo_app) as server:
+        cpu_before = server.cpu_seconds()
         started = time.perf_counter()
-        rate, count = _run_async(_echo_client(port, size, seconds))
-        share = (process_cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - started)
-        parent.send("stop")
-        server.join(10)
-    finally:
-        if server.is_alive():
-            server.terminate()
-        parent.close()
+        rate, count = _run_async(_echo_client(server.port, size, seconds))
+        share = (server.cpu_seconds() - cpu_before) / (time.perf_counter() - started)
     return rate, count, share
 
 

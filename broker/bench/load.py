@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from broker.bench.harness import machine_ticks, steal_share
 from broker.bench.workers import (
     PublisherResult,
     SubscriberResult,
@@ -78,6 +79,9 @@ class LoadResult:
     rss_after: int
     publishers: list[PublisherResult]
     subscribers: list[SubscriberResult]
+    #: The share of the machine's CPU time the hypervisor took from ``go`` to the last report
+    #: (:func:`broker.bench.harness.steal_share`).
+    steal_share: float = 0.0
 
     @property
     def messages_per_s(self) -> float:
@@ -204,8 +208,10 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
     workers.expect(subs, "ready", 120)
     pubs = [workers.start(plan.publisher_main, spec) for spec in plan.publishers]
     build_s = max(workers.expect(pubs, "ready", plan.timeout), default=0.0)
+    ticks = machine_ticks()
     if pubs:
         rss_before, cpu_before = broker.rss_bytes(), broker.cpu_seconds()
+        ticks = machine_ticks()
         workers.tell(pubs, "go")
     published: list[PublisherResult] = [
         r for rs in workers.expect(pubs, "done", plan.timeout) for r in rs]
@@ -216,6 +222,7 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
     except WorkerTimeout:
         workers.tell(subs, "report")  # report what arrived: the summary shows what is missing
         received = [r for rs in workers.expect(subs, "done", 30) for r in rs]
+    stolen = steal_share(ticks, machine_ticks())
     cpu_after, rss_after = broker.cpu_seconds(), broker.rss_bytes()
     statuses: collections.Counter[str] = collections.Counter()
     errors: collections.Counter[str] = collections.Counter()
@@ -232,4 +239,4 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
         expected_copies=sum(s.expected for s in received),
         envelope_bytes=max((p.envelope_bytes for p in published), default=0), build_s=build_s,
         broker_cpu_s=cpu_after - cpu_before, rss_before=rss_before, rss_after=rss_after,
-        publishers=published, subscribers=received)
+        publishers=published, subscribers=received, steal_share=stolen)

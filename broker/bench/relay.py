@@ -6,38 +6,39 @@ enough of the node protocol for the load generators of :mod:`broker.bench.worker
 ``challenge``, a ``welcome`` for any ``hello`` (no signature checked), ``sub``, ``ping`` →
 ``pong``, and for each ``pub`` a ``deliver`` to every subscriber of the topic whose nation is in
 the label's audience, then the ``receipt`` (``denied:not_in_audience`` for the others, as the
-broker would say). No canonical check, no signature, no policy, no audit log, no disk; ``ack``
-frames are read and dropped.
+broker would say). A connection's frames of one turn of the loop leave in one write, as the
+broker's do. No canonical check, no signature, no policy, no audit log, no disk, no delivery
+window (``ack`` frames are read and dropped, so a subscriber's acks never hold a copy back).
 
 What it measures, in the same run and on the same machine as the broker: the message rate of
-the throughput plan when nothing but frame I/O and routing costs anything (``relay_per_s``, a
-limit), and the publish→deliver latency of the same plan at the latency scenario's rates (the
-**floor**: two WebSocket hops and eight processes taking turns on the machine's cores). The
-broker's latency above the floor is what its checks, decisions and durable commit add; the
-floor itself is what the machine gives anything at that rate.
+the throughput plan when frame I/O and routing in one Python process are the only costs
+(``relay_per_s``, a limit), and the publish→deliver latency of the same plan at the latency
+scenario's rates (the **floor**: the load generators, two WebSocket hops and the processes
+taking turns on the machine's cores). The broker's latency above the floor is what everything
+it does beyond relaying adds, and its exposure to the machine's pauses (it is busier: a pause
+delays more work); the floor alone is what the machine gives a server that only relays.
 
-:class:`RelayCore` is the protocol, pure (frames in, frames out); the process around it is
-:func:`relay_main`, and :class:`Relay` starts and stops it.
+:class:`RelayCore` is the protocol, pure (frames in, frames out); :func:`relay_app` the
+server around it, run in a child process by :class:`Relay`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 import msgpack
 from aiohttp import web
 
-from broker import wire
-from broker.bench.harness import nation_of, process_cpu_seconds, process_rss_bytes
-from broker.bench.workers import mp_context
+from broker import wire, wsframe
+from broker.bench.childserver import ChildServer
+from broker.bench.harness import nation_of
+from broker.server import NODE_PATH
 
 NOT_IN_AUDIENCE = "denied:not_in_audience"
 
@@ -51,12 +52,13 @@ class _Link:
 class RelayCore:
     """The relay's protocol for numbered connections: :meth:`connected` gives the frames to
     send a new connection, :meth:`received` the frames (connection number, encoded frame)
-    that one received frame causes. Pure; a frame it does not understand is dropped."""
+    that one received frame causes. Pure; a frame it cannot read or does not act on (``ack``,
+    anything before ``hello``, a ``pub`` whose envelope it cannot read) is dropped."""
 
     def __init__(self) -> None:
         self._links: dict[int, _Link] = {}
-        #: Subscribed connections per topic, in subscription order.
-        self._topics: dict[str, list[int]] = {}
+        #: Subscribed connections per topic, in subscription order (a dict: each once).
+        self._topics: dict[str, dict[int, None]] = {}
 
     def connected(self, conn: int) -> list[bytes]:
         self._links[conn] = _Link()
@@ -66,32 +68,34 @@ class RelayCore:
     def disconnected(self, conn: int) -> None:
         self._links.pop(conn, None)
         for subscribers in self._topics.values():
-            with contextlib.suppress(ValueError):
-                subscribers.remove(conn)
+            subscribers.pop(conn, None)
 
     def received(self, conn: int, data: bytes) -> list[tuple[int, bytes]]:
         link = self._links.get(conn)
-        try:
-            frame = msgpack.unpackb(data, raw=False)
-            kind = frame["t"]
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException):
-            return []
         if link is None:
             return []
+        try:
+            return self._act(conn, link, msgpack.unpackb(data, raw=False))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                msgpack.UnpackException):
+            return []
+
+    def _act(self, conn: int, link: _Link, frame: Any) -> list[tuple[int, bytes]]:
+        kind = frame["t"]
         if kind == "pub" and link.node is not None:
             return list(self._publish(conn, frame["env"]))
         if kind == "hello":
             link.node = str(frame["node"])
             return [(conn, wire.encode_frame(wire.Welcome(node=link.node)))]
         if kind == "sub" and link.node is not None:
-            self._topics.setdefault(str(frame["topic"]), []).append(conn)
+            self._topics.setdefault(str(frame["topic"]), {})[conn] = None
         elif kind == "ping":
             return [(conn, wire.encode_frame(wire.Pong()))]
         return []
 
     def _publish(self, sender: int, env: bytes) -> Iterator[tuple[int, bytes]]:
         body = msgpack.unpackb(msgpack.unpackb(env, raw=False)[0], raw=False)
-        audience = set(body["label"]["rel"])
+        audience, message_id = set(body["label"]["rel"]), bytes(body["id"])
         statuses: dict[str, str] = {}
         for conn in self._topics.get(body["topic"], ()):
             link = self._links[conn]
@@ -102,110 +106,69 @@ class RelayCore:
             link.seq += 1
             statuses[link.node] = "delivered"
             yield conn, wire.encode_frame(wire.Deliver(env=env, seq=link.seq))
-        yield sender, wire.encode_frame(wire.Receipt(id=body["id"], audit=0,
+        yield sender, wire.encode_frame(wire.Receipt(id=message_id, audit=0,
                                                      recipients=statuses))
 
 
-def relay_main(conn: Connection) -> None:
-    """Process target: serve the relay on a free loopback port, send the port through ``conn``,
-    stop when ``conn`` says anything (or closes)."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(_serve(conn))
-
-
-async def _serve(control: Connection) -> None:
+def relay_app() -> web.Application:
+    """The relay as an aiohttp application (one node endpoint, :data:`NODE_PATH`)."""
     core = RelayCore()
-    sockets: dict[int, web.WebSocketResponse] = {}
-    numbers = iter(range(1, 1 << 62))
+    outputs: dict[int, _Output] = {}
+    numbers = itertools.count(1)
 
     async def node(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=8 << 20, compress=False)
         await ws.prepare(request)
         conn = next(numbers)
-        sockets[conn] = ws
+        output = outputs[conn] = _Output(request.transport)
         try:
             for frame in core.connected(conn):
-                await ws.send_bytes(frame)
+                output.put(frame)
             async for msg in ws:
-                if msg.type is not aiohttp.WSMsgType.BINARY:
-                    continue
-                for to, frame in core.received(conn, msg.data):
-                    target = sockets.get(to)
-                    if target is not None and not target.closed:
-                        # A subscriber that has left while its copy was on the way: not ours
-                        # to report (the load generator counts what arrived).
-                        with contextlib.suppress(ConnectionResetError):
-                            await target.send_bytes(frame)
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    for to, frame in core.received(conn, msg.data):
+                        target = outputs.get(to)
+                        if target is not None:
+                            target.put(frame)
         finally:
             core.disconnected(conn)
-            sockets.pop(conn, None)
+            del outputs[conn]
+            output.closed = True
         return ws
 
     app = web.Application()
-    app.router.add_get("/v1/node", node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        control.send(runner.addresses[0][1])
-        with contextlib.suppress(EOFError, OSError):
-            await asyncio.get_running_loop().run_in_executor(None, control.recv)
-    finally:
-        await runner.cleanup()
+    app.router.add_get(NODE_PATH, node)
+    return app
 
 
-class Relay:
-    """``with Relay() as relay``: a relay process on a free loopback port (``relay.url``), its
-    CPU time and memory read as the broker's are."""
+class _Output:
+    """A connection's frames, written together once per turn of the loop (one transport
+    write for all the frames the turn produced, as the broker's :class:`broker.peer.WsPeer`
+    writes what a group commit releases)."""
+
+    def __init__(self, transport: asyncio.Transport | None) -> None:
+        self._transport = transport
+        self._frames: list[bytes] = []
+        self.closed = False
+
+    def put(self, frame: bytes) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._frames.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        transport = self._transport
+        if not self.closed and transport is not None and not transport.is_closing():
+            transport.write(wsframe.binary_frames(frames))
+
+
+class Relay(ChildServer):
+    """``with Relay() as relay``: the relay in a child process (``relay.url``)."""
 
     def __init__(self) -> None:
-        self._context: Any = mp_context()
-        self._conn: Connection | None = None
-        self._process: Any = None
-        self.port = 0
+        super().__init__(relay_app)
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/node"
-
-    def start(self, timeout: float = 60.0) -> None:
-        parent, child = self._context.Pipe()
-        self._process = self._context.Process(target=relay_main, args=(child,), daemon=True)
-        self._process.start()
-        child.close()
-        self._conn = parent
-        if not parent.poll(timeout):
-            self.stop()
-            raise RuntimeError("the relay did not start")
-        self.port = int(parent.recv())
-
-    def rss_bytes(self) -> int:
-        return process_rss_bytes(self._process.pid)
-
-    def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self._process.pid)
-
-    def stop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                self._conn.send("stop")
-        if self._process is not None:
-            self._process.join(10)
-            if self._process.is_alive():
-                self._process.terminate()
-                self._process.join(5)
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def __enter__(self) -> Relay:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+        return f"ws://127.0.0.1:{self.port}{NODE_PATH}"

@@ -153,7 +153,7 @@ def _latency(r: Result, out: TextIO) -> None:
     table(f"latency publish→deliver (max rate {r['max_rate']:,.0f} msg/s"
           f"{', probed' if r['max_rate_probed'] else ''})",
           ["rate", "target/s", "achieved/s", "copies", "p50 ms", "p99 ms", "p99.9 ms",
-           "max ms", "steal %", "floor p50", "floor p99", "floor p99.9", "steal %"],
+           "max ms", "steal %", "floor p50", "floor p99", "floor p99.9", "floor steal %"],
           [[f"{p['fraction']:.0%}", p["target_rate"], p["achieved_rate"], p["copies"],
             p["p50_ms"], p["p99_ms"], p["p99.9_ms"], p["max_ms"], _percent(p["steal_share"]),
             p["floor"]["p50_ms"], p["floor"]["p99_ms"], p["floor"]["p99.9_ms"],

@@ -204,12 +204,17 @@ def mp_context() -> Any:
     return context
 
 
-def run_worker(main: Callable[[Any, Control], Any], spec: Any, conn: Connection) -> None:
-    """Process entry: run ``main`` on uvloop; report an exception as ``failed``."""
+def use_uvloop() -> None:
+    """Run this process's event loops on uvloop, where it is installed (as the broker does)."""
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_worker(main: Callable[[Any, Control], Any], spec: Any, conn: Connection) -> None:
+    """Process entry: run ``main`` on uvloop; report an exception as ``failed``."""
+    use_uvloop()
 
     async def run() -> None:
         control = Control(conn)

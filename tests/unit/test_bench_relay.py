@@ -61,15 +61,22 @@ def test_ping_pong_and_what_the_relay_drops() -> None:
     core.connected(9)  # no hello yet: its pub is not relayed
     assert core.received(9, _frame(wire.Pub(env=env))) == []
     assert core.received(99, _frame(wire.Ping())) == []  # never connected
+    assert core.received(PUBLISHER, _frame(wire.Pub(env=b"\x93not an envelope"))) == []
+    assert core.received(GBR, _frame(wire.Sub(topic="bench.tput"))) == []  # again: still once
     core.disconnected(FRA)
     sent = core.received(PUBLISHER, _frame(wire.Pub(env=env)))
     assert [to for to, _ in sent] == [GBR, PUBLISHER]
+    assert wire.decode_frame(sent[0][1], max_bytes=1 << 16) == wire.Deliver(env=env, seq=1)
 
 
 def test_steal_share_is_the_stolen_part_of_the_time_that_passed() -> None:
-    from broker.bench.harness import machine_ticks, steal_share
+    from broker.bench.harness import parse_machine_ticks, steal_share
 
     assert steal_share((10, 1000), (35, 1100)) == 0.25
     assert steal_share((10, 1000), (10, 1000)) == 0.0  # no time passed: no share
-    stolen, total = machine_ticks()  # this machine's counters: steal is part of the total
-    assert 0 <= stolen <= total and total > 0
+    # user nice system idle iowait irq softirq steal guest guest_nice: guest is in user
+    stat = "cpu  100 2 30 800 4 0 6 58 40 0\ncpu0 50 1 15 400 2 0 3 29 20 0\n"
+    assert parse_machine_ticks(stat) == (58, 1000)
+    assert parse_machine_ticks("cpu  100 2 30 800\n") == (0, 932)  # an old kernel: no steal
+    assert parse_machine_ticks("intr 1 2 3\n") == (0, 0)
+    assert parse_machine_ticks("cpu  1 x 3\n") == (0, 0)
