@@ -114,7 +114,9 @@ def node_cert_toml(
 def scheme_toml(scheme: Scheme) -> bytes:
     """A scheme document; the common scheme (``identity``) has no ``[equivalence]``."""
     out = [f"# Classification scheme {scheme.name}; levels from low to high.",
-           f"scheme = {_q(scheme.name)}", f"levels = {_list(scheme.levels)}", ""]
+           f"scheme = {_q(scheme.name)}",
+           *([f"version = {scheme.version}"] if scheme.version != 1 else []),
+           f"levels = {_list(scheme.levels)}", ""]
     for tag in sorted(scheme.tags.values(), key=lambda t: t.name):
         out += [f"[tags.{_key(tag.name)}]", f"type = {_q(tag.type)}",
                 f"values = {_list(tag.values)}", ""]

@@ -146,11 +146,13 @@ def build_bundle(
 def check_succession(old: Bundle, new: Bundle) -> None:
     """Raise ``PolicyDocumentError`` (``rollback``) if ``new`` steps back from ``old``: a node
     certificate with a lower serial, a revocation dropped, an agreement version lowered, a trust
-    root version lowered (see :mod:`policies.revocations`)."""
+    root or scheme version lowered, or a trust root or scheme changed without raising its version
+    (see :mod:`policies.revocations`)."""
     problems = succession_problems(
         old_nodes=old.nodes, new_nodes=new.nodes, old_revocations=old.revocations,
         new_revocations=new.revocations, old_agreements=old.agreements,
         new_agreements=new.agreements)
+    problems += _scheme_problems(old, new)
     old_root, new_root = old.trust_root.version, new.trust_root.version
     if new_root < old_root:
         problems.append(f"trust root version {new_root} is lower than {old_root} in force")
@@ -165,6 +167,30 @@ def check_succession(old: Bundle, new: Bundle) -> None:
     if problems:
         raise PolicyDocumentError(f"does not follow the bundle in force ({old.hash.hex()[:16]}): "
                                   + "; ".join(problems), code="rollback")
+
+
+def _scheme_problems(old: Bundle, new: Bundle) -> list[str]:
+    """A scheme is one nation's word (the common one, the root's threshold's) on what its labels
+    mean: an older signed copy must not come back. So its ``version`` never goes down, and a
+    changed document must raise it (the same bytes may stay at the same version)."""
+    problems = []
+    for name, scheme in sorted(new.schemes.items()):
+        was = old.schemes.get(name)
+        if was is None:
+            continue
+        if scheme.version < was.version:
+            problems.append(f"scheme {name}: version {scheme.version} is lower than "
+                            f"{was.version} in force (a rolled-back scheme)")
+        elif scheme.version == was.version and _scheme_bytes(old, name) != _scheme_bytes(
+                new, name):
+            problems.append(f"scheme {name} changed: it must raise its version (still "
+                            f"{scheme.version})")
+    return problems
+
+
+def _scheme_bytes(bundle: Bundle, scheme: str) -> bytes | None:
+    doc = bundle.documents.get(f"{SCHEMES_DIR}{scheme}.toml")
+    return doc.data if doc is not None else None
 
 
 def _root_bytes(bundle: Bundle) -> bytes | None:

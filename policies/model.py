@@ -240,6 +240,9 @@ class Scheme:
     value_map: Mapping[str, Mapping[str, tuple[str, ...]]] = dataclasses.field(
         default_factory=dict)
     identity: bool = False
+    #: Orders a scheme's successive documents: a broker never goes back to a lower version,
+    #: and a changed scheme must raise it (:func:`policies.bundle.check_succession`).
+    version: int = 1
 
     def rank(self, level: str) -> int | None:
         """Position of ``level`` (0 = lowest), or ``None`` when the scheme does not know it."""

@@ -16,6 +16,7 @@ Refusals name the document and the field. Pure: bytes in, model out.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Mapping
@@ -43,6 +44,9 @@ def parse_scheme_body(doc: SignedDocument) -> tuple[Scheme, dict[str, Any]]:
     table = parse_toml(doc)
     name = doc.name
     scheme_name = field(table, "scheme", str, name)
+    version = field(table, "version", int, name) if "version" in table else 1
+    if not 1 <= version < 1 << 53:
+        raise PolicyDocumentError("field 'version' must be a positive integer", document=name)
     levels = ordered_list(field(table, "levels", list, name), name, "levels")
     tags: dict[str, Tag] = {}
     for tag, entry in table_field(table, "tags", name).items():
@@ -58,7 +62,7 @@ def parse_scheme_body(doc: SignedDocument) -> tuple[Scheme, dict[str, Any]]:
         values = ordered_list(field(entry, "values", list, name, f"{where}."), name,
                               f"{where}.values")
         tags[tag] = Tag(name=tag, type=kind, values=tuple(sorted(values)))
-    return Scheme(name=scheme_name, levels=levels, tags=tags), table
+    return Scheme(name=scheme_name, levels=levels, tags=tags, version=version), table
 
 
 def verify_common_scheme(doc: SignedDocument, root: TrustRoot) -> Scheme:
@@ -72,7 +76,7 @@ def verify_common_scheme(doc: SignedDocument, root: TrustRoot) -> Scheme:
         raise PolicyDocumentError("field 'equivalence': the common scheme maps to itself",
                                   document=doc.name)
     _check_threshold(doc, root)
-    return Scheme(name=scheme.name, levels=scheme.levels, tags=scheme.tags, identity=True)
+    return dataclasses.replace(scheme, identity=True)
 
 
 def verify_national_scheme(doc: SignedDocument, root: TrustRoot, common: Scheme) -> Scheme:
@@ -88,8 +92,8 @@ def verify_national_scheme(doc: SignedDocument, root: TrustRoot, common: Scheme)
     tag_map = _tag_map(equivalence, scheme, common, doc.name)
     value_map = _value_map(equivalence, scheme, common, tag_map, doc.name)
     verify_signed_by(doc, [scheme.name], root.nations)
-    return Scheme(name=scheme.name, levels=scheme.levels, tags=scheme.tags, level_map=level_map,
-                  tag_map=tag_map, value_map=value_map)
+    return dataclasses.replace(scheme, level_map=level_map, tag_map=tag_map,
+                               value_map=value_map)
 
 
 def _check_threshold(doc: SignedDocument, root: TrustRoot) -> None:

@@ -217,6 +217,47 @@ def test_succession_keeps_revocations_and_agreement_versions(made: CoalitionDocu
         check_succession(bumped, made.bundle())
 
 
+def scheme_doc(made: CoalitionDocuments, nation: str, **changes: object) -> SignedDocument:
+    scheme = dataclasses.replace(made.bundle().schemes[nation], **changes)  # type: ignore[arg-type]
+    path = f"schemes/{nation}.toml"
+    return made.signed(path, authoring.scheme_toml(scheme), [nation])
+
+
+def test_a_scheme_never_goes_back_and_a_changed_one_raises_its_version(
+        made: CoalitionDocuments) -> None:
+    """An operator holding an older signed copy of a nation's scheme (say, one that still
+    mapped a national level to a higher common one) must not be able to bring it back."""
+    old = made.bundle()
+    gbr = old.schemes["GBR"]
+    assert gbr.version == 1  # a document without `version`
+    narrower = {level: common for level, common in gbr.level_map.items()
+                if level != gbr.levels[-1]}
+    same_version = with_docs(made, {"schemes/GBR.toml": scheme_doc(made, "GBR",
+                                                                   level_map=narrower)})
+    with pytest.raises(PolicyDocumentError, match="scheme GBR changed: it must raise its "
+                       "version") as refused:
+        check_succession(old, same_version)
+    assert refused.value.code == "rollback"
+    raised = with_docs(made, {"schemes/GBR.toml": scheme_doc(made, "GBR", level_map=narrower,
+                                                             version=2)})
+    assert raised.schemes["GBR"].version == 2
+    check_succession(old, raised)
+    with pytest.raises(PolicyDocumentError, match="scheme GBR: version 1 is lower than 2"):
+        check_succession(raised, old)
+    check_succession(raised, raised)  # the same document again: no step
+    check_succession(old, made.bundle())
+
+
+@pytest.mark.parametrize("version", ["0", "-1", "true", '"2"', "9007199254740992"])
+def test_a_scheme_version_must_be_a_positive_integer(made: CoalitionDocuments,
+                                                     version: str) -> None:
+    data = authoring.scheme_toml(made.bundle().schemes["GBR"]).replace(
+        b'scheme = "GBR"', f'scheme = "GBR"\nversion = {version}'.encode())
+    doc = made.signed("schemes/GBR.toml", data, ["GBR"])
+    with pytest.raises(PolicyDocumentError, match="'version' must be"):
+        with_docs(made, {doc.name: doc})
+
+
 def test_removing_a_node_is_not_a_rollback(made: CoalitionDocuments) -> None:
     fewer = {k: v for k, v in made.documents.items() if k != "nodes/USA-GW2.toml"}
     check_succession(made.bundle(), build_bundle(fewer, pinned_root_sha256=made.root_sha256))
