@@ -20,7 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from pathlib import Path
 from ssl import SSLContext
 from types import TracebackType
@@ -63,6 +63,8 @@ log = structlog.get_logger("clients.gateway")
 
 #: How many expiry notices :attr:`GatewayClient.expired` keeps.
 EXPIRED_KEPT = 1024
+#: Deliveries acknowledged in one ``ack`` frame while more wait (:meth:`GatewayClient.messages`).
+ACK_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,7 @@ class GatewayClient:
         timeout: float = 30.0,
         max_frame: int = 1 << 20,
         dedup_capacity: int = 100_000,
+        finish_batch: int = 1,
         state_dir: Path | None = None,
         on_alarm: Callable[[Equivocation], None] | None = None,
         reconnect: Backoff | None = DEFAULT_BACKOFF,
@@ -156,13 +159,20 @@ class GatewayClient:
         to reconnect with when the connection drops (see :mod:`clients.connection` for when it
         does not); ``None``: the first drop ends the client. ``heartbeat``: seconds between
         WebSocket pings. ``timeout`` bounds each request, including a wait for reconnection.
-        ``ssl``: for a ``wss://`` URL, the context that says which CA the broker's certificate
-        must chain to (and, for mutual TLS, this gateway's client certificate): see
+        ``finish_batch``: how many finished messages :meth:`messages` may make durable with
+        one write while more deliveries wait; 1 (the default) writes each before the next
+        message is handed over, so that even a crash never shows a finished message again;
+        more trades that for throughput (see :meth:`messages`). ``ssl``: for a ``wss://``
+        URL, the context that says which CA the broker's certificate must chain to (and, for
+        mutual TLS, this gateway's client certificate): see
         :func:`broker.tls.client_context`; ``None`` trusts the system's CAs. A broker
         certificate that does not verify makes :meth:`connect` raise (an
         ``aiohttp.ClientConnectorCertificateError``), like any other failed first connection."""
         if identity.kind != "node" or identity.enc_key is None:
             raise ValueError("a gateway needs a node key file")
+        if finish_batch < 1:
+            raise ValueError("finish_batch must be at least 1")
+        self.finish_batch = finish_batch
         self.url = url
         self.identity = identity
         self.node = identity.name
@@ -363,46 +373,84 @@ class GatewayClient:
         generator is closed; ``contextlib.aclosing`` makes that immediate). Its id is then made
         durable in :attr:`seen` (or :class:`StateWriteFailed`, and no ack), then acknowledged:
         a crash mid-processing means redelivery; a redelivered finished message (also after a
-        restart with the same ``state_dir``) is acknowledged, not yielded. Raises
+        restart with the same ``state_dir``) is acknowledged, not yielded.
+
+        While more deliveries already wait, acknowledgements are sent together (one ``ack``
+        frame for up to :data:`ACK_BATCH`; the rest before the last waiting message is handed
+        over, or before the next wait); and with :attr:`finish_batch` above 1, up to that
+        many finished ids share one write (one fsync), written before the next wait, when the
+        batch is full and when the loop is left. A crash before that write shows those
+        messages again: at least once still, but a finished message may come back. Raises
         :class:`ConnectionClosed` once the client ended for good."""
-        while True:
-            item = await self._deliveries.get()
-            if item is None:
-                self._deliveries.put_nowait(None)  # ends the next iterator too
-                raise self._connection.closed_error()
-            generation, frame = item
-            if generation != self._connection.generation:
-                # From a link that ended: the broker took it back and sends it again on this
-                # one (or it expired meanwhile, and its sender was told so).
-                continue
-            try:
-                message = await self._accept(frame)
-            except GatewayError as exc:
-                # The sender's certificate could not be fetched: not acked, and a new link
-                # makes the broker send it again (it would otherwise hold a window slot).
-                log.warning("delivery_deferred", seq=frame.seq, code=exc.code)
-                await self._connection.recycle("a delivery could not be checked")
-                continue
-            if message is None:
-                await self._ack_quietly(frame.seq)
-                continue
-            try:
-                yield message
-            finally:
-                self.seen.add_durably([message.id])
-                await self._ack_quietly(frame.seq)
+        finished: dict[bytes, int] = {}  # id → seq: finished, not durable yet
+        unacked: list[int] = []  # durable, not acknowledged yet
+        try:
+            while True:
+                idle = self._deliveries.empty()
+                if finished and (idle or len(finished) >= self.finish_batch):
+                    unacked += self._make_durable(finished)
+                if unacked and (idle or len(unacked) >= ACK_BATCH):
+                    await self._ack_quietly(unacked)
+                    unacked = []
+                item = await self._deliveries.get()
+                if item is None:
+                    self._deliveries.put_nowait(None)  # ends the next iterator too
+                    raise self._connection.closed_error()
+                generation, frame = item
+                if generation != self._connection.generation:
+                    # From a link that ended: the broker took it back and sends it again on
+                    # this one (or it expired meanwhile, and its sender was told so).
+                    continue
+                try:
+                    message = await self._accept(frame, finished)
+                except GatewayError as exc:
+                    # The sender's certificate could not be fetched: not acked, and a new link
+                    # makes the broker send it again (it would otherwise hold a window slot).
+                    log.warning("delivery_deferred", seq=frame.seq, code=exc.code)
+                    await self._connection.recycle("a delivery could not be checked")
+                    continue
+                if message is None:
+                    unacked.append(frame.seq)
+                    continue
+                if unacked and self._deliveries.empty():
+                    # Nothing to batch with, and the consumer may hold this one for long.
+                    await self._ack_quietly(unacked)
+                    unacked = []
+                try:
+                    yield message
+                finally:
+                    finished[message.id] = frame.seq
+                    if self.finish_batch == 1:  # durable before the consumer gets another
+                        unacked += self._make_durable(finished)
+        finally:
+            if finished:
+                unacked += self._make_durable(finished)
+            if unacked:
+                await self._ack_quietly(unacked)
+
+    def _make_durable(self, finished: dict[bytes, int]) -> list[int]:
+        """Write the ids of ``finished`` to :attr:`seen` (durably) and forget them; return
+        their seqs, now to acknowledge. Raises :class:`StateWriteFailed` if they cannot be
+        written: they are not acknowledged then, so the broker delivers them again after the
+        next reconnect."""
+        ids, seqs = list(finished), list(finished.values())
+        finished.clear()
+        self.seen.add_durably(ids)
+        return seqs
 
     # --- internals ----------------------------------------------------------------------
 
-    async def _accept(self, frame: wire.Deliver) -> Message | None:
-        """Verify and open a delivery; ``None`` for a duplicate or a delivery that fails its
-        checks. Raises :class:`GatewayError` if the sender's certificate cannot be fetched."""
+    async def _accept(self, frame: wire.Deliver,
+                      finished: Collection[bytes] = ()) -> Message | None:
+        """Verify and open a delivery; ``None`` for a duplicate (of an id in :attr:`seen` or
+        in ``finished``) or a delivery that fails its checks. Raises :class:`GatewayError` if
+        the sender's certificate cannot be fetched."""
         try:
             env = Envelope.from_bytes(frame.env, max_bytes=self.max_frame)
         except ProtocolError as exc:
             log.error("delivery_rejected", seq=frame.seq, code=exc.code, reason=exc.reason)
             return None
-        if env.id in self.seen:
+        if env.id in self.seen or env.id in finished:
             return None
         try:
             cert = await self._signer_of(env)
@@ -440,11 +488,11 @@ class GatewayClient:
                                 code="unknown_node")
         raise VerificationError("envelope: signature does not verify", code="bad_signature")
 
-    async def _ack_quietly(self, seq: int) -> None:
+    async def _ack_quietly(self, seqs: list[int]) -> None:
         # An ack that cannot be sent now is not needed: the broker redelivers un-acked
         # messages after the reconnect, and the seen ids drop them then.
         with contextlib.suppress(GatewayError):
-            await self.ack([seq])
+            await self.ack(seqs)
 
     async def _verified_keys(self, plan: RoutePlan, label: Label) -> dict[str, bytes]:
         """Encryption keys for the permitted recipients, from verified certificates only, and

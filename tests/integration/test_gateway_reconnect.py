@@ -20,11 +20,13 @@ from broker.audit.leaves import DeliverEntry, entry_from_bytes
 from broker.coalition import Coalition
 from broker.server import BrokerServer, Limits
 from clients.connection import Backoff
+from clients.dedup import SeenIds
 from clients.gateway import (
     AuthenticationError,
     ConnectionClosed,
     Expired,
     GatewayClient,
+    Message,
     RequestTimeout,
     label,
 )
@@ -161,6 +163,99 @@ async def test_unfinished_message_is_redelivered_after_a_crash_and_a_finished_on
         # The abandoned iterators are closed only now, after every check.
         await crashed.aclose()
         await lost_acks.aclose()
+
+
+class AcksRecorded(GatewayClient):
+    """A gateway that records every ack it sends."""
+
+    sent: list[list[int]]
+
+    async def ack(self, seqs: list[int]) -> None:
+        self.sent.append(list(seqs))
+        await super().ack(seqs)
+
+
+async def _queued_for_gbr(server: BrokerServer, coalition: Coalition, state: Path,
+                          count: int) -> list[bytes]:
+    """``count`` messages queued for GBR-GW1 while it is offline; their ids."""
+    async with client(server.url, coalition, "GBR-GW1", state) as gbr:
+        await gbr.subscribe("maritime.>")
+    async with client(server.url, coalition, "USA-GW1") as usa:
+        return [(await usa.publish("maritime.tracks", b"%d" % i, TO_GBR)).id
+                for i in range(count)]
+
+
+async def _recording(server: BrokerServer, coalition: Coalition, state: Path, waiting: int,
+                     **kwargs: Any) -> AcksRecorded:
+    """GBR-GW1 connected, its acks recorded, once ``waiting`` deliveries wait in its queue."""
+    gbr = client(server.url, coalition, "GBR-GW1", state, cls=AcksRecorded, **kwargs)
+    assert isinstance(gbr, AcksRecorded)
+    gbr.sent = []
+    await gbr.connect()
+    await until(lambda: gbr._deliveries.qsize() >= waiting)
+    return gbr
+
+
+async def _ask_until_acked(stream: AsyncIterator[Message], gbr: AcksRecorded,
+                           frames: int) -> None:
+    """Ask for one more message when none waits, until ``frames`` acks have left; then stop
+    asking."""
+    waiting = asyncio.ensure_future(anext(stream))
+    await until(lambda: len(gbr.sent) >= frames)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_each_finished_id_is_durable_before_the_next_message_and_acks_go_together(
+        server: BrokerServer, coalition: Coalition, tmp_path: Path) -> None:
+    state = tmp_path / "gbr-state"
+    ids = await _queued_for_gbr(server, coalition, state, 5)
+    gbr = await _recording(server, coalition, state, 5)
+    try:
+        stream = gbr.messages()
+        got = []
+        for count in range(5):
+            got.append(await asyncio.wait_for(anext(stream), 5))
+            # Every message finished so far is on disk (a new process reads it back)...
+            assert set(SeenIds(state)) & set(ids) == set(ids[:count])
+        # ... but the acks went together: the first four before the last waiting message
+        # was handed over, the fifth when the consumer asked for more with none waiting.
+        assert gbr.sent == [[m.seq for m in got[:4]]]
+        await _ask_until_acked(stream, gbr, 2)
+        assert gbr.sent == [[m.seq for m in got[:4]], [got[4].seq]]
+        await until(lambda: all(acked(server, i, "GBR-GW1") for i in ids))
+        await stream.aclose()
+    finally:
+        await gbr.close()
+
+
+async def test_a_finish_batch_shares_one_write_and_a_crash_shows_it_again(
+        server: BrokerServer, coalition: Coalition, tmp_path: Path) -> None:
+    state = tmp_path / "gbr-state"
+    ids = await _queued_for_gbr(server, coalition, state, 6)
+    crashed = await _recording(server, coalition, state, 6, finish_batch=16)
+    abandoned = crashed.messages()
+    assert [(await anext(abandoned)).id for _ in range(3)] == ids[:3]
+    await crashed.close()  # a crash: two finished, neither written yet
+    assert crashed.sent == [] and not set(SeenIds(state)) & set(ids)
+
+    gbr = await _recording(server, coalition, state, 6, finish_batch=16)
+    try:
+        stream = gbr.messages()
+        # Shown again from the first (at least once): the batch had not been written.
+        assert [(await anext(stream)).id for _ in range(4)] == ids[:4]
+        assert not set(SeenIds(state)) & set(ids)
+        await stream.aclose()  # leaving the loop finishes the four: one write, one ack
+        assert set(SeenIds(state)) & set(ids) == set(ids[:4]) and len(gbr.sent) == 1
+        assert len(gbr.sent[0]) == 4
+    finally:
+        await gbr.close()
+    async with client(server.url, coalition, "GBR-GW1", state) as again:
+        rest = again.messages()
+        assert [(await asyncio.wait_for(anext(rest), 5)).id for _ in range(2)] == ids[4:]
+        await rest.aclose()
+    await abandoned.aclose()
 
 
 async def test_connection_replaced_by_a_newer_one_of_the_same_node_is_not_reconnected(
