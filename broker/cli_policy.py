@@ -32,6 +32,7 @@ from policies.bundle import (
     Bundle,
     build_bundle,
     bundle_hash,
+    check_succession,
     document_hash,
 )
 from policies.catalogue import Catalogue, Releasable, label_catalogue
@@ -218,8 +219,19 @@ def _check(args: argparse.Namespace) -> int:
         report["agreements"] = [a.ref for a in bundle.agreements]
     if args.against is not None:
         active = read_policy_dir(args.against)
-        report["changes"] = policy_changes(active, _try_build(active, None)[0], documents, bundle)
+        active_bundle = _try_build(active, None)[0]
+        report["changes"] = policy_changes(active, active_bundle, documents, bundle)
         report["against"] = str(args.against)
+        if bundle is not None and active_bundle is not None:
+            # What a broker running ACTIVE_DIR would say on reload (DESIGN: no way back).
+            try:
+                check_succession(active_bundle, bundle)
+                report["follows"] = True
+            except PolicyDocumentError as exc:
+                report["follows"] = False
+                report["error"] = {"code": exc.code, "document": exc.document or "",
+                                   "reason": exc.reason}
+                error = exc
     if args.json:
         _print_json(report)
     else:
@@ -294,6 +306,8 @@ def required_signers(doc: SignedDocument, root: TrustRoot) -> Requirement:
 
 def _print_check(report: dict[str, Any], documents: list[DocumentReport]) -> None:
     verdict = "loads" if report["loads"] else "REFUSED"
+    if report.get("follows") is False:
+        verdict = f"loads, but REFUSED as a successor of {report['against']}"
     print(f"policy {report['directory']}: {verdict}")
     if "error" in report:
         error = report["error"]

@@ -20,7 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 from ssl import SSLContext
 from types import TracebackType
@@ -65,6 +65,9 @@ log = structlog.get_logger("clients.gateway")
 EXPIRED_KEPT = 1024
 #: Deliveries acknowledged in one ``ack`` frame while more wait (:meth:`GatewayClient.messages`).
 ACK_BATCH = 16
+#: The most finished ids one write may cover: copies held un-acked take slots of the broker's
+#: delivery window (64 per recipient by default), so a batch must stay well inside it.
+MAX_FINISH_BATCH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +173,8 @@ class GatewayClient:
         ``aiohttp.ClientConnectorCertificateError``), like any other failed first connection."""
         if identity.kind != "node" or identity.enc_key is None:
             raise ValueError("a gateway needs a node key file")
-        if finish_batch < 1:
-            raise ValueError("finish_batch must be at least 1")
+        if not 1 <= finish_batch <= MAX_FINISH_BATCH:
+            raise ValueError(f"finish_batch must be 1 to {MAX_FINISH_BATCH}")
         self.finish_batch = finish_batch
         self.url = url
         self.identity = identity
@@ -375,12 +378,14 @@ class GatewayClient:
         a crash mid-processing means redelivery; a redelivered finished message (also after a
         restart with the same ``state_dir``) is acknowledged, not yielded.
 
-        While more deliveries already wait, acknowledgements are sent together (one ``ack``
-        frame for up to :data:`ACK_BATCH`; the rest before the last waiting message is handed
-        over, or before the next wait); and with :attr:`finish_batch` above 1, up to that
-        many finished ids share one write (one fsync), written before the next wait, when the
-        batch is full and when the loop is left. A crash before that write shows those
-        messages again: at least once still, but a finished message may come back. Raises
+        While more deliveries already wait, acknowledgements are sent together (once
+        :data:`ACK_BATCH` are due, before the last waiting message is handed over, and before
+        the next wait), always after their ids are durable; and with :attr:`finish_batch`
+        above 1, up to that many finished ids share one write (one fsync), written before the
+        next wait, when the batch is full and when the loop is left. A crash before that write
+        shows those messages again: at least once still, but a finished message may come back.
+        Leave the loop with ``break`` inside ``contextlib.aclosing`` (or close the generator):
+        one left open holds its un-acked copies until the connection ends. Raises
         :class:`ConnectionClosed` once the client ended for good."""
         finished: dict[bytes, int] = {}  # id → seq: finished, not durable yet
         unacked: list[int] = []  # durable, not acknowledged yet
@@ -410,7 +415,9 @@ class GatewayClient:
                     await self._connection.recycle("a delivery could not be checked")
                     continue
                 if message is None:
-                    unacked.append(frame.seq)
+                    # A copy of a finished id still to be written is acked with it, after it.
+                    if frame.seq not in finished.values():
+                        unacked.append(frame.seq)
                     continue
                 if unacked and self._deliveries.empty():
                     # Nothing to batch with, and the consumer may hold this one for long.
@@ -423,10 +430,12 @@ class GatewayClient:
                     if self.finish_batch == 1:  # durable before the consumer gets another
                         unacked += self._make_durable(finished)
         finally:
-            if finished:
-                unacked += self._make_durable(finished)
-            if unacked:
-                await self._ack_quietly(unacked)
+            try:
+                if finished:
+                    unacked += self._make_durable(finished)
+            finally:  # the durable ones are acknowledged even if the last write failed
+                if unacked:
+                    await self._ack_quietly(unacked)
 
     def _make_durable(self, finished: dict[bytes, int]) -> list[int]:
         """Write the ids of ``finished`` to :attr:`seen` (durably) and forget them; return
@@ -441,7 +450,7 @@ class GatewayClient:
     # --- internals ----------------------------------------------------------------------
 
     async def _accept(self, frame: wire.Deliver,
-                      finished: Collection[bytes] = ()) -> Message | None:
+                      finished: dict[bytes, int] | None = None) -> Message | None:
         """Verify and open a delivery; ``None`` for a duplicate (of an id in :attr:`seen` or
         in ``finished``) or a delivery that fails its checks. Raises :class:`GatewayError` if
         the sender's certificate cannot be fetched."""
@@ -450,7 +459,10 @@ class GatewayClient:
         except ProtocolError as exc:
             log.error("delivery_rejected", seq=frame.seq, code=exc.code, reason=exc.reason)
             return None
-        if env.id in self.seen or env.id in finished:
+        if finished is not None and env.id in finished:  # its write is still to come: acked
+            finished[env.id] = frame.seq                  # with it, after it
+            return None
+        if env.id in self.seen:
             return None
         try:
             cert = await self._signer_of(env)

@@ -151,6 +151,37 @@ def test_an_amended_agreement_is_refused_until_every_party_signs_then_shows_the_
     assert "agreements changed" not in out  # same version, parties and window: tiers only
 
 
+def test_a_scheme_changed_without_a_new_version_does_not_follow_the_active_policy(
+    coalition: Coalition, tmp_path: Path, capsys: CaptureFixture
+) -> None:
+    active = tmp_path / "active"
+    shutil.copytree(coalition.policy_dir, active)
+    path = coalition.policy_dir / "schemes" / "GBR.toml"
+    original = path.read_bytes()
+
+    def amend(data: bytes) -> None:
+        path.write_bytes(data)
+        assert main(["policy", "sign", str(path), "--key",
+                     str(coalition.keys_dir / "authority-GBR.key")]) == 0
+        capsys.readouterr()
+
+    amend(original + b"# amended by GBR\n")
+    status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against", str(active))
+    assert status == 2
+    assert (f"policy {coalition.policy_dir}: loads, but REFUSED as a successor of {active}\n"
+            in out)
+    assert "  rollback: " in out and "scheme GBR changed: it must raise its version" in out
+    status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against", str(active),
+                            "--json")
+    assert status == 2 and json.loads(out)["follows"] is False
+
+    amend(original.replace(b'scheme = "GBR"\n', b'scheme = "GBR"\nversion = 2\n', 1)
+          + b"# amended by GBR\n")
+    status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against", str(active),
+                            "--json")
+    assert status == 0 and json.loads(out)["follows"] is True
+
+
 def test_check_against_itself_changes_nothing(coalition: Coalition,
                                               capsys: CaptureFixture) -> None:
     status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against",

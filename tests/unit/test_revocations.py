@@ -248,6 +248,24 @@ def test_a_scheme_never_goes_back_and_a_changed_one_raises_its_version(
     check_succession(old, made.bundle())
 
 
+def test_the_common_scheme_is_versioned_too(made: CoalitionDocuments) -> None:
+    old = made.bundle()
+    common = old.schemes["NATO"]
+    path = "schemes/NATO.toml"
+
+    def signed(**changes: object) -> Bundle:
+        scheme = dataclasses.replace(common, **changes)  # type: ignore[arg-type]
+        data = authoring.scheme_toml(scheme) + b"# amended by the threshold\n"
+        return with_docs(made, {path: made.signed(path, data, list(NATIONS))})
+
+    with pytest.raises(PolicyDocumentError, match="scheme NATO changed: it must raise"):
+        check_succession(old, signed())
+    raised = signed(version=3)
+    check_succession(old, raised)
+    with pytest.raises(PolicyDocumentError, match="scheme NATO: version 1 is lower than 3"):
+        check_succession(raised, old)
+
+
 @pytest.mark.parametrize("version", ["0", "-1", "true", '"2"', "9007199254740992"])
 def test_a_scheme_version_must_be_a_positive_integer(made: CoalitionDocuments,
                                                      version: str) -> None:
