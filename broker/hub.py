@@ -50,7 +50,7 @@ from broker.release import decide_recipient
 from broker.replay import ReplayGuard
 from broker.session import error_frame
 from broker.store.base import Batch, QueueRow
-from broker.stored_bundle import stored_bundle
+from broker.stored_bundle import stored_bundle, stored_high_water
 from broker.verifier import VerifyPool
 from policies.bundle import (
     Bundle,
@@ -60,6 +60,7 @@ from policies.bundle import (
 from policies.cache import DecisionCache
 from policies.catalogue import label_catalogue
 from policies.decide import Decision
+from policies.highwater import HighWater
 from policies.model import Label, NodeCert
 
 log = structlog.get_logger("broker.hub")
@@ -136,6 +137,9 @@ class Hub:
         #: The bundle last activated, here or (after :meth:`restore`) in the previous run:
         #: the one a new bundle must succeed.
         self._in_force: Bundle | None = None
+        #: The highest of every document any bundle in force here ever held (policies.highwater):
+        #: a document removed in one reload cannot come back older in a later one.
+        self.high_water = HighWater()
         #: Worker processes that check envelope signatures; ``None``: checked on the loop.
         self.verifier = verifier
         self.metrics = metrics or Metrics()
@@ -164,6 +168,7 @@ class Hub:
         self.inactive |= set(self.statuses)
         self.expiry.restore(self.audit.store.notices())
         self._in_force = stored_bundle(self.audit.store)
+        self.high_water = stored_high_water(self.audit.store)
         # The replay guard is memory: refill it, or an envelope accepted just before a restart
         # could be accepted again (and routed and logged twice) for the rest of its window.
         recent = self.audit.recent_routes(self.clock_ms() - 2 * self.replay.skew_ms)
@@ -184,9 +189,11 @@ class Hub:
         in_force = self._in_force or self.bundle
         if in_force.hash != bundle.hash:
             check_succession(in_force, bundle)
+            self.high_water.check(bundle)
         future = self.audit.append(PolicyEntry(ts=self.clock_ms(), bundle=bundle.hash),
                                    bundles=[(bundle.hash, bundle_content(bundle))])
         previous, self.bundle, self._in_force = self.bundle, bundle, bundle
+        self.high_water = self.high_water.merge(bundle)
         self.decisions.clear()
         log.info("policy_activated", bundle=bundle.hash.hex(), previous=previous.hash.hex(),
                  nodes=len(bundle.nodes), agreements=len(bundle.agreements),

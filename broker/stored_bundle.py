@@ -11,6 +11,7 @@ from __future__ import annotations
 from broker.errors import BrokerError, StorageError
 from broker.store.base import Store
 from policies.bundle import Bundle, build_bundle, documents_from_content
+from policies.highwater import HighWater
 
 
 def stored_bundle(store: Store) -> Bundle | None:
@@ -37,6 +38,24 @@ def stored_bundle(store: Store) -> Bundle | None:
         raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
                            f"{digest.hex()}, the one recorded as in force: damaged store")
     return bundle
+
+
+def stored_high_water(store: Store) -> HighWater:
+    """The high-water marks of every bundle the store holds, i.e. every bundle ever in force
+    here (:mod:`policies.highwater`). Fails closed like :func:`stored_bundle`: a stored bundle
+    that no longer verifies raises :class:`StorageError` (damaged store). Each is verified once,
+    at start."""
+    bundles = []
+    for digest in store.bundle_hashes():
+        content = store.bundle(digest)
+        if content is None:
+            continue  # listed and gone meanwhile: nothing deletes bundles, so not reached
+        try:
+            bundles.append(build_bundle(documents_from_content(content), pinned_root_sha256=None))
+        except BrokerError as exc:
+            raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
+                               f"({exc.reason}): damaged store") from exc
+    return HighWater.of(bundles)
 
 
 def earlier_broker_keys(store: Store, name: str) -> list[bytes]:

@@ -218,6 +218,36 @@ async def test_the_broker_will_not_restart_on_older_documents(
     assert "serial 1 is lower than 2" in refused.value.reason
 
 
+async def test_a_certificate_removed_then_brought_back_older_is_refused_also_after_a_restart(
+    coalition: Coalition, tmp_path: Path
+) -> None:
+    """The bundle in force no longer holds a removed node; the marks of every bundle ever in
+    force still do (policies.highwater), so its older certificate cannot come back later."""
+    cert = coalition.policy_dir / "nodes/USA-GW1.toml"
+    sig = cert.with_name("USA-GW1.toml.sig")
+    original = cert.read_bytes(), sig.read_bytes()
+    data_dir = tmp_path / "data"
+    async with broker_on(coalition, data_dir) as first:
+        rotate(coalition, "USA-GW1", serial=2)
+        await reload(first, coalition)
+        cert.unlink()
+        sig.unlink()
+        await reload(first, coalition)  # the node leaves: removing one is no rollback
+        assert "USA-GW1" not in first.bundle.nodes
+        cert.write_bytes(original[0])  # and comes back with its old, validly signed serial 1
+        sig.write_bytes(original[1])
+        with pytest.raises(PolicyDocumentError) as refused:
+            await reload(first, coalition)
+        assert refused.value.code == "rollback"
+        assert "USA-GW1: certificate serial 1 is lower than 2" in refused.value.reason
+        assert "USA-GW1" not in first.bundle.nodes
+    with pytest.raises(PolicyDocumentError) as refused:  # the marks are rebuilt from the store
+        async with broker_on(coalition, data_dir):
+            pass
+    assert refused.value.code == "rollback"
+    assert "USA-GW1: certificate serial 1 is lower than 2" in refused.value.reason
+
+
 @pytest.mark.parametrize("damage", ["older content", "garbage", "row deleted"])
 async def test_the_broker_will_not_start_without_the_bundle_in_force_intact(
     coalition: Coalition, tmp_path: Path, damage: str

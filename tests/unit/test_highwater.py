@@ -1,0 +1,70 @@
+"""High-water marks of every bundle ever in force (policies/highwater.py): a document removed in
+one reload cannot come back older in a later one. Pure, no broker."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.coalition import CoalitionDocuments, coalition_documents
+from broker.errors import PolicyDocumentError
+from policies.bundle import build_bundle, check_succession
+from policies.highwater import HighWater
+from tests.unit.test_revocations import (
+    NATIONS,
+    NODES,
+    NOW,
+    revocation_doc,
+    rotated_doc,
+    scheme_doc,
+    with_docs,
+)
+
+
+@pytest.fixture(scope="module")
+def made() -> CoalitionDocuments:
+    return coalition_documents(nations=NATIONS, nodes=NODES, now_ms=NOW)
+
+
+def test_a_node_removed_then_back_with_an_older_certificate_is_refused(
+        made: CoalitionDocuments) -> None:
+    first = made.bundle()
+    rotated = with_docs(made, {"nodes/USA-GW1.toml": rotated_doc(made, "USA-GW1", serial=2)})
+    without = build_bundle({k: v for k, v in rotated.documents.items()
+                            if k != "nodes/USA-GW1.toml"}, pinned_root_sha256=made.root_sha256)
+    check_succession(rotated, without)
+    check_succession(without, first)  # the bundle in force alone lets the old one back...
+    marks = HighWater.of([first, rotated, without])
+    with pytest.raises(PolicyDocumentError, match="serial 1 is lower than 2") as refused:
+        marks.check(first)  # ... the marks do not
+    assert refused.value.code == "rollback"
+    marks.check(rotated)  # the highest one may come back
+    assert marks.nodes["USA-GW1"].serial == 2
+
+
+def test_a_revocation_is_kept_by_the_marks_once_seen(made: CoalitionDocuments) -> None:
+    doc = revocation_doc(made, "USA-GW2")
+    revoked = with_docs(made, {doc.name: doc})
+    marks = HighWater().merge(revoked)
+    with pytest.raises(PolicyDocumentError, match="revocation of USA-GW2 by USA was dropped"):
+        marks.check(made.bundle())
+    marks.check(revoked)
+
+
+def test_scheme_and_root_marks_hold_the_highest_version_in_any_order(
+        made: CoalitionDocuments) -> None:
+    old = made.bundle()
+    raised = with_docs(made, {"schemes/GBR.toml": scheme_doc(made, "GBR", version=2)})
+    for bundles in ([old, raised], [raised, old]):
+        marks = HighWater.of(bundles)
+        assert marks.schemes["GBR"][0] == 2 and marks.root is not None
+        marks.check(raised)
+        with pytest.raises(PolicyDocumentError, match="scheme GBR: version 1 is lower than 2"):
+            marks.check(old)
+    # Other bytes at version 2, signed by GBR too: not the version 2 that was in force.
+    amended_bytes = raised.documents["schemes/GBR.toml"].data + b"# amended\n"
+    amended = with_docs(made, {"schemes/GBR.toml": made.signed("schemes/GBR.toml", amended_bytes,
+                                                               ["GBR"])})
+    with pytest.raises(PolicyDocumentError, match="differs from the one in force before at the "
+                       "same version 2"):
+        HighWater.of([raised]).check(amended)
+    HighWater().check(old)  # no marks yet: anything goes
