@@ -146,8 +146,8 @@ def build_bundle(
 def check_succession(old: Bundle, new: Bundle) -> None:
     """Raise ``PolicyDocumentError`` (``rollback``) if ``new`` steps back from ``old``: a node
     certificate with a lower serial, a revocation dropped, an agreement version lowered, a trust
-    root or scheme version lowered, or a trust root or scheme changed without raising its version
-    (see :mod:`policies.revocations`)."""
+    root or scheme version lowered, or a trust root, scheme or agreement changed without raising
+    its version (see :mod:`policies.revocations`)."""
     problems = succession_problems(
         old_nodes=old.nodes, new_nodes=new.nodes, old_revocations=old.revocations,
         new_revocations=new.revocations, old_agreements=old.agreements,
@@ -172,8 +172,19 @@ def check_succession(old: Bundle, new: Bundle) -> None:
 def _scheme_problems(old: Bundle, new: Bundle) -> list[str]:
     """A scheme is one nation's word (the common one, the root's threshold's) on what its labels
     mean: an older signed copy must not come back. So its ``version`` never goes down, and a
-    changed document must raise it (the same bytes may stay at the same version)."""
+    changed document must raise it (the same bytes may stay at the same version). The same
+    for an agreement changed at the same version (a lower one is refused by
+    :func:`succession_problems`): ``dsa@version`` names what permitted a release in every
+    decision, so one version must mean one text."""
     problems = []
+    was_agreements = {a.id: a for a in old.agreements}
+    for agreement in new.agreements:
+        before = was_agreements.get(agreement.id)
+        path = f"{AGREEMENTS_DIR}{agreement.id}.toml"
+        if before is not None and before.version == agreement.version and _bytes_of(
+                old, path) != _bytes_of(new, path):
+            problems.append(f"agreement {agreement.id} changed: it must raise its version "
+                            f"(still {agreement.version})")
     for name, scheme in sorted(new.schemes.items()):
         was = old.schemes.get(name)
         if was is None:
@@ -181,15 +192,15 @@ def _scheme_problems(old: Bundle, new: Bundle) -> list[str]:
         if scheme.version < was.version:
             problems.append(f"scheme {name}: version {scheme.version} is lower than "
                             f"{was.version} in force (a rolled-back scheme)")
-        elif scheme.version == was.version and _scheme_bytes(old, name) != _scheme_bytes(
-                new, name):
+        elif scheme.version == was.version and _bytes_of(
+                old, f"{SCHEMES_DIR}{name}.toml") != _bytes_of(new, f"{SCHEMES_DIR}{name}.toml"):
             problems.append(f"scheme {name} changed: it must raise its version (still "
                             f"{scheme.version})")
     return problems
 
 
-def _scheme_bytes(bundle: Bundle, scheme: str) -> bytes | None:
-    doc = bundle.documents.get(f"{SCHEMES_DIR}{scheme}.toml")
+def _bytes_of(bundle: Bundle, name: str) -> bytes | None:
+    doc = bundle.documents.get(name)
     return doc.data if doc is not None else None
 
 

@@ -5,8 +5,8 @@ below, even where the bundle in force no longer has the document. Pure: no I/O.
 *removed* in one reload (a node with its certificate, an agreement, a nation's scheme) is then
 no longer compared, and the same document in an older, validly signed copy could come back in a
 later reload. :class:`HighWater` remembers, across every bundle ever activated, each node's
-certificate with the highest serial, every revocation, each agreement's highest version, and
-each scheme's and the trust root's highest version with its bytes; :meth:`HighWater.problems`
+certificate with the highest serial, every revocation, and each agreement's, each scheme's and
+the trust root's highest version with its bytes; :meth:`HighWater.problems`
 applies the same rules as the succession check against those. The broker folds in every bundle
 it stored (``Hub.restore``) and each one it activates.
 """
@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Mapping
 
 from broker.errors import PolicyDocumentError
-from policies.bundle import SCHEMES_DIR, TRUST_ROOT, Bundle
-from policies.model import Agreement, NodeCert, Revocation
+from policies.bundle import AGREEMENTS_DIR, SCHEMES_DIR, TRUST_ROOT, Bundle
+from policies.model import NodeCert, Revocation
 from policies.revocations import succession_problems
 
 #: A version and the document bytes that carried it (``None``: not known, e.g. a bundle built
@@ -33,7 +33,7 @@ class HighWater:
     nodes: Mapping[str, NodeCert] = dataclasses.field(default_factory=dict)
     revocations: Mapping[tuple[str, str, bytes], Revocation] = dataclasses.field(
         default_factory=dict)
-    agreements: Mapping[str, Agreement] = dataclasses.field(default_factory=dict)
+    agreements: Mapping[str, Versioned] = dataclasses.field(default_factory=dict)
     schemes: Mapping[str, Versioned] = dataclasses.field(default_factory=dict)
     root: Versioned | None = None
 
@@ -56,8 +56,8 @@ class HighWater:
             revocations.setdefault((r.nation, r.node, r.sign_key), r)
         agreements = dict(self.agreements)
         for a in bundle.agreements:
-            if a.id not in agreements or a.version > agreements[a.id].version:
-                agreements[a.id] = a
+            if a.id not in agreements or a.version > agreements[a.id][0]:
+                agreements[a.id] = (a.version, _bytes(bundle, f"{AGREEMENTS_DIR}{a.id}.toml"))
         schemes = dict(self.schemes)
         for name, scheme in bundle.schemes.items():
             if name not in schemes or scheme.version > schemes[name][0]:
@@ -73,13 +73,17 @@ class HighWater:
         problems = succession_problems(
             old_nodes=self.nodes, new_nodes=new.nodes,
             old_revocations=tuple(self.revocations.values()), new_revocations=new.revocations,
-            old_agreements=tuple(self.agreements.values()), new_agreements=new.agreements)
-        for name, scheme in sorted(new.schemes.items()):
-            if name in self.schemes:
-                problem = _step_back(f"scheme {name}", self.schemes[name], (
-                    scheme.version, _bytes(new, f"{SCHEMES_DIR}{name}.toml")))
-                if problem is not None:
-                    problems.append(problem)
+            old_agreements=(), new_agreements=())
+        versioned = [(f"agreement {a.id}", self.agreements.get(a.id),
+                      (a.version, _bytes(new, f"{AGREEMENTS_DIR}{a.id}.toml")))
+                     for a in new.agreements]
+        versioned += [(f"scheme {name}", self.schemes.get(name),
+                       (scheme.version, _bytes(new, f"{SCHEMES_DIR}{name}.toml")))
+                      for name, scheme in sorted(new.schemes.items())]
+        for what, mark, now in versioned:
+            problem = None if mark is None else _step_back(what, mark, now)
+            if problem is not None:
+                problems.append(problem)
         if self.root is not None:
             problem = _step_back("trust root", self.root,
                                  (new.trust_root.version, _bytes(new, TRUST_ROOT)))

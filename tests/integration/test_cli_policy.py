@@ -133,7 +133,8 @@ def test_an_amended_agreement_is_refused_until_every_party_signs_then_shows_the_
     active = tmp_path / "active"
     shutil.copytree(coalition.policy_dir, active)
     path = coalition.policy_dir / "agreements" / "COALITION-DEFAULT.toml"
-    path.write_bytes(path.read_bytes().replace(b'ceiling = "TOP SECRET"', b'ceiling = "SECRET"'))
+    path.write_bytes(path.read_bytes().replace(b'ceiling = "TOP SECRET"', b'ceiling = "SECRET"')
+                     .replace(b"version = 1\n", b"version = 2\n", 1))
     for nation in ("FRA", "USA"):
         assert main(["policy", "sign", str(path), "--key",
                      str(coalition.keys_dir / f"authority-{nation}.key")]) == 0
@@ -148,7 +149,25 @@ def test_an_amended_agreement_is_refused_until_every_party_signs_then_shows_the_
     assert status == 0
     assert "  tiers changed: COALITION-DEFAULT/all\n" in out
     assert "    COALITION-DEFAULT/all: ceiling TOP SECRET -> SECRET\n" in out
-    assert "agreements changed" not in out  # same version, parties and window: tiers only
+    assert "  agreements changed: COALITION-DEFAULT\n" in out
+    assert "    COALITION-DEFAULT: version 1 -> 2\n" in out
+
+
+def test_an_agreement_amended_at_the_same_version_does_not_follow(
+    coalition: Coalition, tmp_path: Path, capsys: CaptureFixture
+) -> None:
+    """Every party signed, but `COALITION-DEFAULT@1` would then name two texts in decisions."""
+    active = tmp_path / "active"
+    shutil.copytree(coalition.policy_dir, active)
+    path = coalition.policy_dir / "agreements" / "COALITION-DEFAULT.toml"
+    path.write_bytes(path.read_bytes().replace(b'ceiling = "TOP SECRET"', b'ceiling = "SECRET"'))
+    for nation in ("FRA", "GBR", "USA"):
+        assert main(["policy", "sign", str(path), "--key",
+                     str(coalition.keys_dir / f"authority-{nation}.key")]) == 0
+    capsys.readouterr()
+    status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against", str(active))
+    assert status == 2
+    assert "agreement COALITION-DEFAULT changed: it must raise its version (still 1)" in out
 
 
 def test_a_scheme_changed_without_a_new_version_does_not_follow_the_active_policy(

@@ -3,10 +3,13 @@ one reload cannot come back older in a later one. Pure, no broker."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from broker.coalition import CoalitionDocuments, coalition_documents
 from broker.errors import PolicyDocumentError
+from policies import authoring
 from policies.bundle import build_bundle, check_succession
 from policies.highwater import HighWater
 from tests.unit.test_revocations import (
@@ -68,3 +71,17 @@ def test_scheme_and_root_marks_hold_the_highest_version_in_any_order(
                        "same version 2"):
         HighWater.of([raised]).check(amended)
     HighWater().check(old)  # no marks yet: anything goes
+
+
+def test_an_agreement_never_goes_below_its_highest_version(made: CoalitionDocuments) -> None:
+    first = made.bundle()
+    agreement = first.agreements[0]
+    path = f"agreements/{agreement.id}.toml"
+    newer = dataclasses.replace(agreement, version=agreement.version + 1)
+    bumped = with_docs(made, {path: made.signed(path, authoring.agreement_toml(newer),
+                                                list(agreement.parties))})
+    marks = HighWater.of([first, bumped])
+    with pytest.raises(PolicyDocumentError, match=f"agreement {agreement.id}: version 1 is "
+                       "lower than 2, in force before"):
+        marks.check(first)
+    marks.check(bumped)

@@ -215,6 +215,12 @@ def test_succession_keeps_revocations_and_agreement_versions(made: CoalitionDocu
     check_succession(made.bundle(), bumped)
     with pytest.raises(PolicyDocumentError, match="rolled-back agreement"):
         check_succession(bumped, made.bundle())
+    narrowed = dataclasses.replace(newer, purpose="narrowed, same version")
+    amended = with_docs(made, {path: made.signed(path, authoring.agreement_toml(narrowed),
+                                                 list(agreement.parties))})
+    with pytest.raises(PolicyDocumentError, match=f"agreement {agreement.id} changed: it must "
+                       "raise its version"):
+        check_succession(bumped, amended)
 
 
 def scheme_doc(made: CoalitionDocuments, nation: str, **changes: object) -> SignedDocument:
