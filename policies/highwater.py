@@ -5,40 +5,70 @@ below, even where the bundle in force no longer has the document. Pure: no I/O.
 *removed* in one reload (a node with its certificate, an agreement, a nation's scheme) is then
 no longer compared, and the same document in an older, validly signed copy could come back in a
 later reload. :class:`HighWater` remembers, across every bundle ever activated, each node's
-certificate with the highest serial, every revocation, and each agreement's, each scheme's and
-the trust root's highest version with its bytes; :meth:`HighWater.problems`
-applies the same rules as the succession check against those. The broker folds in every bundle
-it stored (``Hub.restore``) and each one it activates.
+highest certificate serial, every revocation, and each agreement's, each scheme's and the trust
+root's highest version, each with the document bytes seen at that height;
+:meth:`HighWater.problems` applies the succession rules against those. The broker folds in every
+bundle it stored (``Hub.restore``) and each one it activates.
+
+Several texts at one height (stored before a changed document had to raise its version) are all
+remembered and all allowed: the marks are built from the stored bundles in no particular order,
+and refusing the one in force at the next reload would be worse than the history it keeps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from broker.errors import PolicyDocumentError
 from policies.bundle import AGREEMENTS_DIR, SCHEMES_DIR, TRUST_ROOT, Bundle
-from policies.model import NodeCert, Revocation
-from policies.revocations import succession_problems
+from policies.model import Revocation
+from policies.revocations import document_bytes
 
-#: A version and the document bytes that carried it (``None``: not known, e.g. a bundle built
-#: without its documents).
-Versioned = tuple[int, bytes | None]
+
+@dataclasses.dataclass(frozen=True)
+class Mark:
+    """A document's highest version (a certificate's serial) and the texts seen at it (empty:
+    not known, e.g. a bundle built without its documents; then any text is allowed)."""
+
+    version: int
+    texts: frozenset[bytes] = frozenset()
+
+    def raised_by(self, version: int, text: bytes | None) -> Mark:
+        """This mark after a document at ``version`` with ``text`` was in force."""
+        texts = frozenset() if text is None else frozenset((text,))
+        if version > self.version:
+            return Mark(version, texts)
+        if version == self.version:
+            return Mark(version, self.texts | texts)
+        return self
+
+    def step_back(self, what: str, version: int, text: bytes | None,
+                  noun: str = "version") -> str | None:
+        """Why ``what`` at ``version`` with ``text`` goes below this mark (``None``: it does
+        not); ``noun`` names the version in the reason."""
+        if version < self.version:
+            return f"{what}: {noun} {version} is lower than {self.version}, in force before"
+        if (version == self.version and text is not None and self.texts
+                and text not in self.texts):
+            return f"{what} differs from the one in force before at the same {noun} {version}"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
 class HighWater:
     """See the module docstring. Build with :meth:`of`, grow with :meth:`merge`."""
 
-    nodes: Mapping[str, NodeCert] = dataclasses.field(default_factory=dict)
+    #: Per node: its nation and the mark of its certificate serial.
+    nodes: Mapping[str, tuple[str, Mark]] = dataclasses.field(default_factory=dict)
     revocations: Mapping[tuple[str, str, bytes], Revocation] = dataclasses.field(
         default_factory=dict)
-    agreements: Mapping[str, Versioned] = dataclasses.field(default_factory=dict)
-    schemes: Mapping[str, Versioned] = dataclasses.field(default_factory=dict)
-    root: Versioned | None = None
+    agreements: Mapping[str, Mark] = dataclasses.field(default_factory=dict)
+    schemes: Mapping[str, Mark] = dataclasses.field(default_factory=dict)
+    root: Mark | None = None
 
     @classmethod
-    def of(cls, bundles: list[Bundle]) -> HighWater:
+    def of(cls, bundles: Iterable[Bundle]) -> HighWater:
         """The high-water marks of ``bundles`` (in any order)."""
         marks = cls()
         for bundle in bundles:
@@ -49,65 +79,62 @@ class HighWater:
         """These marks raised by what ``bundle`` holds."""
         nodes = dict(self.nodes)
         for name, cert in bundle.nodes.items():
-            if name not in nodes or cert.serial > nodes[name].serial:
-                nodes[name] = cert
+            nation, mark = nodes.get(name, (cert.nation, Mark(0)))
+            nodes[name] = nation, mark.raised_by(cert.serial, document_bytes(cert))
         revocations = dict(self.revocations)
         for r in bundle.revocations:
             revocations.setdefault((r.nation, r.node, r.sign_key), r)
         agreements = dict(self.agreements)
         for a in bundle.agreements:
-            if a.id not in agreements or a.version > agreements[a.id][0]:
-                agreements[a.id] = (a.version, _bytes(bundle, f"{AGREEMENTS_DIR}{a.id}.toml"))
+            agreements[a.id] = agreements.get(a.id, Mark(0)).raised_by(
+                a.version, _text(bundle, f"{AGREEMENTS_DIR}{a.id}.toml"))
         schemes = dict(self.schemes)
         for name, scheme in bundle.schemes.items():
-            if name not in schemes or scheme.version > schemes[name][0]:
-                schemes[name] = (scheme.version, _bytes(bundle, f"{SCHEMES_DIR}{name}.toml"))
-        root = self.root
-        if root is None or bundle.trust_root.version > root[0]:
-            root = (bundle.trust_root.version, _bytes(bundle, TRUST_ROOT))
+            schemes[name] = schemes.get(name, Mark(0)).raised_by(
+                scheme.version, _text(bundle, f"{SCHEMES_DIR}{name}.toml"))
+        root = (self.root or Mark(0)).raised_by(bundle.trust_root.version,
+                                                _text(bundle, TRUST_ROOT))
         return HighWater(nodes=nodes, revocations=revocations, agreements=agreements,
                          schemes=schemes, root=root)
 
     def problems(self, new: Bundle) -> list[str]:
         """Every way ``new`` goes below these marks (empty: it does not)."""
-        problems = succession_problems(
-            old_nodes=self.nodes, new_nodes=new.nodes,
-            old_revocations=tuple(self.revocations.values()), new_revocations=new.revocations,
-            old_agreements=(), new_agreements=())
-        versioned = [(f"agreement {a.id}", self.agreements.get(a.id),
-                      (a.version, _bytes(new, f"{AGREEMENTS_DIR}{a.id}.toml")))
-                     for a in new.agreements]
-        versioned += [(f"scheme {name}", self.schemes.get(name),
-                       (scheme.version, _bytes(new, f"{SCHEMES_DIR}{name}.toml")))
-                      for name, scheme in sorted(new.schemes.items())]
-        for what, mark, now in versioned:
-            problem = None if mark is None else _step_back(what, mark, now)
-            if problem is not None:
-                problems.append(problem)
+        problems = []
+        for name, cert in sorted(new.nodes.items()):
+            if name in self.nodes:
+                nation, mark = self.nodes[name]
+                if cert.nation != nation:
+                    problems.append(f"node {name}: certified by {cert.nation}, but by {nation} "
+                                    "before (a node id does not change nation)")
+                problems.append(mark.step_back(f"node {name}", cert.serial,
+                                               document_bytes(cert), "certificate serial") or "")
+        kept = {(r.nation, r.node, r.sign_key) for r in new.revocations}
+        problems += [f"revocation of {r.node} by {r.nation} was dropped (revocations are "
+                     "permanent)" for key, r in sorted(self.revocations.items())
+                     if key not in kept]
+        for a in new.agreements:
+            if a.id in self.agreements:
+                problems.append(self.agreements[a.id].step_back(
+                    f"agreement {a.id}", a.version,
+                    _text(new, f"{AGREEMENTS_DIR}{a.id}.toml")) or "")
+        for name, scheme in sorted(new.schemes.items()):
+            if name in self.schemes:
+                problems.append(self.schemes[name].step_back(
+                    f"scheme {name}", scheme.version, _text(new, f"{SCHEMES_DIR}{name}.toml"))
+                    or "")
         if self.root is not None:
-            problem = _step_back("trust root", self.root,
-                                 (new.trust_root.version, _bytes(new, TRUST_ROOT)))
-            if problem is not None:
-                problems.append(problem)
-        return problems
+            problems.append(self.root.step_back("trust root", new.trust_root.version,
+                                                _text(new, TRUST_ROOT)) or "")
+        return [problem for problem in problems if problem]
 
     def check(self, new: Bundle) -> None:
         """Raise ``PolicyDocumentError`` (``rollback``) if ``new`` goes below these marks."""
         problems = self.problems(new)
         if problems:
             raise PolicyDocumentError("goes back to documents older than ones in force before: "
-                                      + "; ".join(dict.fromkeys(problems)), code="rollback")
+                                      + "; ".join(problems), code="rollback")
 
 
-def _step_back(what: str, mark: Versioned, new: Versioned) -> str | None:
-    (high, high_bytes), (version, data) = mark, new
-    if version < high:
-        return f"{what}: version {version} is lower than {high}, in force before"
-    if version == high and None not in (data, high_bytes) and data != high_bytes:
-        return f"{what} differs from the one in force before at the same version {version}"
-    return None
-
-
-def _bytes(bundle: Bundle, name: str) -> bytes | None:
+def _text(bundle: Bundle, name: str) -> bytes | None:
     doc = bundle.documents.get(name)
     return doc.data if doc is not None else None

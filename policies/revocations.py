@@ -112,7 +112,7 @@ def revocation_of(cert: NodeCert,
 # --- succession -------------------------------------------------------------------------------
 
 
-def _document_bytes(cert: NodeCert) -> bytes:
+def document_bytes(cert: NodeCert) -> bytes:
     """The certificate's document bytes, without its signatures: a nation may re-sign an
     unchanged certificate (say, after rotating its authority key) without a new serial."""
     return SignedDocument.from_bytes(cert.signed).data if cert.signed else b""
@@ -128,7 +128,7 @@ def cert_step_back(old: NodeCert, new: NodeCert) -> str | None:
     if new.serial < old.serial:
         return (f"node {new.node}: certificate serial {new.serial} is lower than {old.serial} "
                 "in force (a rolled-back certificate)")
-    if new.serial == old.serial and _document_bytes(new) != _document_bytes(old):
+    if new.serial == old.serial and document_bytes(new) != document_bytes(old):
         return f"node {new.node}: a changed certificate must raise its serial (still {new.serial})"
     return None
 

@@ -10,7 +10,7 @@ import pytest
 from broker.coalition import CoalitionDocuments, coalition_documents
 from broker.errors import PolicyDocumentError
 from policies import authoring
-from policies.bundle import build_bundle, check_succession
+from policies.bundle import Bundle, build_bundle, check_succession
 from policies.highwater import HighWater
 from tests.unit.test_revocations import (
     NATIONS,
@@ -41,7 +41,7 @@ def test_a_node_removed_then_back_with_an_older_certificate_is_refused(
         marks.check(first)  # ... the marks do not
     assert refused.value.code == "rollback"
     marks.check(rotated)  # the highest one may come back
-    assert marks.nodes["USA-GW1"].serial == 2
+    assert marks.nodes["USA-GW1"][1].version == 2
 
 
 def test_a_revocation_is_kept_by_the_marks_once_seen(made: CoalitionDocuments) -> None:
@@ -59,7 +59,7 @@ def test_scheme_and_root_marks_hold_the_highest_version_in_any_order(
     raised = with_docs(made, {"schemes/GBR.toml": scheme_doc(made, "GBR", version=2)})
     for bundles in ([old, raised], [raised, old]):
         marks = HighWater.of(bundles)
-        assert marks.schemes["GBR"][0] == 2 and marks.root is not None
+        assert marks.schemes["GBR"].version == 2 and marks.root is not None
         marks.check(raised)
         with pytest.raises(PolicyDocumentError, match="scheme GBR: version 1 is lower than 2"):
             marks.check(old)
@@ -85,3 +85,25 @@ def test_an_agreement_never_goes_below_its_highest_version(made: CoalitionDocume
                        "lower than 2, in force before"):
         marks.check(first)
     marks.check(bumped)
+
+
+def test_texts_at_one_version_from_before_the_rule_are_all_allowed(
+        made: CoalitionDocuments) -> None:
+    """Stores from before "a changed document raises its version" may hold two texts at one
+    version; the marks are built in no particular order, so both stay allowed (the one in
+    force must not be refused at the next reload), and only a third is refused."""
+    path = "schemes/GBR.toml"
+    base = made.documents[path].data
+
+    def text(suffix: bytes) -> Bundle:
+        return with_docs(made, {path: made.signed(path, base + suffix, ["GBR"])})
+
+    first, second, third = text(b"# one\n"), text(b"# two\n"), text(b"# three\n")
+    for order in ([first, second], [second, first]):
+        marks = HighWater.of(order)
+        assert len(marks.schemes["GBR"].texts) == 2
+        marks.check(first)
+        marks.check(second)
+        with pytest.raises(PolicyDocumentError, match="scheme GBR differs from the one in "
+                           "force before at the same version 1"):
+            marks.check(third)
