@@ -223,7 +223,8 @@ def _check(args: argparse.Namespace) -> int:
         report["changes"] = policy_changes(active, active_bundle, documents, bundle)
         report["against"] = str(args.against)
         if bundle is not None and active_bundle is not None:
-            # What a broker running ACTIVE_DIR would say on reload (DESIGN: no way back).
+            # The succession check a broker running ACTIVE_DIR makes on reload (it also checks
+            # the high-water marks of every bundle it ran, which only its store holds).
             try:
                 check_succession(active_bundle, bundle)
                 report["follows"] = True

@@ -8,6 +8,8 @@ that cannot produce the bundle it records is damaged, and the broker does not st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from broker.errors import BrokerError, StorageError
 from broker.store.base import Store
 from policies.bundle import Bundle, build_bundle, documents_from_content
@@ -43,19 +45,25 @@ def stored_bundle(store: Store) -> Bundle | None:
 def stored_high_water(store: Store) -> HighWater:
     """The high-water marks of every bundle the store holds, i.e. every bundle ever in force
     here (:mod:`policies.highwater`). Fails closed like :func:`stored_bundle`: a stored bundle
-    that no longer verifies raises :class:`StorageError` (damaged store). Each is verified once,
-    at start."""
-    bundles = []
+    that no longer verifies, or is stored under another hash, raises :class:`StorageError`
+    (damaged store). Each is verified once, at start, and folded in as it is read."""
+    return HighWater.of(_stored_bundles(store))
+
+
+def _stored_bundles(store: Store) -> Iterator[Bundle]:
     for digest in store.bundle_hashes():
         content = store.bundle(digest)
         if content is None:
             continue  # listed and gone meanwhile: nothing deletes bundles, so not reached
         try:
-            bundles.append(build_bundle(documents_from_content(content), pinned_root_sha256=None))
+            bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
         except BrokerError as exc:
             raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
                                f"({exc.reason}): damaged store") from exc
-    return HighWater.of(bundles)
+        if bundle.hash != digest:
+            raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
+                               f"{digest.hex()}: damaged store")
+        yield bundle
 
 
 def earlier_broker_keys(store: Store, name: str) -> list[bytes]:

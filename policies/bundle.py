@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from broker import canonical
 from broker.errors import PolicyDocumentError, ProtocolError
@@ -149,7 +149,8 @@ def check_succession(old: Bundle, new: Bundle) -> None:
     root or scheme version lowered, or a trust root, scheme or agreement changed without raising
     its version (see :mod:`policies.revocations`)."""
     problems = succession_problems(
-        old_nodes=old.nodes, new_nodes=new.nodes, old_revocations=old.revocations,
+        old_nodes=old.nodes, new_nodes=new.nodes,
+        old_revocations=kept_revocations(old.revocations, new),
         new_revocations=new.revocations, old_agreements=old.agreements,
         new_agreements=new.agreements)
     problems += _scheme_problems(old, new)
@@ -167,6 +168,13 @@ def check_succession(old: Bundle, new: Bundle) -> None:
     if problems:
         raise PolicyDocumentError(f"does not follow the bundle in force ({old.hash.hex()[:16]}): "
                                   + "; ".join(problems), code="rollback")
+
+
+def kept_revocations(revocations: Iterable[Revocation], new: Bundle) -> tuple[Revocation, ...]:
+    """The revocations ``new`` must still hold: those of nations in its trust root. A nation
+    that left the root cannot sign its list any more, and none of its certificates can be in
+    the bundle; were it to come back, the broker's high-water marks ask for them again."""
+    return tuple(r for r in revocations if r.nation in new.trust_root.nations)
 
 
 def _scheme_problems(old: Bundle, new: Bundle) -> list[str]:

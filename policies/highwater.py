@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 from broker.errors import PolicyDocumentError
-from policies.bundle import AGREEMENTS_DIR, SCHEMES_DIR, TRUST_ROOT, Bundle
+from policies.bundle import AGREEMENTS_DIR, SCHEMES_DIR, TRUST_ROOT, Bundle, kept_revocations
 from policies.model import Revocation
 from policies.revocations import document_bytes
 
@@ -110,8 +110,8 @@ class HighWater:
                                                document_bytes(cert), "certificate serial") or "")
         kept = {(r.nation, r.node, r.sign_key) for r in new.revocations}
         problems += [f"revocation of {r.node} by {r.nation} was dropped (revocations are "
-                     "permanent)" for key, r in sorted(self.revocations.items())
-                     if key not in kept]
+                     "permanent)" for r in kept_revocations(self.revocations.values(), new)
+                     if (r.nation, r.node, r.sign_key) not in kept]
         for a in new.agreements:
             if a.id in self.agreements:
                 problems.append(self.agreements[a.id].step_back(

@@ -18,8 +18,9 @@ The broker is stateful where the documents are not: :func:`check_succession` ref
 that would take a step back from the one in force: a node certificate with a lower serial (or
 the same serial with other bytes), a revocation dropped, an agreement version lowered (and, in
 :func:`policies.bundle.check_succession`, a scheme or trust root lowered or changed at the same
-version). An operator who holds old, validly signed documents therefore cannot bring back a
-compromised key, a narrowed agreement or a withdrawn equivalence in place of the one in force.
+version, or an agreement changed at the same version). An operator who holds old, validly
+signed documents therefore cannot bring back a compromised key, a narrowed agreement or a
+withdrawn equivalence in place of the one in force.
 """
 
 from __future__ import annotations

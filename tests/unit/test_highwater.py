@@ -107,3 +107,15 @@ def test_texts_at_one_version_from_before_the_rule_are_all_allowed(
         with pytest.raises(PolicyDocumentError, match="scheme GBR differs from the one in "
                            "force before at the same version 1"):
             marks.check(third)
+
+
+def test_the_revocations_of_a_nation_that_left_the_root_are_not_asked_for(
+        made: CoalitionDocuments) -> None:
+    """A nation out of the trust root cannot sign its list any more (nor certify a node): its
+    revocations are not asked for then; were it back in the root, they would be again."""
+    doc = revocation_doc(made, "USA-GW2")
+    marks = HighWater.of([with_docs(made, {doc.name: doc})])
+    without_usa = coalition_documents(nations=("FRA", "GBR"), nodes=NODES[2:], now_ms=NOW)
+    assert not [p for p in marks.problems(without_usa.bundle()) if "revocation" in p]
+    with pytest.raises(PolicyDocumentError, match="revocation of USA-GW2 by USA was dropped"):
+        marks.check(made.bundle())  # USA in the root: its revocation is asked for
