@@ -326,7 +326,7 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
     if not bundles:
         report.add("bundle", "no policy bundle verifies under the pinned trust root(s)")
     total = _count_hint(path)
-    replay = Replay(report.add)
+    replay = Replay(report.add, bundles)
     contents = {digest: content for name, content in export.bundles().items()
                 if (digest := _hex_or_none(name)) in bundles}
     count = default_workers(total) if workers is None else workers

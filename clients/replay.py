@@ -31,11 +31,12 @@ from broker.audit.leaves import (
     SessionEntry,
     entry_from_bytes,
 )
-from broker.errors import BrokerError
+from broker.errors import BrokerError, PolicyDocumentError
 from broker.release import decide_recipient
-from policies.bundle import Bundle
+from policies.bundle import Bundle, check_succession
 from policies.cache import DecisionCache
 from policies.decide import Decision
+from policies.highwater import HighWater
 
 #: Step kinds: a step is ``[kind, index, ...]``; see :func:`decide_steps`.
 BAD, ROUTE, POLICY, DELIVER, EXPIRE, ADMIN, SESSION = range(7)
@@ -170,13 +171,17 @@ def _route_step(index: int, entry: RouteEntry, bundles: Mapping[bytes, Bundle],
 class Replay:
     """The in-order half: applies steps and hands what it finds to ``found``."""
 
-    def __init__(self, found: Sink) -> None:
+    def __init__(self, found: Sink, bundles: Mapping[bytes, Bundle] | None = None) -> None:
         #: (message id, recipient) released → the TTL ends (ms) of its copies not yet ended.
         #: Usually one; the same envelope routed again (sent again after a broker restart)
         #: makes a second copy. Each copy ends exactly once: delivered or expired.
         self.outstanding: dict[tuple[bytes, str], list[int] | tuple[()]] = {}
         self.suspensions = Suspensions()
         self.active: bytes | None = None  # the bundle of the last ``policy`` entry
+        #: The verified bundles by hash: each ``policy`` entry's must follow the one before
+        #: and the high-water marks of all before (as the broker checks on every activation).
+        self.bundles: Mapping[bytes, Bundle] = bundles or {}
+        self.marks = HighWater()
         #: Nodes with a ``connect`` entry and no ``disconnect`` after it.
         self.connected: set[str] = set()
         self.last_ts = 0
@@ -197,7 +202,7 @@ class Replay:
         elif kind in (DELIVER, EXPIRE):
             self._end(kind, index, step[2], step[3], step[4])
         elif kind == POLICY:
-            self.active = step[3]
+            self._activate(index, step[3])
         elif kind == ADMIN:
             self.suspensions.apply(step[3], step[4], step[5])
         elif kind == SESSION:
@@ -205,6 +210,28 @@ class Replay:
                 self.connected.add(step[4])
             elif step[3] == "disconnect":
                 self.connected.discard(step[4])
+
+    def _activate(self, index: int, digest: bytes) -> None:
+        """A ``policy`` entry: the broker says it put ``digest`` in force. A bundle that steps
+        back from the one in force before, or below the marks of every one before, is what
+        the broker must have refused (``rollback``): the log shows it did not."""
+        new = self.bundles.get(digest)
+        before = self.bundles.get(self.active) if self.active is not None else None
+        self.active = digest
+        if new is None:
+            return  # not in the export, or not verified: the route entries under it say so
+        problems = []
+        if before is not None and before.hash != new.hash:
+            try:
+                check_succession(before, new)
+            except PolicyDocumentError as exc:
+                problems.append(exc.reason)
+        problems += self.marks.problems(new)
+        if problems:
+            self.found("policy", f"bundle {digest.hex()[:16]}… was put in force although it "
+                       "goes back to older documents (a broker refuses that as rollback): "
+                       + "; ".join(dict.fromkeys(problems)), index)
+        self.marks = self.marks.merge(new)
 
     def _clock(self, index: int, ts: int) -> None:
         """Entry times may jitter, but a jump back in time would let a broker backdate a

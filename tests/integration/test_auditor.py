@@ -273,6 +273,36 @@ async def _verified_forgery(coalition: Coalition, tmp_path: Path,
                          pins=[coalition.root_sha256], quorum=0)
 
 
+async def test_a_bundle_put_in_force_over_a_newer_one_is_flagged(
+        coalition: Coalition, tmp_path: Path) -> None:
+    """The broker refuses a rollback; a log that shows one anyway (a broker that skipped the
+    check) is flagged, against the bundle before and against every one before it."""
+    from tests.integration.test_key_rotation import rotate
+
+    original = coalition.bundle()
+    rotate(coalition, "USA-GW1", serial=2)
+    rotated = coalition.bundle()
+    (coalition.policy_dir / "nodes/USA-GW1.toml").unlink()
+    (coalition.policy_dir / "nodes/USA-GW1.toml.sig").unlink()
+    without = coalition.bundle()  # the node removed: no rollback
+    data = tmp_path / "skipper"
+    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
+        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+    await audit.start()
+    now = time.time_ns() // 1_000_000
+    for bundle in (original, rotated, without, original, rotated):
+        await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
+                           bundles=[(bundle.hash, bundle_content(bundle))])
+    await audit.stop()
+    audit.store.close()
+    report = verify_export(_export(coalition, data, tmp_path / "export"),
+                           pins=[coalition.root_sha256], quorum=0)
+    # Only the fourth: "original" after "without" follows the bundle before, not the marks.
+    assert [(p.what, p.index) for p in report.problems] == [("policy", 3)]
+    assert "USA-GW1: certificate serial 1 is lower than 2" in report.problems[0].detail
+    assert "rollback" in report.problems[0].detail
+
+
 def _released_to_gbr(coalition: Coalition, ts: int, message: int) -> RouteEntry:
     return RouteEntry(
         ts=ts, id=bytes([message]) * 16, env=envelope_digest(b"x"), sender="USA-GW1",
