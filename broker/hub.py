@@ -189,7 +189,9 @@ class Hub:
         in_force = self._in_force or self.bundle
         if in_force.hash != bundle.hash:
             check_succession(in_force, bundle)
-            self.high_water.check(bundle)
+        # Always: also when the store lost its record of the bundle in force (in_force is
+        # then this very bundle), the marks of every stored bundle still hold.
+        self.high_water.check(bundle)
         future = self.audit.append(PolicyEntry(ts=self.clock_ms(), bundle=bundle.hash),
                                    bundles=[(bundle.hash, bundle_content(bundle))])
         previous, self.bundle, self._in_force = self.bundle, bundle, bundle

@@ -31,15 +31,7 @@ def stored_bundle(store: Store) -> Bundle | None:
     if content is None:
         raise StorageError(f"the store records policy bundle {digest.hex()} as in force but "
                            "does not hold it: damaged store")
-    try:
-        bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
-    except BrokerError as exc:
-        raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
-                           f"({exc.reason}): damaged store") from exc
-    if bundle.hash != digest:
-        raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
-                           f"{digest.hex()}, the one recorded as in force: damaged store")
-    return bundle
+    return _verified(digest, content)
 
 
 def stored_high_water(store: Store) -> HighWater:
@@ -55,15 +47,21 @@ def _stored_bundles(store: Store) -> Iterator[Bundle]:
         content = store.bundle(digest)
         if content is None:
             continue  # listed and gone meanwhile: nothing deletes bundles, so not reached
-        try:
-            bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
-        except BrokerError as exc:
-            raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
-                               f"({exc.reason}): damaged store") from exc
-        if bundle.hash != digest:
-            raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
-                               f"{digest.hex()}: damaged store")
-        yield bundle
+        yield _verified(digest, content)
+
+
+def _verified(digest: bytes, content: bytes) -> Bundle:
+    """The bundle stored under ``digest``, verified; :class:`StorageError` (damaged store) if
+    it no longer verifies or is another bundle."""
+    try:
+        bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
+    except BrokerError as exc:
+        raise StorageError(f"the stored policy bundle {digest.hex()} does not verify "
+                           f"({exc.reason}): damaged store") from exc
+    if bundle.hash != digest:
+        raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
+                           f"{digest.hex()}: damaged store")
+    return bundle
 
 
 def earlier_broker_keys(store: Store, name: str) -> list[bytes]:

@@ -15,7 +15,10 @@ accepts, :func:`verify_export`:
    recorded in it, and flags any difference; flags every ``deliver`` to a recipient the message
    was not released to;
 5. checks that every released copy ends exactly once, delivered or expired, never expired
-   before its TTL, and not left outstanding long past its TTL (a copy dropped silently).
+   before its TTL, and not left outstanding long past its TTL (a copy dropped silently);
+6. checks that every ``policy`` entry's bundle is in the export and neither steps back from
+   the one in force before nor goes below the highest of every document of all before (a
+   rollback the broker must have refused; :mod:`policies.highwater`).
 
 Problems are collected (not raised) so the report names all of them, first bad index first.
 """
@@ -326,9 +329,10 @@ def verify_export(path: Path, *, pins: Iterable[bytes], saved: Iterable[Path] = 
     if not bundles:
         report.add("bundle", "no policy bundle verifies under the pinned trust root(s)")
     total = _count_hint(path)
-    replay = Replay(report.add, bundles)
-    contents = {digest: content for name, content in export.bundles().items()
-                if (digest := _hex_or_none(name)) in bundles}
+    exported = {digest: content for name, content in export.bundles().items()
+                if (digest := _hex_or_none(name)) is not None}
+    replay = Replay(report.add, bundles, exported=exported.keys())
+    contents = {digest: content for digest, content in exported.items() if digest in bundles}
     count = default_workers(total) if workers is None else workers
     notes = export.checkpoint_notes()
     saved_notes, unreadable = [], []

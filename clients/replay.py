@@ -19,7 +19,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from broker.audit.leaves import (
@@ -171,7 +171,8 @@ def _route_step(index: int, entry: RouteEntry, bundles: Mapping[bytes, Bundle],
 class Replay:
     """The in-order half: applies steps and hands what it finds to ``found``."""
 
-    def __init__(self, found: Sink, bundles: Mapping[bytes, Bundle] | None = None) -> None:
+    def __init__(self, found: Sink, bundles: Mapping[bytes, Bundle] | None = None, *,
+                 exported: Collection[bytes] | None = None) -> None:
         #: (message id, recipient) released → the TTL ends (ms) of its copies not yet ended.
         #: Usually one; the same envelope routed again (sent again after a broker restart)
         #: makes a second copy. Each copy ends exactly once: delivered or expired.
@@ -181,6 +182,8 @@ class Replay:
         #: The verified bundles by hash: each ``policy`` entry's must follow the one before
         #: and the high-water marks of all before (as the broker checks on every activation).
         self.bundles: Mapping[bytes, Bundle] = bundles or {}
+        #: Every bundle the export holds, verified or not (``None``: not known, not checked).
+        self.exported = exported
         self.marks = HighWater()
         #: Nodes with a ``connect`` entry and no ``disconnect`` after it.
         self.connected: set[str] = set()
@@ -212,25 +215,27 @@ class Replay:
                 self.connected.discard(step[4])
 
     def _activate(self, index: int, digest: bytes) -> None:
-        """A ``policy`` entry: the broker says it put ``digest`` in force. A bundle that steps
-        back from the one in force before, or below the marks of every one before, is what
-        the broker must have refused (``rollback``): the log shows it did not."""
+        """A ``policy`` entry: the broker says it put ``digest`` in force. Its bundle must be
+        in the export (the store keeps every bundle ever in force), and must neither step back
+        from the one in force before nor go below the marks of every one before: a broker
+        refuses that as ``rollback``, so the log shows a broker that did not."""
         new = self.bundles.get(digest)
         before = self.bundles.get(self.active) if self.active is not None else None
         self.active = digest
         if new is None:
-            return  # not in the export, or not verified: the route entries under it say so
-        problems = []
-        if before is not None and before.hash != new.hash:
-            try:
+            if self.exported is not None and digest not in self.exported:
+                self.found("policy", f"bundle {digest.hex()[:16]}… was put in force but is not "
+                           "in the export (a store keeps every bundle ever in force)", index)
+            return  # in the export but not verified: reported with the bundles
+        try:
+            if before is not None and before.hash != new.hash:
                 check_succession(before, new)
-            except PolicyDocumentError as exc:
-                problems.append(exc.reason)
-        problems += self.marks.problems(new)
-        if problems:
+            self.marks.check(new)
+        except PolicyDocumentError as exc:
             self.found("policy", f"bundle {digest.hex()[:16]}… was put in force although it "
-                       "goes back to older documents (a broker refuses that as rollback): "
-                       + "; ".join(dict.fromkeys(problems)), index)
+                       f"{exc.reason} (rollback; brokers before session 16 let a scheme or an "
+                       "agreement change at the same version, and a removed document come "
+                       "back older)", index)
         self.marks = self.marks.merge(new)
 
     def _clock(self, index: int, ts: int) -> None:

@@ -157,7 +157,7 @@ def check_succession(old: Bundle, new: Bundle) -> None:
     old_root, new_root = old.trust_root.version, new.trust_root.version
     if new_root < old_root:
         problems.append(f"trust root version {new_root} is lower than {old_root} in force")
-    elif new_root == old_root and _root_bytes(old) != _root_bytes(new):
+    elif new_root == old_root and document_text(old, TRUST_ROOT) != document_text(new, TRUST_ROOT):
         problems.append(f"a changed trust root must raise its version (still {new_root})")
     elif new_root > old_root and TRUST_ROOT in new.documents:
         try:  # DESIGN §4: a later root carries the threshold of the root it replaces
@@ -189,31 +189,27 @@ def _scheme_problems(old: Bundle, new: Bundle) -> list[str]:
     for agreement in new.agreements:
         before = was_agreements.get(agreement.id)
         path = f"{AGREEMENTS_DIR}{agreement.id}.toml"
-        if before is not None and before.version == agreement.version and _bytes_of(
-                old, path) != _bytes_of(new, path):
+        if before is not None and before.version == agreement.version and document_text(
+                old, path) != document_text(new, path):
             problems.append(f"agreement {agreement.id} changed: it must raise its version "
                             f"(still {agreement.version})")
     for name, scheme in sorted(new.schemes.items()):
-        was = old.schemes.get(name)
+        was, path = old.schemes.get(name), f"{SCHEMES_DIR}{name}.toml"
         if was is None:
             continue
         if scheme.version < was.version:
             problems.append(f"scheme {name}: version {scheme.version} is lower than "
                             f"{was.version} in force (a rolled-back scheme)")
-        elif scheme.version == was.version and _bytes_of(
-                old, f"{SCHEMES_DIR}{name}.toml") != _bytes_of(new, f"{SCHEMES_DIR}{name}.toml"):
+        elif scheme.version == was.version and document_text(old, path) != document_text(
+                new, path):
             problems.append(f"scheme {name} changed: it must raise its version (still "
                             f"{scheme.version})")
     return problems
 
 
-def _bytes_of(bundle: Bundle, name: str) -> bytes | None:
+def document_text(bundle: Bundle, name: str) -> bytes | None:
+    """The bytes of document ``name`` in ``bundle`` (``None``: a bundle built without it)."""
     doc = bundle.documents.get(name)
-    return doc.data if doc is not None else None
-
-
-def _root_bytes(bundle: Bundle) -> bytes | None:
-    doc = bundle.documents.get(TRUST_ROOT)
     return doc.data if doc is not None else None
 
 

@@ -21,7 +21,14 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 from broker.errors import PolicyDocumentError
-from policies.bundle import AGREEMENTS_DIR, SCHEMES_DIR, TRUST_ROOT, Bundle, kept_revocations
+from policies.bundle import (
+    AGREEMENTS_DIR,
+    SCHEMES_DIR,
+    TRUST_ROOT,
+    Bundle,
+    document_text,
+    kept_revocations,
+)
 from policies.model import Revocation
 from policies.revocations import document_bytes
 
@@ -87,13 +94,13 @@ class HighWater:
         agreements = dict(self.agreements)
         for a in bundle.agreements:
             agreements[a.id] = agreements.get(a.id, Mark(0)).raised_by(
-                a.version, _text(bundle, f"{AGREEMENTS_DIR}{a.id}.toml"))
+                a.version, document_text(bundle, f"{AGREEMENTS_DIR}{a.id}.toml"))
         schemes = dict(self.schemes)
         for name, scheme in bundle.schemes.items():
             schemes[name] = schemes.get(name, Mark(0)).raised_by(
-                scheme.version, _text(bundle, f"{SCHEMES_DIR}{name}.toml"))
+                scheme.version, document_text(bundle, f"{SCHEMES_DIR}{name}.toml"))
         root = (self.root or Mark(0)).raised_by(bundle.trust_root.version,
-                                                _text(bundle, TRUST_ROOT))
+                                                document_text(bundle, TRUST_ROOT))
         return HighWater(nodes=nodes, revocations=revocations, agreements=agreements,
                          schemes=schemes, root=root)
 
@@ -116,15 +123,15 @@ class HighWater:
             if a.id in self.agreements:
                 problems.append(self.agreements[a.id].step_back(
                     f"agreement {a.id}", a.version,
-                    _text(new, f"{AGREEMENTS_DIR}{a.id}.toml")) or "")
+                    document_text(new, f"{AGREEMENTS_DIR}{a.id}.toml")) or "")
         for name, scheme in sorted(new.schemes.items()):
             if name in self.schemes:
                 problems.append(self.schemes[name].step_back(
-                    f"scheme {name}", scheme.version, _text(new, f"{SCHEMES_DIR}{name}.toml"))
-                    or "")
+                    f"scheme {name}", scheme.version,
+                    document_text(new, f"{SCHEMES_DIR}{name}.toml")) or "")
         if self.root is not None:
             problems.append(self.root.step_back("trust root", new.trust_root.version,
-                                                _text(new, TRUST_ROOT)) or "")
+                                                document_text(new, TRUST_ROOT)) or "")
         return [problem for problem in problems if problem]
 
     def check(self, new: Bundle) -> None:
@@ -133,8 +140,3 @@ class HighWater:
         if problems:
             raise PolicyDocumentError("goes back to documents older than ones in force before: "
                                       + "; ".join(problems), code="rollback")
-
-
-def _text(bundle: Bundle, name: str) -> bytes | None:
-    doc = bundle.documents.get(name)
-    return doc.data if doc is not None else None

@@ -303,6 +303,28 @@ async def test_a_bundle_put_in_force_over_a_newer_one_is_flagged(
     assert "rollback" in report.problems[0].detail
 
 
+async def test_a_policy_entry_whose_bundle_the_export_lacks_is_flagged(
+        coalition: Coalition, tmp_path: Path) -> None:
+    """A store keeps every bundle ever in force; one deleted (say, to hide what a rollback
+    went back from) leaves its policy entry naming a bundle nobody can check."""
+    bundle = coalition.bundle()
+    data = tmp_path / "deleter"
+    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
+        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
+    await audit.start()
+    now = time.time_ns() // 1_000_000
+    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
+                       bundles=[(bundle.hash, bundle_content(bundle))])
+    await audit.append(PolicyEntry(ts=now, bundle=b"\x42" * 32))  # its content never stored
+    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash))
+    await audit.stop()
+    audit.store.close()
+    report = verify_export(_export(coalition, data, tmp_path / "export"),
+                           pins=[coalition.root_sha256], quorum=0)
+    assert [(p.what, p.index) for p in report.problems] == [("policy", 1)]
+    assert "is not in the export" in report.problems[0].detail
+
+
 def _released_to_gbr(coalition: Coalition, ts: int, message: int) -> RouteEntry:
     return RouteEntry(
         ts=ts, id=bytes([message]) * 16, env=envelope_digest(b"x"), sender="USA-GW1",
