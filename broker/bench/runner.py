@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from broker.bench import report
+from broker.bench import goals, report
 from broker.bench.cli import SCENARIO_NAMES
 from broker.bench.context import Options, Run
 from broker.bench.harness import load_average
@@ -70,6 +70,8 @@ def run_bench(options: Options, scenarios: Sequence[str], *, out: Path | None = 
             report.add_ratios(results)
             report.print_scenario(name, result, stream)
             stream.flush()
+    document["goals"] = goals.check(results)
+    goals.print_goals(document["goals"], stream)
     document["meta"]["finished"] = report.meta({}, [])["started"]
     document["meta"]["load_average_end"] = load_average()
     document["scenarios"] = results
