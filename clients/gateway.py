@@ -18,13 +18,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any
 
 import structlog
 
@@ -48,6 +46,7 @@ from clients.connection import (
 )
 from clients.dedup import SeenIds, StateWriteFailed
 from clients.identity import KeyFile
+from clients.values import Expired, Message, Receipt, RoutePlan, label
 from clients.witness import LogWitness, WitnessState
 from policies.documents import SignedDocument, verify_node_cert
 from policies.model import Label, NodeCert, TrustRoot
@@ -68,67 +67,6 @@ ACK_BATCH = 16
 #: The most finished ids one write may cover: copies held un-acked take slots of the broker's
 #: delivery window (64 per recipient by default), so a batch must stay well inside it.
 MAX_FINISH_BATCH = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class Receipt:
-    """The broker's answer to a publish: status per candidate recipient, and the audit index."""
-
-    id: bytes
-    audit: int
-    recipients: Mapping[str, str]
-
-    @property
-    def delivered(self) -> list[str]:
-        return sorted(n for n, s in self.recipients.items() if s == "delivered")
-
-    @property
-    def queued(self) -> list[str]:
-        return sorted(n for n, s in self.recipients.items() if s == "queued")
-
-    @property
-    def denied(self) -> dict[str, list[str]]:
-        """Denied recipients and their reason codes."""
-        return {n: s.removeprefix("denied:").split(",")
-                for n, s in self.recipients.items() if s.startswith("denied:")}
-
-
-@dataclasses.dataclass(frozen=True)
-class Message:
-    """A verified, decrypted delivery."""
-
-    id: bytes
-    sender: str
-    nation: str
-    topic: str
-    label: Label
-    precedence: int
-    ts: int
-    payload: bytes
-    seq: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutePlan:
-    """The dry-run answer: status per candidate (``permit``/``deny:…``) and keys to seal to."""
-
-    recipients: Mapping[str, str]
-    keys: Mapping[str, bytes]
-    #: Destination nation → label catalogue (highest level, releasable categories), if asked.
-    catalogue: Mapping[str, Any] | None = None
-
-    @property
-    def permitted(self) -> list[str]:
-        return sorted(n for n, s in self.recipients.items() if s == "permit")
-
-
-@dataclasses.dataclass(frozen=True)
-class Expired:
-    """The broker's notice that a message this gateway sent expired before ``recipient`` got
-    it."""
-
-    id: bytes
-    recipient: str
 
 
 def _now_ms() -> int:
@@ -564,11 +502,3 @@ class GatewayClient:
 
     def _on_end(self, failure: GatewayError) -> None:
         self._deliveries.put_nowait(None)  # messages() raises ConnectionClosed
-
-
-def label(policy: str, cls: str, orig: str, rel: list[str] | tuple[str, ...] = (),
-          cats: Mapping[str, list[str]] | None = None) -> Label:
-    """Convenience: build a :class:`Label` with canonical sets from plain lists."""
-    cat_map: dict[str, Any] = {t: canonical.canonical_set(list(v)) for t, v in (cats or {}).items()}
-    return Label.from_map({"policy": policy, "class": cls, "orig": orig,
-                           "rel": canonical.canonical_set(list(rel)), "cats": cat_map})
