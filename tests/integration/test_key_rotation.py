@@ -279,6 +279,29 @@ async def test_the_broker_will_not_start_without_the_bundle_in_force_intact(
     assert "damaged store" in refused.value.reason and in_force.hex() in refused.value.reason
 
 
+async def test_a_store_that_lost_its_in_force_record_still_refuses_older_documents(
+    coalition: Coalition, tmp_path: Path
+) -> None:
+    """Without the record of the bundle in force there is nothing to compare a start with; the
+    marks of every bundle the store keeps still refuse the older certificate."""
+    data_dir = tmp_path / "data"
+    old_bundle = coalition.bundle()
+    async with broker_on(coalition, data_dir) as first:
+        rotate(coalition, "USA-GW1", serial=2)
+        await reload(first, coalition)
+    conn = sqlite3.connect(data_dir / "broker.sqlite")
+    try:
+        with conn:
+            conn.execute("DELETE FROM meta WHERE key = 'active_bundle'")
+    finally:
+        conn.close()
+    with pytest.raises(PolicyDocumentError) as refused:
+        async with broker_on(coalition, data_dir, old_bundle):
+            pass
+    assert refused.value.code == "rollback"
+    assert "USA-GW1: certificate serial 1 is lower than 2" in refused.value.reason
+
+
 async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_after_a_restart(
     coalition: Coalition, tmp_path: Path
 ) -> None:
