@@ -29,7 +29,7 @@ from broker.store.sqlite import SqliteStore
 from clients.auditor import Report, verify_export
 from clients.export import Export, export_store
 from clients.gateway import GatewayClient, label
-from policies.bundle import bundle_content
+from policies.bundle import Bundle, bundle_content
 from policies.decide import Decision
 from tests.integration.conftest import FAST_COMMIT
 
@@ -285,18 +285,8 @@ async def test_a_bundle_put_in_force_over_a_newer_one_is_flagged(
     (coalition.policy_dir / "nodes/USA-GW1.toml").unlink()
     (coalition.policy_dir / "nodes/USA-GW1.toml.sig").unlink()
     without = coalition.bundle()  # the node removed: no rollback
-    data = tmp_path / "skipper"
-    audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
-        coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
-    await audit.start()
-    now = time.time_ns() // 1_000_000
-    for bundle in (original, rotated, without, original, rotated):
-        await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
-                           bundles=[(bundle.hash, bundle_content(bundle))])
-    await audit.stop()
-    audit.store.close()
-    report = verify_export(_export(coalition, data, tmp_path / "export"),
-                           pins=[coalition.root_sha256], quorum=0)
+    report = await _policy_log(coalition, tmp_path, [original, rotated, without, original,
+                                                     rotated])
     # Only the fourth: "original" after "without" follows the bundle before, not the marks.
     assert [(p.what, p.index) for p in report.problems] == [("policy", 3)]
     assert "USA-GW1: certificate serial 1 is lower than 2" in report.problems[0].detail
@@ -308,21 +298,31 @@ async def test_a_policy_entry_whose_bundle_the_export_lacks_is_flagged(
     """A store keeps every bundle ever in force; one deleted (say, to hide what a rollback
     went back from) leaves its policy entry naming a bundle nobody can check."""
     bundle = coalition.bundle()
-    data = tmp_path / "deleter"
+    # The middle one's content never stored.
+    report = await _policy_log(coalition, tmp_path, [bundle, b"\x42" * 32, bundle])
+    assert [(p.what, p.index) for p in report.problems] == [("policy", 1)]
+    assert "is not in the export" in report.problems[0].detail
+
+
+async def _policy_log(coalition: Coalition, tmp_path: Path,
+                      activated: list[Bundle | bytes]) -> Report:
+    """A log of ``policy`` entries only, signed with the broker's key, exported and verified:
+    a bundle is stored with its entry, a bare hash names one whose content was never stored."""
+    data = tmp_path / "policies"
     audit = AuditLog(SqliteStore(data / "broker.sqlite"), Signer.from_seed(
         coalition.broker_name, bytes(coalition.broker_key.signing_key)), policy=FAST_COMMIT)
     await audit.start()
     now = time.time_ns() // 1_000_000
-    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
-                       bundles=[(bundle.hash, bundle_content(bundle))])
-    await audit.append(PolicyEntry(ts=now, bundle=b"\x42" * 32))  # its content never stored
-    await audit.append(PolicyEntry(ts=now, bundle=bundle.hash))
+    for bundle in activated:
+        if isinstance(bundle, bytes):
+            await audit.append(PolicyEntry(ts=now, bundle=bundle))
+        else:
+            await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
+                               bundles=[(bundle.hash, bundle_content(bundle))])
     await audit.stop()
     audit.store.close()
-    report = verify_export(_export(coalition, data, tmp_path / "export"),
-                           pins=[coalition.root_sha256], quorum=0)
-    assert [(p.what, p.index) for p in report.problems] == [("policy", 1)]
-    assert "is not in the export" in report.problems[0].detail
+    return verify_export(_export(coalition, data, tmp_path / "export"),
+                         pins=[coalition.root_sha256], quorum=0)
 
 
 def _released_to_gbr(coalition: Coalition, ts: int, message: int) -> RouteEntry:
