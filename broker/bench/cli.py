@@ -8,7 +8,7 @@ from typing import Any
 
 #: Every scenario, in the order they run (limits first: the others are compared with them).
 SCENARIO_NAMES = ("limits", "throughput", "latency", "fanout", "policy", "auditor", "backlog",
-                  "peer")
+                  "gateway", "peer")
 
 
 def register(commands: Any) -> None:
@@ -41,6 +41,8 @@ def register(commands: Any) -> None:
     bench.add_argument("--audit-entries", type=int, help="auditor entries (default 50000)")
     bench.add_argument("--backlog", type=int, help="messages queued for the offline node "
                        "(default 100000)")
+    bench.add_argument("--gateway-messages", type=int, help="messages a gateway consumes "
+                       "per mode (default 3000)")
     bench.add_argument("--size", type=int, help="envelope bytes (default 1024)")
     bench.add_argument("--window", type=int, help="receipts a publisher may await (default 256)")
     bench.add_argument("--commit-delay-ms", type=int, metavar="MS",
@@ -80,7 +82,8 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 _OVERRIDES = ("messages", "latency_messages", "latency_fractions", "fanout_messages",
-              "policy_messages", "policy_broker_rounds", "audit_entries", "backlog", "size",
+              "policy_messages", "policy_broker_rounds", "audit_entries", "backlog",
+              "gateway_messages", "size",
               "window", "log_level", "profile", "commit_delay_ms", "verify_workers", "writer")
 
 

@@ -37,6 +37,8 @@ class Options:
     audit_entries: int = 50_000
     #: Messages queued for the offline node.
     backlog: int = 100_000
+    #: Messages a gateway consumes in each mode of the gateway scenario.
+    gateway_messages: int = 3_000
     #: Seconds each single-process limit is measured for.
     limit_seconds: float = 2.0
     #: Target envelope size in bytes (the payload is sized to reach it).
@@ -61,7 +63,7 @@ class Options:
         values: dict[str, Any] = dict(
             messages=60, latency_messages=40, latency_fractions=(0.25,), fanout_messages=20,
             policy_messages=20, policy_ops=20, policy_rounds=1, policy_broker_rounds=1,
-            audit_entries=200, backlog=200,
+            audit_entries=200, backlog=200, gateway_messages=30,
             limit_seconds=0.05, quick=True)
         values.update(overrides)
         return cls(**values)

@@ -217,6 +217,13 @@ def _backlog(r: Result, out: TextIO) -> None:
     ], out)
 
 
+def _gateway(r: Result, out: TextIO) -> None:
+    table(f"gateway consume ({r['messages']:,} queued messages, GatewayClient.messages())",
+          ["mode", "state_dir", "finish_batch", "messages/s", "client CPU µs/msg"],
+          [[m["mode"], "yes" if m["state_dir"] else "no", m["finish_batch"],
+            m["messages_per_s"], m["cpu_us_per_message"]] for m in r["modes"]], out)
+
+
 def _peer(r: Result, out: TextIO) -> None:
     table("peer: Mosquitto, QoS 1, persistence on (same plan)", ["measure", "value"], [
         ["messages/s", r["messages_per_s"]], ["copies/s", r["copies_per_s"]],
@@ -227,5 +234,6 @@ def _peer(r: Result, out: TextIO) -> None:
 
 PRINTERS: dict[str, Callable[[Result, TextIO], None]] = {
     "limits": _limits, "throughput": _throughput, "latency": _latency, "fanout": _fanout,
-    "policy": _policy, "auditor": _auditor, "backlog": _backlog, "peer": _peer,
+    "policy": _policy, "auditor": _auditor, "backlog": _backlog, "gateway": _gateway,
+    "peer": _peer,
 }

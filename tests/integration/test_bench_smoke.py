@@ -64,6 +64,10 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
     assert backlog["queued"] == backlog["drained"] == 200
     assert backlog["broker_rss_queued_mib"] > 0
     assert backlog["restart_s"] > 0 and backlog["broker_rss_restarted_mib"] > 0
+    modes = scenarios["gateway"]["modes"]
+    assert [(m["mode"], m["state_dir"], m["finish_batch"]) for m in modes] == [
+        ("memory", False, 1), ("durable", True, 1), ("batched", True, 16)]
+    assert all(m["messages"] == 30 and m["messages_per_s"] > 0 for m in modes)
 
     peer = scenarios["peer"]
     if shutil.which("mosquitto") is None:
