@@ -153,18 +153,26 @@ def test_an_amended_agreement_is_refused_until_every_party_signs_then_shows_the_
     assert "    COALITION-DEFAULT: version 1 -> 2\n" in out
 
 
+def amend(coalition: Coalition, capsys: CaptureFixture, document: str, data: bytes,
+          signers: tuple[str, ...]) -> None:
+    """Write ``data`` as ``document`` of the policy directory, signed by ``signers``."""
+    path = coalition.policy_dir / document
+    path.write_bytes(data)
+    for nation in signers:
+        assert main(["policy", "sign", str(path), "--key",
+                     str(coalition.keys_dir / f"authority-{nation}.key")]) == 0
+    capsys.readouterr()
+
+
 def test_an_agreement_amended_at_the_same_version_does_not_follow(
     coalition: Coalition, tmp_path: Path, capsys: CaptureFixture
 ) -> None:
     """Every party signed, but `COALITION-DEFAULT@1` would then name two texts in decisions."""
     active = tmp_path / "active"
     shutil.copytree(coalition.policy_dir, active)
-    path = coalition.policy_dir / "agreements" / "COALITION-DEFAULT.toml"
-    path.write_bytes(path.read_bytes().replace(b'ceiling = "TOP SECRET"', b'ceiling = "SECRET"'))
-    for nation in ("FRA", "GBR", "USA"):
-        assert main(["policy", "sign", str(path), "--key",
-                     str(coalition.keys_dir / f"authority-{nation}.key")]) == 0
-    capsys.readouterr()
+    document = "agreements/COALITION-DEFAULT.toml"
+    amend(coalition, capsys, document, (coalition.policy_dir / document).read_bytes().replace(
+        b'ceiling = "TOP SECRET"', b'ceiling = "SECRET"'), ("FRA", "GBR", "USA"))
     status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against", str(active))
     assert status == 2
     assert "agreement COALITION-DEFAULT changed: it must raise its version (still 1)" in out
@@ -175,16 +183,8 @@ def test_a_scheme_changed_without_a_new_version_does_not_follow_the_active_polic
 ) -> None:
     active = tmp_path / "active"
     shutil.copytree(coalition.policy_dir, active)
-    path = coalition.policy_dir / "schemes" / "GBR.toml"
-    original = path.read_bytes()
-
-    def amend(data: bytes) -> None:
-        path.write_bytes(data)
-        assert main(["policy", "sign", str(path), "--key",
-                     str(coalition.keys_dir / "authority-GBR.key")]) == 0
-        capsys.readouterr()
-
-    amend(original + b"# amended by GBR\n")
+    original = (coalition.policy_dir / "schemes/GBR.toml").read_bytes()
+    amend(coalition, capsys, "schemes/GBR.toml", original + b"# amended by GBR\n", ("GBR",))
     status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against", str(active))
     assert status == 2
     assert (f"policy {coalition.policy_dir}: loads, but REFUSED as a successor of {active}\n"
@@ -194,8 +194,9 @@ def test_a_scheme_changed_without_a_new_version_does_not_follow_the_active_polic
                             "--json")
     assert status == 2 and json.loads(out)["follows"] is False
 
-    amend(original.replace(b'scheme = "GBR"\n', b'scheme = "GBR"\nversion = 2\n', 1)
-          + b"# amended by GBR\n")
+    amend(coalition, capsys, "schemes/GBR.toml",
+          original.replace(b'scheme = "GBR"\n', b'scheme = "GBR"\nversion = 2\n', 1)
+          + b"# amended by GBR\n", ("GBR",))
     status, out, _err = run(capsys, "check", str(coalition.policy_dir), "--against", str(active),
                             "--json")
     assert status == 0 and json.loads(out)["follows"] is True
