@@ -183,7 +183,9 @@ class Hub:
         each is a ``policy`` audit entry (with the bundle's content, for replay).
 
         Refuses (``PolicyDocumentError`` ``rollback``, nothing changed) a bundle that steps back
-        from the one in force, also across restarts (see :func:`check_succession`). Connections
+        from the one in force, also across restarts (see :func:`check_succession`), or below
+        the highest of every document any bundle in force here ever held (:attr:`high_water`,
+        :mod:`policies.highwater`). Connections
         whose certificate the new bundle replaced or revoked are closed.
         """
         in_force = self._in_force or self.bundle
