@@ -46,6 +46,7 @@ from clients.connection import (
 )
 from clients.dedup import SeenIds, StateWriteFailed
 from clients.identity import KeyFile
+from clients.statelock import StateInUse, StateLock
 from clients.values import Expired, Message, Receipt, RoutePlan, label
 from clients.witness import LogWitness, WitnessState
 from policies.documents import SignedDocument, verify_node_cert
@@ -54,7 +55,7 @@ from policies.model import Label, NodeCert, TrustRoot
 __all__ = [
     "AuthenticationError", "Backoff", "ConnectionClosed", "Expired", "GatewayClient",
     "GatewayError", "Message", "Receipt", "RequestRejected", "RequestTimeout", "RoutePlan",
-    "StateWriteFailed", "label",
+    "StateInUse", "StateWriteFailed", "label",
 ]
 
 log = structlog.get_logger("clients.gateway")
@@ -121,15 +122,23 @@ class GatewayClient:
         self.broker_name = broker_name
         self.timeout = timeout
         self.max_frame = max_frame
-        #: Verified node certificates (with the ones a key rotation replaced).
-        self._cert_floor = CertFloorFile(state_dir) if state_dir is not None else None
-        self.certs = CertBook(self._cert_floor.load(trust_root) if self._cert_floor else ())
+        #: Held until :meth:`close`: no second client may write the same state (StateInUse).
+        self._state_lock = StateLock(state_dir) if state_dir is not None else None
+        try:
+            self._cert_floor = CertFloorFile(state_dir) if state_dir is not None else None
+            #: Verified node certificates (with the ones a key rotation replaced).
+            self.certs = CertBook(self._cert_floor.load(trust_root) if self._cert_floor else ())
+            #: Ids of the messages the application finished (durable with ``state_dir``).
+            self.seen = SeenIds(state_dir, dedup_capacity)
+            #: The gateway is a witness of the broker's audit log (state in ``state_dir``).
+            self.log_witness = LogWitness(trust_root, broker_name, identity, state_dir,
+                                          send_cosignature=self._send_cosignature,
+                                          on_alarm=on_alarm)
+        except BaseException:  # a state that cannot be read: nobody holds the lock then
+            if self._state_lock is not None:
+                self._state_lock.release()
+            raise
         self.welcome: wire.Welcome | None = None
-        #: Ids of the messages the application finished (durable with ``state_dir``).
-        self.seen = SeenIds(state_dir, dedup_capacity)
-        #: The gateway is a witness of the broker's audit log (state kept in ``state_dir``).
-        self.log_witness = LogWitness(trust_root, broker_name, identity, state_dir,
-                                      send_cosignature=self._send_cosignature, on_alarm=on_alarm)
         #: Patterns subscribed to through this client: re-sent after every reconnect.
         self.subscriptions: set[str] = set()
         #: The latest notices that a message this gateway sent expired undelivered.
@@ -189,9 +198,14 @@ class GatewayClient:
         log.info("gateway_connected", node=self.node, broker=self.broker_name)
 
     async def close(self) -> None:
-        """Close the connection for good and release everything (idempotent)."""
-        await self._connection.close()
-        self._deliveries.put_nowait(None)  # also if it never connected
+        """Close the connection for good and release everything (idempotent), the state
+        directory's lock last."""
+        try:
+            await self._connection.close()
+            self._deliveries.put_nowait(None)  # also if it never connected
+        finally:
+            if self._state_lock is not None:
+                self._state_lock.release()
 
     # --- requests -----------------------------------------------------------------------
 
