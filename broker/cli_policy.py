@@ -86,6 +86,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     check.add_argument("--pin", metavar="SHA256", help="the trust root hash the broker pins")
     check.add_argument("--against", type=Path, metavar="ACTIVE_DIR",
                        help="the active policy directory to compare with")
+    check.add_argument("--store", type=Path, metavar="DATA_DIR",
+                       help="a broker's data directory (read only): would that broker take "
+                       "this policy on reload (the bundle it has in force, and the highest of "
+                       "every document of every bundle it ran)")
     check.add_argument("--json", action="store_true")
     check.set_defaults(run=_check)
 
@@ -233,6 +237,8 @@ def _check(args: argparse.Namespace) -> int:
                 report["error"] = {"code": exc.code, "document": exc.document or "",
                                    "reason": exc.reason}
                 error = exc
+    if args.store is not None and bundle is not None and error is None:
+        error = _check_store(args.store, bundle, report)
     if args.json:
         _print_json(report)
     else:
@@ -240,6 +246,33 @@ def _check(args: argparse.Namespace) -> int:
     if error is not None:
         raise error
     return 0
+
+
+def _check_store(data_dir: Path, bundle: Bundle, report: dict[str, Any]) -> \
+        PolicyDocumentError | None:
+    """What the broker whose data directory this is would say on reload: ``bundle`` must
+    follow the bundle it has in force and stay above the marks of every bundle it ran. A store
+    that cannot be read raises (``StorageError``), as the broker would not start on it."""
+    from broker.store.sqlite import SqliteStore
+    from broker.stored_bundle import stored_bundle, stored_high_water
+
+    store = SqliteStore.in_dir(data_dir, read_only=True)
+    try:
+        in_force, marks = stored_bundle(store), stored_high_water(store)
+    finally:
+        store.close()
+    report["store"] = str(data_dir)
+    try:
+        if in_force is not None and in_force.hash != bundle.hash:
+            check_succession(in_force, bundle)
+        marks.check(bundle)
+    except PolicyDocumentError as exc:
+        report["follows_store"] = False
+        report["error"] = {"code": exc.code, "document": exc.document or "",
+                           "reason": exc.reason}
+        return exc
+    report["follows_store"] = True
+    return None
 
 
 def _try_build(documents: Mapping[str, SignedDocument],
@@ -309,6 +342,8 @@ def _print_check(report: dict[str, Any], documents: list[DocumentReport]) -> Non
     verdict = "loads" if report["loads"] else "REFUSED"
     if report.get("follows") is False:
         verdict = f"loads, but REFUSED as a successor of {report['against']}"
+    elif report.get("follows_store") is False:
+        verdict = f"loads, but the broker of {report['store']} would REFUSE it"
     print(f"policy {report['directory']}: {verdict}")
     if "error" in report:
         error = report["error"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from broker import wire
 from broker.admin.app import AdminContext
 from broker.admin.views import node_status
 from broker.audit.leaves import SessionEntry, entry_from_bytes
+from broker.cli import main
 from broker.coalition import DAY_MS, Coalition
 from broker.envelope import Envelope, build_envelope
 from broker.errors import PolicyDocumentError, StorageError
@@ -300,6 +302,33 @@ async def test_a_store_that_lost_its_in_force_record_still_refuses_older_documen
             pass
     assert refused.value.code == "rollback"
     assert "USA-GW1: certificate serial 1 is lower than 2" in refused.value.reason
+
+
+async def test_policy_check_store_says_what_the_broker_would_say_on_reload(
+    coalition: Coalition, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`coalition policy check DIR --store DATA_DIR` reads the broker's store (read only) and
+    applies both of its checks: the bundle in force and the marks of every bundle it ran."""
+    cert = coalition.policy_dir / "nodes/USA-GW1.toml"
+    sig = cert.with_name("USA-GW1.toml.sig")
+    original = cert.read_bytes(), sig.read_bytes()
+    data_dir = tmp_path / "data"
+    async with broker_on(coalition, data_dir) as first:
+        rotate(coalition, "USA-GW1", serial=2)
+        await reload(first, coalition)
+        cert.unlink()
+        sig.unlink()
+        await reload(first, coalition)  # in force now: a bundle without USA-GW1
+        capsys.readouterr()
+        check = ["policy", "check", str(coalition.policy_dir), "--store", str(data_dir)]
+        assert main([*check, "--json"]) == 0  # the store is readable while the broker runs
+        assert json.loads(capsys.readouterr().out)["follows_store"] is True
+        cert.write_bytes(original[0])  # the old certificate back: the marks refuse it
+        sig.write_bytes(original[1])
+        assert main(check) == 2
+        out = capsys.readouterr().out
+        assert f"loads, but the broker of {data_dir} would REFUSE it" in out
+        assert "USA-GW1: certificate serial 1 is lower than 2" in out
 
 
 async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_after_a_restart(
