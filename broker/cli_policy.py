@@ -253,9 +253,13 @@ def _check_store(data_dir: Path, bundle: Bundle, report: dict[str, Any]) -> \
     """What the broker whose data directory this is would say on reload: ``bundle`` must
     follow the bundle it has in force and stay above the marks of every bundle it ran. A store
     that cannot be read raises (``StorageError``), as the broker would not start on it."""
+    from broker.errors import StorageError
     from broker.store.sqlite import SqliteStore
+    from broker.store.sqlite_files import FILE_NAME
     from broker.stored_bundle import stored_bundle, stored_high_water
 
+    if not (data_dir / FILE_NAME).is_file():
+        raise StorageError(f"--store {data_dir}: no broker store there (no {FILE_NAME})")
     store = SqliteStore.in_dir(data_dir, read_only=True)
     try:
         in_force, marks = stored_bundle(store), stored_high_water(store)

@@ -67,6 +67,13 @@ class SeenIds:
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._ids)
 
+    def close(self) -> None:
+        """Stop writing the file: ids added later are kept in memory only. A closed client's
+        directory may belong to another client by then (:mod:`clients.statelock`); a finished
+        id not written is at worst a message shown again, a stale write over the other client's
+        file would lose its ids."""
+        self.path = None
+
     def add_durably(self, ids: Iterable[bytes]) -> None:
         """Remember ``ids``; with a file, they are on disk (fsynced) when this returns.
         Raises :class:`StateWriteFailed` (and remembers nothing) if they cannot be written."""

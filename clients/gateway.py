@@ -184,7 +184,11 @@ class GatewayClient:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> GatewayClient:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:  # __aexit__ will not run: release the state directory here
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -204,6 +208,7 @@ class GatewayClient:
             await self._connection.close()
             self._deliveries.put_nowait(None)  # also if it never connected
         finally:
+            self.seen.close()  # a generator still open writes nothing after this
             if self._state_lock is not None:
                 self._state_lock.release()
 

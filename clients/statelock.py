@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from pathlib import Path
 
 from clients.connection import GatewayError
+from clients.dedup import StateWriteFailed
 
 try:
     import fcntl
@@ -36,7 +38,9 @@ class StateInUse(GatewayError):
 
 
 class StateLock:
-    """The exclusive lock on a state directory, held from construction to :meth:`release`."""
+    """The exclusive lock on a state directory, held from construction to :meth:`release` (or
+    until the object is collected: a client never closed does not keep it for good). A child
+    process forked meanwhile does not inherit it."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_FILE
@@ -45,7 +49,7 @@ class StateLock:
             directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise StateInUse(f"cannot lock {directory}: {exc.strerror}") from exc
+            raise StateWriteFailed(f"cannot lock {directory}: {exc.strerror}") from exc
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -59,6 +63,8 @@ class StateLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+        _HELD.add(self)
 
     @property
     def held(self) -> bool:
@@ -67,8 +73,31 @@ class StateLock:
     def release(self) -> None:
         """Let another client have the directory (idempotent)."""
         if self._fd is not None:
-            os.close(self._fd)  # closing the file description drops the flock
             self._fd = None
+            self._closer()  # closing the file description drops the flock
+            _HELD.discard(self)
+
+    def _forget_in_child(self) -> None:
+        # The child's copy of the descriptor would keep the parent's lock after the parent
+        # exits; closing it leaves the parent's own copy, and its lock, alone.
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            self._closer.detach()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+#: Locks held in this process (closed in a forked child: see StateLock._forget_in_child).
+_HELD: weakref.WeakSet[StateLock] = weakref.WeakSet()
+
+
+def _forget_all_in_child() -> None:
+    for lock in list(_HELD):
+        lock._forget_in_child()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_all_in_child)
 
 
 def _holder(fd: int) -> str:

@@ -329,6 +329,11 @@ async def test_policy_check_store_says_what_the_broker_would_say_on_reload(
         out = capsys.readouterr().out
         assert f"loads, but the broker of {data_dir} would REFUSE it" in out
         assert "USA-GW1: certificate serial 1 is lower than 2" in out
+    nowhere = tmp_path / "nowhere"
+    assert main(["policy", "check", str(coalition.policy_dir), "--store", str(nowhere)]) != 0
+    printed = capsys.readouterr()
+    assert f"--store {nowhere}: no broker store there" in printed.out + printed.err
+    assert not nowhere.exists()  # nothing created
 
 
 async def test_a_gateway_refuses_a_rolled_back_certificate_from_another_broker_after_a_restart(
