@@ -220,24 +220,34 @@ async def test_the_broker_will_not_restart_on_older_documents(
     assert "serial 1 is lower than 2" in refused.value.reason
 
 
+async def _rotate_then_remove(server: BrokerServer, coalition: Coalition) -> Callable[[], None]:
+    """USA-GW1 rotated to serial 2 and reloaded, then removed and reloaded (no rollback);
+    returns what puts its original serial-1 certificate back into the policy directory."""
+    cert = coalition.policy_dir / "nodes/USA-GW1.toml"
+    sig = cert.with_name("USA-GW1.toml.sig")
+    original = cert.read_bytes(), sig.read_bytes()
+    rotate(coalition, "USA-GW1", serial=2)
+    await reload(server, coalition)
+    cert.unlink()
+    sig.unlink()
+    await reload(server, coalition)
+
+    def put_back() -> None:
+        cert.write_bytes(original[0])
+        sig.write_bytes(original[1])
+    return put_back
+
+
 async def test_a_certificate_removed_then_brought_back_older_is_refused_also_after_a_restart(
     coalition: Coalition, tmp_path: Path
 ) -> None:
     """The bundle in force no longer holds a removed node; the marks of every bundle ever in
     force still do (policies.highwater), so its older certificate cannot come back later."""
-    cert = coalition.policy_dir / "nodes/USA-GW1.toml"
-    sig = cert.with_name("USA-GW1.toml.sig")
-    original = cert.read_bytes(), sig.read_bytes()
     data_dir = tmp_path / "data"
     async with broker_on(coalition, data_dir) as first:
-        rotate(coalition, "USA-GW1", serial=2)
-        await reload(first, coalition)
-        cert.unlink()
-        sig.unlink()
-        await reload(first, coalition)  # the node leaves: removing one is no rollback
+        put_back = await _rotate_then_remove(first, coalition)
         assert "USA-GW1" not in first.bundle.nodes
-        cert.write_bytes(original[0])  # and comes back with its old, validly signed serial 1
-        sig.write_bytes(original[1])
+        put_back()  # and it comes back with its old, validly signed serial 1
         with pytest.raises(PolicyDocumentError) as refused:
             await reload(first, coalition)
         assert refused.value.code == "rollback"
@@ -309,22 +319,14 @@ async def test_policy_check_store_says_what_the_broker_would_say_on_reload(
 ) -> None:
     """`coalition policy check DIR --store DATA_DIR` reads the broker's store (read only) and
     applies both of its checks: the bundle in force and the marks of every bundle it ran."""
-    cert = coalition.policy_dir / "nodes/USA-GW1.toml"
-    sig = cert.with_name("USA-GW1.toml.sig")
-    original = cert.read_bytes(), sig.read_bytes()
     data_dir = tmp_path / "data"
     async with broker_on(coalition, data_dir) as first:
-        rotate(coalition, "USA-GW1", serial=2)
-        await reload(first, coalition)
-        cert.unlink()
-        sig.unlink()
-        await reload(first, coalition)  # in force now: a bundle without USA-GW1
+        put_back = await _rotate_then_remove(first, coalition)  # in force: without USA-GW1
         capsys.readouterr()
         check = ["policy", "check", str(coalition.policy_dir), "--store", str(data_dir)]
         assert main([*check, "--json"]) == 0  # the store is readable while the broker runs
         assert json.loads(capsys.readouterr().out)["follows_store"] is True
-        cert.write_bytes(original[0])  # the old certificate back: the marks refuse it
-        sig.write_bytes(original[1])
+        put_back()  # the old certificate: the marks refuse it
         assert main(check) == 2
         out = capsys.readouterr().out
         assert f"loads, but the broker of {data_dir} would REFUSE it" in out
