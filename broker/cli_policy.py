@@ -267,9 +267,7 @@ def _check_store(data_dir: Path, bundle: Bundle, report: dict[str, Any]) -> \
         store.close()
     report["store"] = str(data_dir)
     try:
-        if in_force is not None and in_force.hash != bundle.hash:
-            check_succession(in_force, bundle)
-        marks.check(bundle)
+        marks.check_successor(in_force, bundle)
     except PolicyDocumentError as exc:
         report["follows_store"] = False
         report["error"] = {"code": exc.code, "document": exc.document or "",

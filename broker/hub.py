@@ -55,7 +55,6 @@ from broker.verifier import VerifyPool
 from policies.bundle import (
     Bundle,
     bundle_content,
-    check_succession,
 )
 from policies.cache import DecisionCache
 from policies.catalogue import label_catalogue
@@ -183,17 +182,13 @@ class Hub:
         each is a ``policy`` audit entry (with the bundle's content, for replay).
 
         Refuses (``PolicyDocumentError`` ``rollback``, nothing changed) a bundle that steps back
-        from the one in force, also across restarts (see :func:`check_succession`), or below
-        the highest of every document any bundle in force here ever held (:attr:`high_water`,
-        :mod:`policies.highwater`). Connections
-        whose certificate the new bundle replaced or revoked are closed.
+        from the one in force, also across restarts, or below the highest of every document any
+        bundle in force here ever held (:meth:`policies.highwater.HighWater.check_successor`).
+        Connections whose certificate the new bundle replaced or revoked are closed.
         """
-        in_force = self._in_force or self.bundle
-        if in_force.hash != bundle.hash:
-            check_succession(in_force, bundle)
-        # Always: also when the store lost its record of the bundle in force (in_force is
-        # then this very bundle), the marks of every stored bundle still hold.
-        self.high_water.check(bundle)
+        # The marks apply also when the store lost its record of the bundle in force (it is
+        # then compared with itself): those of every stored bundle still hold.
+        self.high_water.check_successor(self._in_force or self.bundle, bundle)
         future = self.audit.append(PolicyEntry(ts=self.clock_ms(), bundle=bundle.hash),
                                    bundles=[(bundle.hash, bundle_content(bundle))])
         previous, self.bundle, self._in_force = self.bundle, bundle, bundle

@@ -33,7 +33,7 @@ from broker.audit.leaves import (
 )
 from broker.errors import BrokerError, PolicyDocumentError
 from broker.release import decide_recipient
-from policies.bundle import Bundle, check_succession
+from policies.bundle import Bundle
 from policies.cache import DecisionCache
 from policies.decide import Decision
 from policies.highwater import HighWater
@@ -228,9 +228,7 @@ class Replay:
                            "in the export (a store keeps every bundle ever in force)", index)
             return  # in the export but not verified: reported with the bundles
         try:
-            if before is not None and before.hash != new.hash:
-                check_succession(before, new)
-            self.marks.check(new)
+            self.marks.check_successor(before, new)
         except PolicyDocumentError as exc:
             self.found("policy", f"bundle {digest.hex()[:16]}… was put in force although it "
                        f"{exc.reason} (rollback; brokers before session 16 let a scheme or an "

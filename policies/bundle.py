@@ -153,7 +153,7 @@ def check_succession(old: Bundle, new: Bundle) -> None:
         old_revocations=kept_revocations(old.revocations, new),
         new_revocations=new.revocations, old_agreements=old.agreements,
         new_agreements=new.agreements)
-    problems += _scheme_problems(old, new)
+    problems += _same_version_problems(old, new)
     old_root, new_root = old.trust_root.version, new.trust_root.version
     if new_root < old_root:
         problems.append(f"trust root version {new_root} is lower than {old_root} in force")
@@ -177,7 +177,7 @@ def kept_revocations(revocations: Iterable[Revocation], new: Bundle) -> tuple[Re
     return tuple(r for r in revocations if r.nation in new.trust_root.nations)
 
 
-def _scheme_problems(old: Bundle, new: Bundle) -> list[str]:
+def _same_version_problems(old: Bundle, new: Bundle) -> list[str]:
     """A scheme is one nation's word (the common one, the root's threshold's) on what its labels
     mean: an older signed copy must not come back. So its ``version`` never goes down, and a
     changed document must raise it (the same bytes may stay at the same version). The same

@@ -26,6 +26,7 @@ from policies.bundle import (
     SCHEMES_DIR,
     TRUST_ROOT,
     Bundle,
+    check_succession,
     document_text,
     kept_revocations,
 )
@@ -133,6 +134,14 @@ class HighWater:
             problems.append(self.root.step_back("trust root", new.trust_root.version,
                                                 document_text(new, TRUST_ROOT)) or "")
         return [problem for problem in problems if problem]
+
+    def check_successor(self, in_force: Bundle | None, new: Bundle) -> None:
+        """The rule for a bundle put in force, the one place it is written down: ``new``
+        follows ``in_force`` (:func:`check_succession`, when that is another bundle) and goes
+        below none of these marks. Raises ``PolicyDocumentError`` (``rollback``)."""
+        if in_force is not None and in_force.hash != new.hash:
+            check_succession(in_force, new)
+        self.check(new)
 
     def check(self, new: Bundle) -> None:
         """Raise ``PolicyDocumentError`` (``rollback``) if ``new`` goes below these marks."""
