@@ -28,6 +28,7 @@ from broker.store.sqlite_files import backup_store as backup_store
 from broker.store.sqlite_files import connect_read_only, is_broker_store, storage_error
 from broker.store.sqlite_schema import SCHEMA_VERSION as SCHEMA_VERSION
 from broker.store.sqlite_schema import prepare, stored_version
+from broker.store.sqlite_write import commit_batch
 
 #: Sequence numbers per query when reading queued envelopes (SQLite bounds host parameters).
 _SEQS_PER_QUERY = 500
@@ -356,72 +357,3 @@ def _nodes_at(level: int) -> tuple[str, tuple[int, ...]]:
     if level == 0:
         return "SELECT idx, leaf FROM entries WHERE", ()
     return "SELECT idx, hash FROM nodes WHERE level = ? AND", (level,)
-
-
-def commit_batch(conn: sqlite3.Connection, batch: Batch) -> None:
-    """Write the whole batch on ``conn`` in one durable transaction, or nothing; SQLite and
-    OS failures are raised as ``StorageError``."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        _write_batch(conn, batch)
-        conn.execute("COMMIT")
-    except BaseException as exc:
-        if conn.in_transaction:
-            # The original error is the one to report.
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        if isinstance(exc, (sqlite3.Error, OSError)):
-            raise storage_error("commit failed", exc) from exc
-        raise
-
-
-def _write_batch(conn: sqlite3.Connection, batch: Batch) -> None:
-    if batch.entries:
-        conn.executemany("INSERT INTO entries (idx, data, leaf) VALUES (?, ?, ?)",
-                         ((batch.first_index + i, data, leaf) for i, (data, leaf) in
-                          enumerate(zip(batch.entries, batch.leaves, strict=True))))
-    conn.executemany("INSERT INTO nodes VALUES (?, ?, ?)", batch.nodes)
-    if batch.enqueue:
-        _enqueue(conn, batch.enqueue)
-        conn.execute("INSERT INTO meta VALUES ('seq_high', ?) ON CONFLICT (key) DO UPDATE "
-                     "SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS "
-                     "INTEGER))", (str(max(r.seq for r in batch.enqueue)),))
-    conn.executemany("DELETE FROM queue WHERE recipient = ? AND seq = ?", batch.dequeue)
-    conn.executemany("INSERT OR IGNORE INTO subscriptions VALUES (?, ?)", batch.subscribe)
-    conn.executemany("DELETE FROM subscriptions WHERE node = ? AND pattern = ?",
-                     batch.unsubscribe)
-    conn.executemany("INSERT OR IGNORE INTO bundles VALUES (?, ?)", batch.bundles)
-    if batch.bundles:  # a bundle is written when it is activated: the last one is in force
-        conn.execute("INSERT OR REPLACE INTO meta VALUES ('active_bundle', ?)",
-                     (batch.bundles[-1][0].hex(),))
-    conn.executemany("INSERT INTO checkpoints VALUES (?, ?)", batch.checkpoints)
-    conn.executemany("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)",
-                     batch.cosignatures)
-    conn.executemany("INSERT OR IGNORE INTO notices VALUES (?, ?, ?)",
-                     ((n.sender, n.id, n.recipient) for n in batch.notices))
-    conn.executemany("DELETE FROM notices WHERE sender = ? AND id = ? AND recipient = ?",
-                     ((n.sender, n.id, n.recipient) for n in batch.notices_sent))
-    conn.executemany("INSERT OR REPLACE INTO node_status VALUES (?, ?)",
-                     ((n, st) for n, st in batch.node_status if st != "active"))
-    conn.executemany("DELETE FROM node_status WHERE node = ?",
-                     ((n,) for n, st in batch.node_status if st == "active"))
-
-def _enqueue(conn: sqlite3.Connection, rows: list[QueueRow]) -> None:
-    # The rows of one message (its recipients) share one `messages` row. They are matched
-    # on the whole (sender, id, envelope), not on the id: a sender may reuse an id once the
-    # replay window has passed, while its earlier message is still queued. A message
-    # enqueued again in a later batch gets a row of its own (the hub never does that).
-    # Numbered here, inside the write transaction, so one statement inserts them all.
-    (top,) = conn.execute("SELECT coalesce(max(mid), 0) FROM messages").fetchone()
-    mids: dict[tuple[str, bytes, bytes], int] = {}
-    messages: list[tuple[int, str, bytes, bytes]] = []
-    queue: list[tuple[str, int, int, int, int, int]] = []
-    for r in rows:
-        key = (r.sender, r.id, r.envelope)
-        mid = mids.get(key)
-        if mid is None:
-            mid = mids[key] = top + len(mids) + 1
-            messages.append((mid, r.sender, r.id, r.envelope))
-        queue.append((r.recipient, r.seq, r.prec, mid, r.expires_ms, r.queued_ms))
-    conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
-    conn.executemany("INSERT INTO queue VALUES (?, ?, ?, ?, ?, ?)", queue)

@@ -42,7 +42,8 @@ import msgpack
 from broker import child
 from broker.errors import StorageError
 from broker.store.base import Batch
-from broker.store.sqlite import commit_batch, open_writer
+from broker.store.sqlite import open_writer
+from broker.store.sqlite_write import commit_batch
 
 #: How long :meth:`WriterProcess.start` waits for the child to open the store.
 START_TIMEOUT_S = 30.0
