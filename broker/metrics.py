@@ -62,6 +62,11 @@ class Metrics:
             "coalition_audit_commit_seconds", "Time to make one audit batch durable.",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=r)
+        self.loop_lag = Histogram(
+            "coalition_event_loop_lag_seconds", "How late a timer on the broker's event loop "
+            "fired (sampled every 0.1 s): how long the loop was busy without a break, a wait "
+            "added to every publish and delivery.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)
         self.commit_entries = Counter("coalition_audit_committed_entries", "Audit entries made "
                                       "durable.", registry=r)
         self._receipted = self.publishes.labels("receipted")

@@ -46,6 +46,7 @@ from broker.listener import (
     close_listener,
     http_server_kwargs,
 )
+from broker.looplag import watch_loop_lag
 from broker.peer import WsPeer
 from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
@@ -139,7 +140,8 @@ class BrokerServer:
         self._peers: set[WsPeer] = set()
         self._hub: Hub | None = None
         self._audit: AuditLog | None = None
-        self._expiry: asyncio.Task[None] | None = None
+        #: The expiry sweep and the loop-lag probe, from start to stop.
+        self._background: list[asyncio.Task[None]] = []
         #: Admission control, handshake back-off and per-node connect rate (pure bookkeeping).
         self.guard = ConnectionGuard(limits.connections)
         #: Refusals and back-offs are logged at most every 10 s per address and limit.
@@ -212,8 +214,11 @@ class BrokerServer:
             self._hub.restore()
             await self._audit.start()
             await self._hub.activate(self.bundle)
-            self._expiry = asyncio.create_task(
-                self._hub.run_expiry(self.limits.expiry_interval_s), name="expiry")
+            self._background = [
+                asyncio.create_task(self._hub.run_expiry(self.limits.expiry_interval_s),
+                                    name="expiry"),
+                asyncio.create_task(watch_loop_lag(self._hub.metrics.loop_lag.observe),
+                                    name="loop-lag")]
         except BaseException:
             await self._close_audit()
             if self._audit is None:
@@ -251,11 +256,11 @@ class BrokerServer:
             peer.close("unavailable", "broker shutting down")
         await close_listener(self._watchdog, self._runner)
         self._watchdog = self._runner = None
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
-            self._expiry = None
+                await task
+        self._background = []
         await self._close_audit()
         log.info("broker_stopped", broker=self.name)
 

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import re
 import signal
 import tarfile
 import threading
@@ -235,6 +236,18 @@ async def test_metrics_count_publishes_decisions_queues_and_commits(
     status, body = await admin.call("GET", "/v1/queues", role="viewer")
     assert body["total"] == 1 and body["queues"][0]["node"] == "GBR-GW1"
     assert body["queues"][0]["by_precedence"] == {"FLASH": 1}
+
+
+async def test_metrics_sample_the_event_loops_lag(admin: Admin) -> None:
+    # The probe samples every 0.1 s from the broker's start: a few samples within seconds.
+    async with asyncio.timeout(10):
+        while True:
+            status, text = await admin.call("GET", "/metrics", role="viewer")
+            samples = re.search(rb"^coalition_event_loop_lag_seconds_count (\S+)$", text, re.M)
+            assert status == 200 and samples is not None
+            if float(samples[1]) >= 3:
+                break
+            await asyncio.sleep(0.1)
 
 
 async def test_policy_view_documents_and_decision_dry_run(admin: Admin,
