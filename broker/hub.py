@@ -189,10 +189,13 @@ class Hub:
         # The marks apply also when the store lost its record of the bundle in force (it is
         # then compared with itself): those of every stored bundle still hold.
         self.high_water.check_successor(self._in_force or self.bundle, bundle)
+        marks = self.high_water.merge(bundle)
+        # The marks are stored in the bundle's commit: a start reads them, not every bundle.
         future = self.audit.append(PolicyEntry(ts=self.clock_ms(), bundle=bundle.hash),
-                                   bundles=[(bundle.hash, bundle_content(bundle))])
+                                   bundles=[(bundle.hash, bundle_content(bundle))],
+                                   marks=[marks.to_bytes()])
         previous, self.bundle, self._in_force = self.bundle, bundle, bundle
-        self.high_water = self.high_water.merge(bundle)
+        self.high_water = marks
         self.decisions.clear()
         log.info("policy_activated", bundle=bundle.hash.hex(), previous=previous.hash.hex(),
                  nodes=len(bundle.nodes), agreements=len(bundle.agreements),

@@ -208,16 +208,18 @@ class AuditLog:
     def append(self, entry: Entry, *, enqueue: Sequence[QueueRow] = (),
                dequeue: Sequence[tuple[str, int]] = (),
                bundles: Sequence[tuple[bytes, bytes]] = (),
+               marks: Sequence[bytes] = (),
                notices: Sequence[Notice] = (),
                node_status: Sequence[tuple[str, str]] = ()) -> asyncio.Future[int]:
         """Queue ``entry`` (and the writes that go with it); the future gives its index once
         durable. Raises ``StorageError`` at once if the log has stopped."""
         return self.append_all((entry,), enqueue=enqueue, dequeue=dequeue, bundles=bundles,
-                               notices=notices, node_status=node_status)
+                               marks=marks, notices=notices, node_status=node_status)
 
     def append_all(self, entries: Sequence[Entry], *, enqueue: Sequence[QueueRow] = (),
                    dequeue: Sequence[tuple[str, int]] = (),
                    bundles: Sequence[tuple[bytes, bytes]] = (),
+                   marks: Sequence[bytes] = (),
                    notices: Sequence[Notice] = (),
                    node_status: Sequence[tuple[str, str]] = (),
                    lazy: bool = False) -> asyncio.Future[int]:
@@ -228,7 +230,8 @@ class AuditLog:
         commit (the entries keep their place in the log either way)."""
         writes: dict[str, list[object]] = {}
         for name, values in (("enqueue", enqueue), ("dequeue", dequeue), ("bundles", bundles),
-                             ("notices", notices), ("node_status", node_status)):
+                             ("marks", marks), ("notices", notices),
+                             ("node_status", node_status)):
             if values:
                 writes[name] = list(values)
         return self._submit([entry.to_bytes() for entry in entries], writes, lazy=lazy)

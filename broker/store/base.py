@@ -87,6 +87,9 @@ class Batch:
     notices_sent: list[Notice] = dataclasses.field(default_factory=list)
     #: ``(node, status)``: ``suspended`` or ``revoked`` by an operator; ``active`` clears it.
     node_status: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: The policy high-water marks after this batch's ``bundles`` were activated
+    #: (:meth:`policies.highwater.HighWater.to_bytes`); the last one is stored.
+    marks: list[bytes] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return any(dataclasses.astuple(self)[1:])
@@ -134,6 +137,10 @@ class Store(Protocol):
 
     def bundle_hashes(self) -> list[bytes]:
         """Every stored bundle hash."""
+
+    def high_water(self) -> bytes | None:
+        """The policy high-water marks stored with the last activation (``None`` in a store
+        written before they were stored)."""
 
     def queue_rows(self) -> list[QueueRow]:
         """Every queued message with its envelope (for inspection and tests)."""

@@ -11,6 +11,7 @@ earlier version, are in :mod:`broker.store.sqlite_schema`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -250,6 +251,16 @@ class SqliteStore:
     def active_bundle(self) -> bytes | None:
         rows = self._query("SELECT value FROM meta WHERE key = 'active_bundle'")
         return bytes.fromhex(rows[0][0]) if rows else None
+
+    def high_water(self) -> bytes | None:
+        rows = self._query("SELECT value FROM meta WHERE key = 'high_water'")
+        if not rows:
+            return None
+        try:
+            return base64.b64decode(rows[0][0], validate=True)
+        except (TypeError, ValueError) as exc:
+            raise StorageError("the stored policy high-water marks are not base64: damaged "
+                               "store") from exc
 
     def node_statuses(self) -> dict[str, str]:
         return {str(n): str(st) for n, st in

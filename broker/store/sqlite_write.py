@@ -15,6 +15,7 @@ the connection's statement cache.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -107,6 +108,9 @@ def _write_batch(conn: sqlite3.Connection, batch: Batch) -> None:
     if batch.bundles:  # a bundle is written when it is activated: the last one is in force
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('active_bundle', ?)",
                      (batch.bundles[-1][0].hex(),))
+    if batch.marks:  # the last includes every earlier one (HighWater.merge)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('high_water', ?)",
+                     (base64.b64encode(batch.marks[-1]).decode(),))
     conn.executemany("INSERT INTO checkpoints VALUES (?, ?)", batch.checkpoints)
     conn.executemany("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)",
                      batch.cosignatures)

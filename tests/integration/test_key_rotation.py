@@ -10,6 +10,7 @@ also across a restart.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import sqlite3
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from broker import wire
+from broker import stored_bundle, wire
 from broker.admin.app import AdminContext
 from broker.admin.views import node_status
 from broker.audit.leaves import SessionEntry, entry_from_bytes
@@ -29,6 +30,7 @@ from broker.coalition import DAY_MS, Coalition
 from broker.envelope import Envelope, build_envelope
 from broker.errors import PolicyDocumentError, StorageError
 from broker.server import BrokerServer
+from broker.store.sqlite import SqliteStore
 from clients.gateway import GatewayClient, label
 from clients.identity import KeyFile
 from policies import authoring
@@ -238,11 +240,27 @@ async def _rotate_then_remove(server: BrokerServer, coalition: Coalition) -> Cal
     return put_back
 
 
+def _meta(data_dir: Path, key: str, value: str | None) -> None:
+    """Set (``None``: delete) a row of the store's ``meta`` table, as damage or an older store
+    would leave it."""
+    conn = sqlite3.connect(data_dir / "broker.sqlite")
+    try:
+        with conn:
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            if value is not None:
+                conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("store", ["marks stored", "written before marks were stored"])
 async def test_a_certificate_removed_then_brought_back_older_is_refused_also_after_a_restart(
-    coalition: Coalition, tmp_path: Path
+    coalition: Coalition, tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The bundle in force no longer holds a removed node; the marks of every bundle ever in
-    force still do (policies.highwater), so its older certificate cannot come back later."""
+    force still do (policies.highwater), so its older certificate cannot come back later. A
+    start reads the marks stored with the last activation; a store without them (written by an
+    earlier version) has them rebuilt from its bundles, then stored."""
     data_dir = tmp_path / "data"
     async with broker_on(coalition, data_dir) as first:
         put_back = await _rotate_then_remove(first, coalition)
@@ -253,11 +271,42 @@ async def test_a_certificate_removed_then_brought_back_older_is_refused_also_aft
         assert refused.value.code == "rollback"
         assert "USA-GW1: certificate serial 1 is lower than 2" in refused.value.reason
         assert "USA-GW1" not in first.bundle.nodes
-    with pytest.raises(PolicyDocumentError) as refused:  # the marks are rebuilt from the store
+        marks = first.hub.high_water
+    if store != "marks stored":
+        _meta(data_dir, "high_water", None)
+    verified: list[Bundle] = []
+    build = stored_bundle.build_bundle
+    monkeypatch.setattr(stored_bundle, "build_bundle",
+                        lambda *args, **kwargs: verified.append(build(*args, **kwargs))
+                        or verified[-1])
+    with pytest.raises(PolicyDocumentError) as refused:
         async with broker_on(coalition, data_dir):
             pass
     assert refused.value.code == "rollback"
     assert "USA-GW1: certificate serial 1 is lower than 2" in refused.value.reason
+    # The bundle in force is verified (it is compared with), once; the others only to rebuild.
+    if store == "marks stored":
+        assert [b.hash for b in verified] == [first.bundle.hash]
+    else:
+        assert len({b.hash for b in verified}) == 3
+    async with broker_on(coalition, data_dir, first.bundle) as again:  # what was in force
+        assert again.hub.high_water == marks
+    assert SqliteStore.in_dir(data_dir, read_only=True).high_water() == marks.to_bytes()
+
+
+@pytest.mark.parametrize("damage", ["not base64", "not marks"])
+async def test_the_broker_will_not_start_on_damaged_marks(
+    coalition: Coalition, tmp_path: Path, damage: str
+) -> None:
+    data_dir = tmp_path / "data"
+    async with broker_on(coalition, data_dir):
+        pass
+    _meta(data_dir, "high_water", "%%%" if damage == "not base64"
+          else base64.b64encode(b"\x93\x01\x02\x03").decode())
+    with pytest.raises(StorageError) as refused:
+        async with broker_on(coalition, data_dir):
+            pass
+    assert "high-water marks" in refused.value.reason and "damaged store" in refused.value.reason
 
 
 @pytest.mark.parametrize("damage", ["older content", "garbage", "row deleted"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgpack
 import pytest
 
 from broker.coalition import CoalitionDocuments, coalition_documents
@@ -119,3 +120,56 @@ def test_the_revocations_of_a_nation_that_left_the_root_are_not_asked_for(
     assert not [p for p in marks.problems(without_usa.bundle()) if "revocation" in p]
     with pytest.raises(PolicyDocumentError, match="revocation of USA-GW2 by USA was dropped"):
         marks.check(made.bundle())  # USA in the root: its revocation is asked for
+
+
+# --- stored with the bundles (HighWater.to_bytes / from_bytes) ---------------------------------
+
+
+def test_marks_round_trip_through_their_bytes(made: CoalitionDocuments) -> None:
+    first = made.bundle()
+    doc = revocation_doc(made, "USA-GW2")
+    later = with_docs(made, {doc.name: doc,
+                             "nodes/USA-GW1.toml": rotated_doc(made, "USA-GW1", serial=2),
+                             "schemes/GBR.toml": scheme_doc(made, "GBR", version=2)})
+    marks = HighWater.of([first, later])
+    again = HighWater.from_bytes(marks.to_bytes())
+    assert again == marks
+    assert again.to_bytes() == marks.to_bytes()
+    # What they are for: the same refusals as the marks they were written from.
+    with pytest.raises(PolicyDocumentError, match="serial 1 is lower than 2"):
+        again.check(first)
+    again.check(later)
+    assert HighWater.from_bytes(HighWater().to_bytes()) == HighWater()
+
+
+def test_equal_marks_give_equal_bytes_in_any_order(made: CoalitionDocuments) -> None:
+    old = made.bundle()
+    raised = with_docs(made, {"schemes/GBR.toml": scheme_doc(made, "GBR", version=2)})
+    assert HighWater.of([old, raised]).to_bytes() == HighWater.of([raised, old]).to_bytes()
+
+
+@pytest.mark.parametrize("damage", [
+    b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"format": 2}),
+    "format", "extra key", "node name", "texts", "revocation key", "root",
+])
+def test_anything_but_stored_marks_is_refused(made: CoalitionDocuments,
+                                              damage: bytes | str) -> None:
+    if isinstance(damage, bytes):
+        data = damage
+    else:
+        value = msgpack.unpackb(HighWater.of([made.bundle()]).to_bytes())
+        if damage == "format":
+            value["format"] = 99
+        elif damage == "extra key":
+            value["extra"] = []
+        elif damage == "node name":
+            value["nodes"][0][0] = 7
+        elif damage == "texts":
+            value["nodes"][0][3] = ["not bytes"]
+        elif damage == "revocation key":
+            value["revocations"] = [["USA", "USA-GW2", "not bytes", "lost", 1]]
+        else:
+            value["root"] = [1]
+        data = msgpack.packb(value)
+    with pytest.raises(ValueError):
+        HighWater.from_bytes(data)
