@@ -146,6 +146,9 @@ class GatewayClient:
         self.on_expired = on_expired
         #: Deliveries with the generation of the link they came on; ``None`` ends.
         self._deliveries: asyncio.Queue[tuple[int, wire.Deliver] | None] = asyncio.Queue()
+        #: Deliveries taken from the queue but not handed over when ``messages()`` was
+        #: cancelled (checking one or sending acks): the next ``messages()`` starts with them.
+        self._held: collections.deque[tuple[int, wire.Deliver]] = collections.deque()
         self._connection = Connection(
             Endpoint(url, identity, broker_name, timeout, max_frame, heartbeat, ssl),
             reconnect=reconnect, on_frame=self._dispatch, on_link=self._on_link,
@@ -342,19 +345,21 @@ class GatewayClient:
         next wait, when the batch is full and when the loop is left. A crash before that write
         shows those messages again: at least once still, but a finished message may come back.
         Leave the loop with ``break`` inside ``contextlib.aclosing`` (or close the generator):
-        one left open holds its un-acked copies until the connection ends. Raises
-        :class:`ConnectionClosed` once the client ended for good."""
+        one left open holds its un-acked copies until the connection ends. Cancelled (a
+        consumer's timeout), the generator ends; a delivery it had taken but not handed over
+        is handed over first by the next ``messages()``. Raises :class:`ConnectionClosed`
+        once the client ended for good."""
         finished: dict[bytes, int] = {}  # id → seq: finished, not durable yet
         unacked: list[int] = []  # durable, not acknowledged yet
         try:
             while True:
-                idle = self._deliveries.empty()
+                idle = self._deliveries.empty() and not self._held
                 if finished and (idle or len(finished) >= self.finish_batch):
                     unacked += self._make_durable(finished)
                 if unacked and (idle or len(unacked) >= ACK_BATCH):
                     await self._ack_quietly(unacked)
                     unacked = []
-                item = await self._deliveries.get()
+                item = self._held.popleft() if self._held else await self._deliveries.get()
                 if item is None:
                     self._deliveries.put_nowait(None)  # ends the next iterator too
                     raise self._connection.closed_error()
@@ -365,21 +370,26 @@ class GatewayClient:
                     continue
                 try:
                     message = await self._accept(frame, finished)
+                    if message is not None and unacked and self._deliveries.empty():
+                        # Nothing to batch with, and the consumer may hold this one for long.
+                        await self._ack_quietly(unacked)
+                        unacked = []
                 except GatewayError as exc:
                     # The sender's certificate could not be fetched: not acked, and a new link
                     # makes the broker send it again (it would otherwise hold a window slot).
                     log.warning("delivery_deferred", seq=frame.seq, code=exc.code)
                     await self._connection.recycle("a delivery could not be checked")
                     continue
+                except asyncio.CancelledError:
+                    # Not handed over: kept for the next messages(). Dropped, it would stay in
+                    # flight at the broker, unacked, until this link ends (hours, maybe).
+                    self._held.appendleft(item)
+                    raise
                 if message is None:
                     # A copy of a finished id still to be written is acked with it, after it.
                     if frame.seq not in finished.values():
                         unacked.append(frame.seq)
                     continue
-                if unacked and self._deliveries.empty():
-                    # Nothing to batch with, and the consumer may hold this one for long.
-                    await self._ack_quietly(unacked)
-                    unacked = []
                 try:
                     yield message
                 finally:

@@ -5,6 +5,7 @@ restarts), stops for good when replaced or refused, and reports expired messages
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -536,6 +537,39 @@ async def test_delivery_that_cannot_be_checked_is_sent_again_on_a_new_link(
         assert sorted(got) == sorted([first.id, second.id])
         assert gbr.reconnections == 1
         await until(lambda: server.hub.queues["GBR-GW1"].depth == 0)
+
+
+async def test_a_consumer_cancelled_while_a_delivery_is_checked_gets_it_from_the_next_stream(
+        coalition: Coalition) -> None:
+    """``asyncio.wait_for(anext(stream), t)`` may cancel the stream while it checks a delivery
+    (here: fetching the sender's certificate). The delivery was taken from the queue but not
+    handed over; the next ``messages()`` hands it over, on the same link (dropped, it would
+    stay in flight at the broker, unacked, until the link ended)."""
+    async with broker_at(coalition, free_port()) as server, \
+            client(server.url, coalition, "USA-GW1") as usa, \
+            client(server.url, coalition, "GBR-GW1") as gbr:
+        await gbr.subscribe("maritime.>")
+        real, fetching, answer = gbr.directory, asyncio.Event(), asyncio.Event()
+
+        async def slow() -> Any:
+            fetching.set()
+            await answer.wait()
+            return await real()
+
+        gbr.directory = slow  # type: ignore[method-assign]
+        sent = await usa.publish("maritime.tracks", b"M1", TO_GBR)
+        stream = gbr.messages()
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.wait_for(fetching.wait(), 5)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        answer.set()
+        async with contextlib.aclosing(gbr.messages()) as again:
+            got = await asyncio.wait_for(anext(again), 5)
+        assert (got.id, got.payload) == (sent.id, b"M1")
+        assert gbr.reconnections == 0  # the same link: nothing was sent again
+        await until(lambda: acked(server, sent.id, "GBR-GW1"))
 
 
 async def test_a_failing_handler_on_reconnect_ends_the_client_instead_of_hanging(
