@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from broker.admin.auth import new_token
 from broker.bench.harness import BrokerProcess, bench_coalition, free_port, write_config
 from broker.coalition import Coalition
 
@@ -92,15 +93,19 @@ class Run:
         where = self.workdir / f"broker-{self._brokers:02d}-{name}"
         where.mkdir(parents=True)
         port = free_port()
+        admin_port = free_port()
+        while admin_port == port:
+            admin_port = free_port()
+        admin = (admin_port, new_token())  # /metrics around each load run
         config = write_config(where / "broker.toml", coalition or self.coalition, where / "data",
                               port, commit_delay_ms=self.options.commit_delay_ms,
                               verify_workers=self.options.verify_workers,
-                              writer=self.options.writer)
+                              writer=self.options.writer, admin=admin)
         profile = (self.options.profile / f"broker-{self._brokers:02d}-{name}"
                    if self.options.profile is not None else None)
         return BrokerProcess(config, data_dir=where / "data", port=port,
                              log=where / "broker.log", log_level=self.options.log_level,
-                             profile=profile)
+                             profile=profile, admin=admin)
 
     def max_message_rate(self) -> float | None:
         """The throughput scenario's messages/s, if it ran in this run."""

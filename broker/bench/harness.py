@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from broker.admin.auth import hash_token
+from broker.bench.scrape import Snapshot, fetch
 from broker.coalition import Coalition, NodeSpec, build_coalition
 from broker.serve import PID_FILE
 from broker.server import NODE_PATH
@@ -62,15 +64,16 @@ def free_port() -> int:
 
 def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int, *,
                  commit_delay_ms: int | None = None, verify_workers: int | None = None,
-                 writer: str | None = None) -> Path:
+                 writer: str | None = None, admin: tuple[int, str] | None = None) -> Path:
     """A broker configuration for ``coalition`` at ``path``.
 
     Production defaults (the audit group-commit delay, the signature workers and the audit
     writer too, unless ``commit_delay_ms``, ``verify_workers`` or ``writer`` is given),
-    except: the admin listener off; the per-connection abuse rate limits (2,000 frames/s by
-    default) raised so that they do not cap a load generator; the clock skew an envelope may
-    have widened to an hour, since envelopes are built before the run; queues may hold up to
-    16 GiB per node (the backlog).
+    except: the admin listener off, or with ``admin = (port, token)`` on loopback with that
+    viewer token (the harness reads ``/metrics``); the per-connection abuse rate limits
+    (2,000 frames/s by default) raised so that they do not cap a load generator; the clock
+    skew an envelope may have widened to an hour, since envelopes are built before the run;
+    queues may hold up to 16 GiB per node (the backlog).
     """
     path.write_text(
         "[broker]\n"
@@ -90,7 +93,9 @@ def write_config(path: Path, coalition: Coalition, data_dir: Path, port: int, *,
         "bytes_per_second = 1099511627776\nbytes_burst = 1099511627776\n"
         "clock_skew_seconds = 3600\n"
         "max_queued_bytes_per_node = 17179869184\n"
-        "[admin]\nport = -1\n"
+        + ("[admin]\nport = -1\n" if admin is None else
+           f'[admin]\nhost = "127.0.0.1"\nport = {admin[0]}\n[[admin.tokens]]\n'
+           f'name = "bench"\nrole = "viewer"\nsha256 = "{hash_token(admin[1]).hex()}"\n')
     )
     return path
 
@@ -204,8 +209,11 @@ class BrokerProcess:
     """
 
     def __init__(self, config: Path, *, data_dir: Path, port: int, log: Path,
-                 log_level: str = "info", profile: Path | None = None) -> None:
+                 log_level: str = "info", profile: Path | None = None,
+                 admin: tuple[int, str] | None = None) -> None:
         self.config = config
+        #: ``(port, token)`` of its admin API, as :func:`write_config` was given them.
+        self.admin = admin
         self.pid_file = data_dir / PID_FILE
         self.url = f"ws://127.0.0.1:{port}{NODE_PATH}"
         self.log = log
@@ -253,6 +261,12 @@ class BrokerProcess:
     def _tail(self) -> str:
         return b"".join(self.log.read_bytes().splitlines(keepends=True)[-5:]).decode(
             errors="replace")
+
+    def metrics_snapshot(self) -> Snapshot | None:
+        """Its ``/metrics`` (:mod:`broker.bench.scrape`); ``None`` without an admin API."""
+        if self.admin is None:
+            return None
+        return fetch(f"http://127.0.0.1:{self.admin[0]}", self.admin[1])
 
     def rss_bytes(self) -> int:
         """The broker's resident memory, its store writer process's included."""

@@ -64,6 +64,7 @@ def run(bench: Run) -> dict[str, Any]:
                 "publisher_max_lag_ms": round(max(p.max_lag_ms for p in result.publishers), 3),
                 "broker_cpu_share": round(result.broker_cpu_share, 3),
                 "errors": result.errors, "steal_share": result.steal_share,
+                "broker": result.broker_metrics,
                 "floor": {"copies": len(floor_ns), "errors": floor.errors,
                           "steal_share": floor.steal_share, **_percentiles(floor_ns)},
             })

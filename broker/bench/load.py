@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from broker.bench.harness import machine_ticks, steal_share
+from broker.bench.scrape import Snapshot, between
 from broker.bench.workers import (
     PublisherResult,
     SubscriberResult,
@@ -82,6 +83,9 @@ class LoadResult:
     #: The share of the machine's CPU time the hypervisor took from ``go`` to the last report
     #: (:func:`broker.bench.harness.steal_share`).
     steal_share: float = 0.0
+    #: The broker's own account of the run (:func:`broker.bench.scrape.between`): its commits
+    #: and its event loop's lag; ``None`` for a server without ``/metrics``.
+    broker_metrics: dict[str, Any] | None = None
 
     @property
     def messages_per_s(self) -> float:
@@ -118,6 +122,7 @@ class LoadResult:
             "broker_rss_before": self.rss_before, "broker_rss_after": self.rss_after,
             "envelope_bytes": self.envelope_bytes, "build_s": round(self.build_s, 2),
             "statuses": self.statuses, "errors": self.errors, "duplicates": self.duplicates,
+            **({} if self.broker_metrics is None else {"broker": self.broker_metrics}),
         }
 
 
@@ -209,6 +214,8 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
     pubs = [workers.start(plan.publisher_main, spec) for spec in plan.publishers]
     build_s = max(workers.expect(pubs, "ready", plan.timeout), default=0.0)
     ticks = machine_ticks()
+    scrape: Callable[[], Snapshot | None] = getattr(broker, "metrics_snapshot", lambda: None)
+    metrics_before = scrape()
     if pubs:
         rss_before, cpu_before = broker.rss_bytes(), broker.cpu_seconds()
         ticks = machine_ticks()
@@ -224,6 +231,7 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
         received = [r for rs in workers.expect(subs, "done", 30) for r in rs]
     stolen = steal_share(ticks, machine_ticks())
     cpu_after, rss_after = broker.cpu_seconds(), broker.rss_bytes()
+    metrics_after = scrape()
     statuses: collections.Counter[str] = collections.Counter()
     errors: collections.Counter[str] = collections.Counter()
     for p in published:
@@ -239,4 +247,6 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
         expected_copies=sum(s.expected for s in received),
         envelope_bytes=max((p.envelope_bytes for p in published), default=0), build_s=build_s,
         broker_cpu_s=cpu_after - cpu_before, rss_before=rss_before, rss_after=rss_after,
-        publishers=published, subscribers=received, steal_share=stolen)
+        publishers=published, subscribers=received, steal_share=stolen,
+        broker_metrics=(between(metrics_before, metrics_after, elapsed)
+                        if metrics_before is not None and metrics_after is not None else None))

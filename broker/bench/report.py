@@ -145,22 +145,39 @@ def _throughput(r: Result, out: TextIO) -> None:
               ["broker CPU share (1 = one core)", r["broker_cpu_share"]],
               ["broker RSS after (MiB)", r["broker_rss_after"] / (1 << 20)],
               ["errors", json.dumps(r["errors"])],
+              *_broker_rows(r.get("broker")),
               *[[f"messages/s {h}", v] for h, v in zip(RATIO_HEADER, _ratio_cells(r),
                                                           strict=True)]], out)
+
+
+def _broker_rows(b: Result | None) -> list[list[object]]:
+    """The broker's own account (:mod:`broker.bench.scrape`), when it was read."""
+    if b is None:
+        return []
+    return [
+        ["audit commits (entries each, ms each)",
+         f"{b['commits']:,} ({_cell(b['entries_per_commit'])}, {_cell(b['commit_ms_mean'])})"],
+        ["audit commit running (share of the run)", b["commit_busy_share"]],
+        ["event-loop lag p50 / p99 ≤ (ms)",
+         f"{_cell(b['loop_lag_p50_le_ms'])} / {_cell(b['loop_lag_p99_le_ms'])}"],
+    ]
 
 
 def _latency(r: Result, out: TextIO) -> None:
     table(f"latency publish→deliver (max rate {r['max_rate']:,.0f} msg/s"
           f"{', probed' if r['max_rate_probed'] else ''})",
           ["rate", "target/s", "achieved/s", "copies", "p50 ms", "p99 ms", "p99.9 ms",
-           "max ms", "steal %", "floor p50", "floor p99", "floor p99.9", "floor steal %"],
+           "max ms", "steal %", "loop lag p99≤", "floor p50", "floor p99", "floor p99.9",
+           "floor steal %"],
           [[f"{p['fraction']:.0%}", p["target_rate"], p["achieved_rate"], p["copies"],
             p["p50_ms"], p["p99_ms"], p["p99.9_ms"], p["max_ms"], _percent(p["steal_share"]),
+            (p.get("broker") or {}).get("loop_lag_p99_le_ms"),
             p["floor"]["p50_ms"], p["floor"]["p99_ms"], p["floor"]["p99.9_ms"],
             _percent(p["floor"]["steal_share"])] for p in r["points"]], out)
     print("floor: the same load at the same rate through a server that only relays "
           "(no checks, no disk), right after each point; steal %: the machine's CPU time the "
-          "hypervisor took meanwhile", file=out)
+          "hypervisor took meanwhile; loop lag: how late the broker's event loop ran a timer "
+          "(ms, a histogram bucket's bound)", file=out)
 
 
 def _percent(share: float) -> str:

@@ -44,6 +44,12 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
     assert statuses.pop("denied:not_in_audience") == 60
     assert sum(statuses.values()) == 120 and set(statuses) <= {"delivered", "queued"}
     assert set(throughput["ratios"]) == RATIOS and all(throughput["ratios"].values())
+    # The broker's own account, read from its /metrics around the run: 60 messages are at
+    # least their 60 route entries (the acks' deliver entries may commit after the last
+    # copy arrived), in at least one commit.
+    account = throughput["broker"]
+    assert account["commits"] >= 1 and account["commit_busy_share"] is not None
+    assert account["entries_per_commit"] * account["commits"] >= 60
 
     latency = scenarios["latency"]["points"]
     assert latency and all(p["copies"] > 0 and "p99.9_ms" in p for p in latency)
