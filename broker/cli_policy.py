@@ -262,7 +262,9 @@ def _check_store(data_dir: Path, bundle: Bundle, report: dict[str, Any]) -> \
         raise StorageError(f"--store {data_dir}: no broker store there (no {FILE_NAME})")
     store = SqliteStore.in_dir(data_dir, read_only=True)
     try:
-        in_force, marks = stored_bundle(store), stored_high_water(store)
+        with store.snapshot():  # one commit of a running broker: both from the same state
+            in_force = stored_bundle(store)
+            marks = stored_high_water(store, in_force)
     finally:
         store.close()
     report["store"] = str(data_dir)

@@ -50,7 +50,7 @@ from broker.release import decide_recipient
 from broker.replay import ReplayGuard
 from broker.session import error_frame
 from broker.store.base import Batch, QueueRow
-from broker.stored_bundle import stored_bundle, stored_high_water
+from broker.stored_bundle import stored_high_water
 from broker.verifier import VerifyPool
 from policies.bundle import (
     Bundle,
@@ -149,8 +149,10 @@ class Hub:
 
     # --- state --------------------------------------------------------------------------
 
-    def restore(self) -> None:
-        """Reload durable subscriptions and queued messages from the store (at start)."""
+    def restore(self, in_force: Bundle | None) -> None:
+        """Reload durable subscriptions and queued messages from the store (at start);
+        ``in_force`` is the bundle the store records as in force
+        (:func:`broker.stored_bundle.stored_bundle`): a new one must succeed it."""
         for node, pattern in self.audit.store.subscriptions():
             self.subscriptions.setdefault(node, set()).add(pattern)
         self._subscribers.clear()
@@ -166,8 +168,8 @@ class Hub:
         self.statuses = self.audit.store.node_statuses()
         self.inactive |= set(self.statuses)
         self.expiry.restore(self.audit.store.notices())
-        self._in_force = stored_bundle(self.audit.store)
-        self.high_water = stored_high_water(self.audit.store)
+        self._in_force = in_force
+        self.high_water = stored_high_water(self.audit.store, in_force)
         # The replay guard is memory: refill it, or an envelope accepted just before a restart
         # could be accepted again (and routed and logged twice) for the rest of its window.
         recent = self.audit.recent_routes(self.clock_ms() - 2 * self.replay.skew_ms)

@@ -13,7 +13,6 @@ signal); handlers release everything in ``finally``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import math
 import os
@@ -52,7 +51,7 @@ from broker.ratelimit import ConnectionRate
 from broker.session import Authenticated, BrokerSession, Close, Event, Request, Send, State
 from broker.store.sqlite import SqliteStore
 from broker.store.writer_process import WriterProcess
-from broker.stored_bundle import earlier_broker_keys
+from broker.stored_bundle import earlier_broker_keys, stored_bundle
 from broker.tls import server_context_for
 from broker.verifier import VerifyPool
 from broker.witnesses import Witnesses
@@ -193,13 +192,16 @@ class BrokerServer:
             log.warning("node_rates_for_unknown_nodes", nodes=strangers)
         store = SqliteStore.in_dir(self.data_dir)
         try:
+            # Read (and verified) once: the log accepts a checkpoint signed with the key it
+            # listed, the hub refuses a bundle that does not succeed it.
+            in_force = stored_bundle(store)
             if self.writer_process:
                 self._writer = await WriterProcess.start(store.path)
             if self.verify_workers:
                 self._verifier = await VerifyPool.start(self.verify_workers)
             self._audit = AuditLog(store, Signer.from_seed(self.name, bytes(self.key.signing_key)),
                                    policy=self.commit, clock_ms=self.clock_ms,
-                                   earlier_keys=earlier_broker_keys(store, self.name),
+                                   earlier_keys=earlier_broker_keys(in_force, self.name),
                                    writer=self._writer)
             self._audit.open()
             self._hub = Hub(self.bundle, self._audit, clock_ms=self.clock_ms,
@@ -211,7 +213,7 @@ class BrokerServer:
                             capacity=StoreCapacity(store, self.limits.store),
                             envelope_limits=self.limits.envelope,
                             verifier=self._verifier)
-            self._hub.restore()
+            self._hub.restore(in_force)
             await self._audit.start()
             await self._hub.activate(self.bundle)
             self._background = [
@@ -258,8 +260,11 @@ class BrokerServer:
         self._watchdog = self._runner = None
         for task in self._background:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # All cancelled first, then awaited together: one that had died (and raises) must
+        # neither keep another running nor stop the audit log's close below.
+        for outcome in await asyncio.gather(*self._background, return_exceptions=True):
+            if not isinstance(outcome, (asyncio.CancelledError, type(None))):
+                log.error("background_task_failed", error=repr(outcome))
         self._background = []
         await self._close_audit()
         log.info("broker_stopped", broker=self.name)

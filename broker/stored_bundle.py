@@ -8,8 +8,6 @@ that cannot produce the bundle it records is damaged, and the broker does not st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from broker.errors import BrokerError, StorageError
 from broker.store.base import Store
 from policies.bundle import Bundle, build_bundle, documents_from_content
@@ -34,38 +32,38 @@ def stored_bundle(store: Store) -> Bundle | None:
     return _verified(digest, content)
 
 
-def stored_high_water(store: Store) -> HighWater:
+def stored_high_water(store: Store, in_force: Bundle | None = None) -> HighWater:
     """The high-water marks of every bundle the store holds, i.e. every bundle ever in force
-    here (:mod:`policies.highwater`): those stored with the last activation, or, in a store
-    written before they were stored, rebuilt from its bundles (the broker stores them at its
-    next activation, which every start makes). Fails closed: marks that do not decode, or (when
-    rebuilding) a stored bundle that no longer verifies or is stored under another hash, raise
-    :class:`StorageError` (damaged store)."""
+    here (:mod:`policies.highwater`): those stored with the last activation, with every stored
+    bundle they do not cover folded in (all of them in a store written before the marks were
+    stored, or the bundles a broker of that time activated after a downgrade); the broker
+    stores the result at its next activation, which every start makes. Fails closed: marks
+    that do not decode, or a bundle to fold in that no longer verifies or is stored under
+    another hash, raise :class:`StorageError` (damaged store). ``in_force``, from
+    :func:`stored_bundle`, is not verified again."""
     encoded = store.high_water()
-    if encoded is None:
-        return HighWater.of(_stored_bundles(store))
-    try:
-        return HighWater.from_bytes(encoded)
-    except ValueError as exc:
-        raise StorageError(f"the stored policy high-water marks do not decode ({exc}): "
-                           "damaged store") from exc
-
-
-def _stored_bundles(store: Store) -> Iterator[Bundle]:
+    marks = HighWater()
+    if encoded is not None:
+        try:
+            marks = HighWater.from_bytes(encoded)
+        except ValueError as exc:
+            raise StorageError(f"the stored policy high-water marks do not decode ({exc}): "
+                               "damaged store") from exc
     for digest in store.bundle_hashes():
+        if digest in marks.bundles:
+            continue
+        if in_force is not None and digest == in_force.hash:
+            marks = marks.merge(in_force)
+            continue
         content = store.bundle(digest)
-        if content is None:
-            continue  # listed and gone meanwhile: nothing deletes bundles, so not reached
-        yield _verified(digest, content)
+        if content is not None:  # listed and gone meanwhile: nothing deletes bundles
+            marks = marks.merge(_verified(digest, content))
+    return marks
 
 
 def _verified(digest: bytes, content: bytes) -> Bundle:
     """The bundle stored under ``digest``, verified; :class:`StorageError` (damaged store) if
-    it no longer verifies or is another bundle. The last one verified is remembered: a start
-    reads the bundle in force twice (its broker keys for the log, then the hub's restore), and
-    at 100 nations a verification takes ~0.4 s."""
-    if _last is not None and _last[0] == digest and _last[1] == content:
-        return _last[2]
+    it no longer verifies or is another bundle."""
     try:
         bundle = build_bundle(documents_from_content(content), pinned_root_sha256=None)
     except BrokerError as exc:
@@ -74,22 +72,13 @@ def _verified(digest: bytes, content: bytes) -> Bundle:
     if bundle.hash != digest:
         raise StorageError(f"the store holds policy bundle {bundle.hash.hex()} under "
                            f"{digest.hex()}: damaged store")
-    _remember(digest, content, bundle)
     return bundle
 
 
-_last: tuple[bytes, bytes, Bundle] | None = None
-
-
-def _remember(digest: bytes, content: bytes, bundle: Bundle) -> None:
-    global _last
-    _last = digest, content, bundle
-
-
-def earlier_broker_keys(store: Store, name: str) -> list[bytes]:
-    """The key the nations listed for this broker in the bundle in force when it last ran: after
-    a rotation of the broker's key (a new trust root), the last checkpoint is signed with it."""
-    previous = stored_bundle(store)
-    if previous is None:
+def earlier_broker_keys(in_force: Bundle | None, name: str) -> list[bytes]:
+    """The key the nations listed for this broker in ``in_force``, the bundle in force when it
+    last ran (:func:`stored_bundle`): after a rotation of the broker's key (a new trust root),
+    the last checkpoint is signed with it."""
+    if in_force is None:
         return []
-    return [b.key for b in previous.trust_root.brokers if b.name == name]
+    return [b.key for b in in_force.trust_root.brokers if b.name == name]

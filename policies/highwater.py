@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -65,7 +65,8 @@ class Mark:
     @classmethod
     def from_list(cls, value: object) -> Mark:
         match value:
-            case [int(version), list(texts)] if all(type(t) is bytes for t in texts):
+            case [int(version), list(texts)] if (type(version) is int
+                                                  and all(type(t) is bytes for t in texts)):
                 return cls(version, frozenset(texts))
         raise ValueError(f"not a mark: {_short(value)}")
 
@@ -92,6 +93,9 @@ class HighWater:
     agreements: Mapping[str, Mark] = dataclasses.field(default_factory=dict)
     schemes: Mapping[str, Mark] = dataclasses.field(default_factory=dict)
     root: Mark | None = None
+    #: The hashes of the bundles folded in: a start folds in the stored bundles not among
+    #: them (stored by a broker that did not store the marks).
+    bundles: frozenset[bytes] = frozenset()
 
     @classmethod
     def of(cls, bundles: Iterable[Bundle]) -> HighWater:
@@ -121,7 +125,7 @@ class HighWater:
         root = (self.root or Mark(0)).raised_by(bundle.trust_root.version,
                                                 document_text(bundle, TRUST_ROOT))
         return HighWater(nodes=nodes, revocations=revocations, agreements=agreements,
-                         schemes=schemes, root=root)
+                         schemes=schemes, root=root, bundles=self.bundles | {bundle.hash})
 
     def problems(self, new: Bundle) -> list[str]:
         """Every way ``new`` goes below these marks (empty: it does not)."""
@@ -164,6 +168,7 @@ class HighWater:
             "agreements": [[name, *m.to_list()] for name, m in sorted(self.agreements.items())],
             "schemes": [[name, *m.to_list()] for name, m in sorted(self.schemes.items())],
             "root": None if self.root is None else self.root.to_list(),
+            "bundles": sorted(self.bundles),
         })
         return data
 
@@ -174,28 +179,35 @@ class HighWater:
             value = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except (ValueError, msgpack.UnpackException) as exc:
             raise ValueError(f"not msgpack: {exc}") from exc
-        if not (isinstance(value, dict) and value.get("format") == _FORMAT
-                and set(value) == {"format", "nodes", "revocations", "agreements", "schemes",
-                                   "root"}):
+        found = value.get("format") if isinstance(value, dict) else None
+        if type(found) is int and found > _FORMAT:
+            raise ValueError(f"format {found}, written by a newer broker (this one reads "
+                             f"{_FORMAT})")
+        if not (found == _FORMAT and type(found) is int and set(value) == _KEYS):
             raise ValueError(f"not high-water marks of format {_FORMAT}")
         nodes: dict[str, tuple[str, Mark]] = {}
         for row in _rows(value["nodes"]):
             match row:
-                case [str(name), str(nation), version, texts]:
+                case [str(name), str(nation), version, texts] if name not in nodes:
                     nodes[name] = nation, Mark.from_list([version, texts])
                 case _:
-                    raise ValueError(f"not a node mark: {_short(row)}")
+                    raise ValueError(f"not a node mark, or twice: {_short(row)}")
         revocations = {}
         for row in _rows(value["revocations"]):
             match row:
-                case [str(nation), str(node), bytes(key), str(reason), int(at)]:
+                case [str(nation), str(node), bytes(key), str(reason), int(at)] if (
+                        type(at) is int and (nation, node, key) not in revocations):
                     revocations[(nation, node, key)] = Revocation(nation, node, key, reason, at)
                 case _:
-                    raise ValueError(f"not a revocation: {_short(row)}")
+                    raise ValueError(f"not a revocation, or twice: {_short(row)}")
+        bundles = _rows(value["bundles"])
+        if not all(type(b) is bytes for b in bundles) or len(set(bundles)) != len(bundles):
+            raise ValueError("not a list of distinct bundle hashes")
         return cls(nodes=nodes, revocations=revocations,
                    agreements=_named_marks(value["agreements"]),
                    schemes=_named_marks(value["schemes"]),
-                   root=None if value["root"] is None else Mark.from_list(value["root"]))
+                   root=None if value["root"] is None else Mark.from_list(value["root"]),
+                   bundles=frozenset(cast(list[bytes], bundles)))
 
     def check_successor(self, in_force: Bundle | None, new: Bundle) -> None:
         """The rule for a bundle put in force, the one place it is written down: ``new``
@@ -215,6 +227,7 @@ class HighWater:
 
 #: Raised when the encoding changes (a broker then reads the formats before its own too).
 _FORMAT = 1
+_KEYS = {"format", "nodes", "revocations", "agreements", "schemes", "root", "bundles"}
 
 
 def _rows(value: object) -> list[object]:
@@ -224,13 +237,13 @@ def _rows(value: object) -> list[object]:
 
 
 def _named_marks(value: object) -> dict[str, Mark]:
-    marks = {}
+    marks: dict[str, Mark] = {}
     for row in _rows(value):
         match row:
-            case [str(name), version, texts]:
+            case [str(name), version, texts] if name not in marks:
                 marks[name] = Mark.from_list([version, texts])
             case _:
-                raise ValueError(f"not a named mark: {_short(row)}")
+                raise ValueError(f"not a named mark, or twice: {_short(row)}")
     return marks
 
 

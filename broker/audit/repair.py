@@ -37,7 +37,7 @@ from broker.errors import StorageError
 from broker.store.base import StoredCheckpoint
 from broker.store.sqlite import FILE_NAME, SqliteStore
 from broker.store.sqlite_repair import TreeRows, tree_transaction
-from broker.stored_bundle import earlier_broker_keys
+from broker.stored_bundle import earlier_broker_keys, stored_bundle
 
 log = structlog.get_logger("broker.audit")
 
@@ -402,7 +402,7 @@ def repair_data_dir(data_dir: Path, signer: Signer, *, dry_run: bool = False) ->
         raise StorageError(f"no store at {path}")
     store = SqliteStore.open_read_only(path) if dry_run else SqliteStore.in_dir(data_dir)
     try:
-        earlier = earlier_broker_keys(store, signer.name)
+        earlier = earlier_broker_keys(stored_bundle(store), signer.name)
         report = repair_tree(store, signer.name, [signer.verifier().public_key, *earlier],
                              dry_run=dry_run)
         if report.repaired:

@@ -4,8 +4,8 @@ One :class:`Store` holds the audit entries, the Merkle tree's stored node hashes
 checkpoint with its cosignatures, the content of every policy bundle that was active, the durable
 per-recipient queues, the expiry notices owed to senders and the durable subscriptions. Every
 write goes through :meth:`Store.commit` with a :class:`Batch`: all of it becomes durable, or
-none of it does. Nothing outside ``broker/store/sqlite.py`` and ``broker/store/sqlite_schema.py``
-may assume SQLite, so a PostgreSQL store can take its place.
+none of it does. Nothing outside the ``broker/store/sqlite*.py`` modules may assume SQLite, so a
+PostgreSQL store can take its place.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ rows) are written with many rows per statement, not one ``executemany`` step per
 worker thread (or anywhere beside a busy event loop) re-takes the GIL once per step; each
 re-take may wait for the loop's thread to give it up (up to ``sys.getswitchinterval()``, 5 ms by
 default). With a row per step a 1,000-entry commit beside the loop took ~90 ms in the
-throughput benchmark where the same batch alone takes ~25 ms: the commit thread, not the loop,
-held the broker's rate (docs/performance.md, session 17). Rows per statement are powers of two
-up to :data:`ROWS_PER_STATEMENT`, so a handful of SQL texts serve every batch size and stay in
-the connection's statement cache.
+throughput benchmark where the same batch alone takes ~25 ms (16 ms now); the broker's rate did
+not move, as the loop's own Python is its ceiling (docs/performance.md, session 17). Rows per
+statement are powers of two up to :data:`ROWS_PER_STATEMENT`, so a handful of SQL texts serve
+every batch size and stay in the connection's statement cache.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from broker.store.base import Batch, QueueRow
 from broker.store.sqlite_files import storage_error
 
-#: Most rows in one statement: 256 × 6 columns stays far below SQLite's host-parameter limit
-#: (32,766 since 3.32; 999 before, which 256 × 6 would exceed: see :func:`_rows_per_statement`).
+#: Most rows in one statement (fewer if the connection's host-parameter limit, 32,766 by
+#: default since SQLite 3.32 and 999 before, is lower: see :func:`_rows_per_statement`).
 ROWS_PER_STATEMENT = 256
 
 
@@ -52,7 +52,7 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[obj
         return
     width = len(rows[0])
     one = "(" + ", ".join("?" * width) + ")"
-    for start, count in _chunks(len(rows), width):
+    for start, count in _chunks(len(rows), _rows_per_statement(conn, width)):
         conn.execute(f"{head} VALUES {', '.join([one] * count)}",
                      [value for row in rows[start:start + count] for value in row])
 
@@ -63,16 +63,16 @@ def delete_queued(conn: sqlite3.Connection, keys: Iterable[tuple[str, int]]) -> 
     by_recipient: dict[str, list[int]] = {}
     for recipient, seq in keys:
         by_recipient.setdefault(recipient, []).append(seq)
+    most = _rows_per_statement(conn, 1)
     for recipient, seqs in by_recipient.items():
-        for start, count in _chunks(len(seqs), 1):
+        for start, count in _chunks(len(seqs), most):
             conn.execute("DELETE FROM queue WHERE recipient = ? AND seq IN "
                          f"({', '.join('?' * count)})", [recipient, *seqs[start:start + count]])
 
 
-def _chunks(total: int, width: int) -> Iterable[tuple[int, int]]:
+def _chunks(total: int, most: int) -> Iterable[tuple[int, int]]:
     """``(start, count)`` pieces covering ``range(total)``; each count a power of two of at
-    most :func:`_rows_per_statement` rows."""
-    most = _rows_per_statement(width)
+    most ``most``."""
     start = 0
     while start < total:
         count = 1 << (min(most, total - start).bit_length() - 1)
@@ -80,11 +80,11 @@ def _chunks(total: int, width: int) -> Iterable[tuple[int, int]]:
         start += count
 
 
-def _rows_per_statement(width: int) -> int:
-    # An SQLite older than 3.32 binds at most 999 parameters per statement.
-    limit = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+def _rows_per_statement(conn: sqlite3.Connection, width: int) -> int:
+    """Rows of ``width`` values per statement within the connection's parameter limit."""
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     rows = ROWS_PER_STATEMENT
-    while rows * width + 1 > limit:  # +1: the recipient of a delete
+    while rows > 1 and rows * width + 1 > limit:  # +1: the recipient of a delete
         rows //= 2
     return rows
 

@@ -148,9 +148,25 @@ def test_equal_marks_give_equal_bytes_in_any_order(made: CoalitionDocuments) -> 
     assert HighWater.of([old, raised]).to_bytes() == HighWater.of([raised, old]).to_bytes()
 
 
+def test_marks_name_the_bundles_they_cover(made: CoalitionDocuments) -> None:
+    first = made.bundle()
+    raised = with_docs(made, {"schemes/GBR.toml": scheme_doc(made, "GBR", version=2)})
+    marks = HighWater.of([first, raised])
+    assert marks.bundles == {first.hash, raised.hash}
+    assert HighWater.from_bytes(marks.to_bytes()).bundles == marks.bundles
+
+
+def test_marks_of_a_newer_broker_say_so(made: CoalitionDocuments) -> None:
+    value = msgpack.unpackb(HighWater.of([made.bundle()]).to_bytes())
+    value["format"] = 2
+    with pytest.raises(ValueError, match="format 2, written by a newer broker"):
+        HighWater.from_bytes(msgpack.packb(value))
+
+
 @pytest.mark.parametrize("damage", [
-    b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"format": 2}),
-    "format", "extra key", "node name", "texts", "revocation key", "root",
+    b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"format": 1}),
+    "format", "format true", "extra key", "node name", "node twice", "version true", "texts",
+    "revocation key", "revoked at true", "root", "bundle hash", "bundle twice",
 ])
 def test_anything_but_stored_marks_is_refused(made: CoalitionDocuments,
                                               damage: bytes | str) -> None:
@@ -159,7 +175,19 @@ def test_anything_but_stored_marks_is_refused(made: CoalitionDocuments,
     else:
         value = msgpack.unpackb(HighWater.of([made.bundle()]).to_bytes())
         if damage == "format":
-            value["format"] = 99
+            value["format"] = 0
+        elif damage == "format true":
+            value["format"] = True
+        elif damage == "node twice":
+            value["nodes"].append(value["nodes"][0])
+        elif damage == "version true":
+            value["nodes"][0][2] = True
+        elif damage == "revoked at true":
+            value["revocations"] = [["USA", "USA-GW2", b"k" * 32, "lost", True]]
+        elif damage == "bundle hash":
+            value["bundles"] = ["not bytes"]
+        elif damage == "bundle twice":
+            value["bundles"] = value["bundles"] * 2
         elif damage == "extra key":
             value["extra"] = []
         elif damage == "node name":
