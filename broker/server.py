@@ -260,13 +260,15 @@ class BrokerServer:
         self._watchdog = self._runner = None
         for task in self._background:
             task.cancel()
-        # All cancelled first, then awaited together: one that had died (and raises) must
-        # neither keep another running nor stop the audit log's close below.
-        for outcome in await asyncio.gather(*self._background, return_exceptions=True):
-            if not isinstance(outcome, (asyncio.CancelledError, type(None))):
-                log.error("background_task_failed", error=repr(outcome))
-        self._background = []
-        await self._close_audit()
+        try:
+            # All cancelled first, then awaited together: one that had died (and raises) must
+            # neither keep another running nor stop the audit log's close below.
+            for outcome in await asyncio.gather(*self._background, return_exceptions=True):
+                if not isinstance(outcome, (asyncio.CancelledError, type(None))):
+                    log.error("background_task_failed", error=repr(outcome))
+        finally:
+            self._background = []
+            await self._close_audit()
         log.info("broker_stopped", broker=self.name)
 
     async def reload(self, policy_dir: Path, *, pinned_root_sha256: bytes) -> Bundle:

@@ -13,6 +13,7 @@ at the first drop if reconnection is off.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -247,6 +248,11 @@ class Connection:
         self.generation = 0
         # Who waits for an answer: a message id for a receipt, ``None`` for the control channel.
         self._waiters: dict[bytes | None, asyncio.Future[wire.Frame]] = {}
+        #: Control answers still owed to requests given up after they were sent on this link
+        #: (timed out, cancelled), oldest first: dropped as they come, or the next control
+        #: request would take one for its own. ``True``: the request ended with a ping (an
+        #: ``error`` for its frame may come first): drop through the pong.
+        self._abandoned: collections.deque[bool] = collections.deque()
         self._control = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -310,6 +316,7 @@ class Connection:
         :class:`ConnectionClosed` if the link drops meanwhile (the request was in flight),
         :class:`RequestRejected` for an ``error`` answer."""
         future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
+        sent_on: Link | None = None
         try:
             async with asyncio.timeout(self.endpoint.timeout):
                 link = await self.ready()
@@ -317,6 +324,7 @@ class Connection:
                 # _fail_waiters fails the future.
                 self._waiters[key] = future
                 for frame in frames:
+                    sent_on = link  # from the first write on, the broker may answer
                     await link.send(frame)
                 answer = await future
         except TimeoutError as exc:
@@ -324,8 +332,11 @@ class Connection:
         finally:
             if self._waiters.get(key) is future:
                 del self._waiters[key]
-            if future.done() and not future.cancelled():
+            answered = future.done() and not future.cancelled()
+            if answered:
                 future.exception()  # retrieved: failing a waiter nobody awaits is not an error
+            elif key is None and sent_on is not None and sent_on is self.link:
+                self._abandoned.append(isinstance(frames[-1], wire.Ping))
         if isinstance(answer, wire.Error):
             raise RequestRejected(answer.reason, code=answer.code, ref=answer.ref)
         return answer
@@ -383,6 +394,11 @@ class Connection:
         elif isinstance(frame, wire.Error) and frame.ref is not None and frame.ref in self._waiters:
             self._resolve(frame.ref, frame)
         elif isinstance(frame, (wire.Routes, wire.Directory, wire.Proof, wire.Pong, wire.Error)):
+            if self._abandoned:  # the late answer of a request given up
+                if not self._abandoned[0] or isinstance(frame, wire.Pong):
+                    self._abandoned.popleft()
+                log.info("late_answer_dropped", frame=frame.T)
+                return
             if isinstance(frame, wire.Error) and None not in self._waiters:
                 log.error("broker_error", code=frame.code, reason=frame.reason)
             self._resolve(None, frame)
@@ -403,6 +419,7 @@ class Connection:
 
     def _up(self, link: Link) -> None:
         self.link = link
+        self._abandoned.clear()  # owed on the link that ended: they will not come
         #: Which link frames came on: deliveries of an earlier link are stale (the broker
         #: took them back when it ended and sends them again on this one).
         self.generation += 1

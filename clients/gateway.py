@@ -369,20 +369,23 @@ class GatewayClient:
                     # this one (or it expired meanwhile, and its sender was told so).
                     continue
                 try:
-                    message = await self._accept(frame, finished)
-                    if message is not None and unacked and self._deliveries.empty():
-                        # Nothing to batch with, and the consumer may hold this one for long.
-                        await self._ack_quietly(unacked)
-                        unacked = []
-                except GatewayError as exc:
-                    # The sender's certificate could not be fetched: not acked, and a new link
-                    # makes the broker send it again (it would otherwise hold a window slot).
-                    log.warning("delivery_deferred", seq=frame.seq, code=exc.code)
-                    await self._connection.recycle("a delivery could not be checked")
-                    continue
+                    try:
+                        message = await self._accept(frame, finished)
+                        if message is not None and unacked and self._deliveries.empty():
+                            # Nothing to batch with; the consumer may hold this one for long.
+                            await self._ack_quietly(unacked)
+                            unacked = []
+                    except GatewayError as exc:
+                        # The sender's certificate could not be fetched: not acked, and a new
+                        # link makes the broker send it again (it would otherwise hold a
+                        # window slot).
+                        log.warning("delivery_deferred", seq=frame.seq, code=exc.code)
+                        await self._connection.recycle("a delivery could not be checked")
+                        continue
                 except asyncio.CancelledError:
-                    # Not handed over: kept for the next messages(). Dropped, it would stay in
-                    # flight at the broker, unacked, until this link ends (hours, maybe).
+                    # Not handed over: kept for the next messages() (skipped there if its link
+                    # ended). Dropped, it would stay in flight at the broker, unacked, until
+                    # this link ends (hours, maybe).
                     self._held.appendleft(item)
                     raise
                 if message is None:

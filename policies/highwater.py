@@ -183,7 +183,9 @@ class HighWater:
         if type(found) is int and found > _FORMAT:
             raise ValueError(f"format {found}, written by a newer broker (this one reads "
                              f"{_FORMAT})")
-        if not (found == _FORMAT and type(found) is int and set(value) == _KEYS):
+        if type(found) is int and found == 1 and set(value) == _KEYS - {"bundles"}:
+            value["bundles"] = []  # format 1 named no bundles: a start folds in all of them
+        elif not (found == _FORMAT and type(found) is int and set(value) == _KEYS):
             raise ValueError(f"not high-water marks of format {_FORMAT}")
         nodes: dict[str, tuple[str, Mark]] = {}
         for row in _rows(value["nodes"]):
@@ -201,7 +203,8 @@ class HighWater:
                 case _:
                     raise ValueError(f"not a revocation, or twice: {_short(row)}")
         bundles = _rows(value["bundles"])
-        if not all(type(b) is bytes for b in bundles) or len(set(bundles)) != len(bundles):
+        if (not all(type(b) is bytes and len(b) == 32 for b in bundles)
+                or len(set(bundles)) != len(bundles)):
             raise ValueError("not a list of distinct bundle hashes")
         return cls(nodes=nodes, revocations=revocations,
                    agreements=_named_marks(value["agreements"]),
@@ -226,7 +229,8 @@ class HighWater:
 
 
 #: Raised when the encoding changes (a broker then reads the formats before its own too).
-_FORMAT = 1
+#: 2: the hashes of the bundles folded in (format 1 had none, and is read as covering none).
+_FORMAT = 2
 _KEYS = {"format", "nodes", "revocations", "agreements", "schemes", "root", "bundles"}
 
 

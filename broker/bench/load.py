@@ -248,5 +248,5 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
         envelope_bytes=max((p.envelope_bytes for p in published), default=0), build_s=build_s,
         broker_cpu_s=cpu_after - cpu_before, rss_before=rss_before, rss_after=rss_after,
         publishers=published, subscribers=received, steal_share=stolen,
-        broker_metrics=(between(metrics_before, metrics_after, elapsed)
+        broker_metrics=(between(metrics_before, metrics_after)
                         if metrics_before is not None and metrics_after is not None else None))

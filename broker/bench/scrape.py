@@ -11,7 +11,9 @@ Quantiles of a histogram are read from its buckets: "≤ the bucket's bound".
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import math
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -31,6 +33,8 @@ class Snapshot:
     commit_s: float = 0.0
     entries: float = 0.0
     lag: tuple[tuple[float, float], ...] = ()  # (upper bound in s, cumulative count)
+    #: When it was read (``time.monotonic()``; 0 when parsed from text alone).
+    at: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Snapshot:
@@ -57,20 +61,22 @@ def fetch(url: str, token: str, timeout: float = 10.0) -> Snapshot | None:
                                      headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return Snapshot.parse(response.read().decode())
-    except (OSError, ValueError, urllib.error.URLError):
+            text = response.read().decode()
+    except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException):
         return None
+    return dataclasses.replace(Snapshot.parse(text), at=time.monotonic())
 
 
-def between(before: Snapshot, after: Snapshot, elapsed_s: float) -> dict[str, Any]:
-    """What the broker did from ``before`` to ``after`` (a run of ``elapsed_s`` seconds)."""
+def between(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+    """What the broker did from ``before`` to ``after`` (read at their ``at`` times)."""
+    elapsed_s = after.at - before.at
     commits = after.commits - before.commits
     commit_s = after.commit_s - before.commit_s
     entries = after.entries - before.entries
     counts = {bound: count for bound, count in before.lag}
     lag = [(bound, count - counts.get(bound, 0.0)) for bound, count in after.lag]
     return {
-        "commits": int(commits),
+        "commits": int(commits), "entries": int(entries),
         "entries_per_commit": round(entries / commits, 1) if commits else None,
         "commit_ms_mean": round(commit_s / commits * 1e3, 3) if commits else None,
         "commit_busy_share": round(commit_s / elapsed_s, 3) if elapsed_s > 0 else None,

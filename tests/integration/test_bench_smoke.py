@@ -49,7 +49,7 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
     # copy arrived), in at least one commit.
     account = throughput["broker"]
     assert account["commits"] >= 1 and account["commit_busy_share"] is not None
-    assert account["entries_per_commit"] * account["commits"] >= 60
+    assert account["entries"] >= 60
 
     latency = scenarios["latency"]["points"]
     assert latency and all(p["copies"] > 0 and "p99.9_ms" in p for p in latency)

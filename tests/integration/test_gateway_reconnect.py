@@ -28,6 +28,7 @@ from clients.gateway import (
     Expired,
     GatewayClient,
     Message,
+    RequestRejected,
     RequestTimeout,
     label,
 )
@@ -427,6 +428,33 @@ class FakeBroker:
 async def fake(coalition: Coalition) -> AsyncIterator[FakeBroker]:
     async with FakeBroker(coalition.broker_name) as running:
         yield running
+
+
+@pytest.mark.parametrize("given_up", ["cancelled", "timed out"])
+async def test_a_late_answer_to_a_request_given_up_is_not_taken_by_the_next_one(
+        fake: FakeBroker, coalition: Coalition, given_up: str) -> None:
+    """Control answers carry no id: they answer requests in order. A request given up after it
+    was sent (a consumer's timeout around ``directory()``, or the client's own) still gets its
+    answer from the broker, later; the next control request must not take it for its own."""
+    async with client(fake.url, coalition, "GBR-GW1",
+                      timeout=0.3 if given_up == "timed out" else 5) as gbr:
+        node = await fake.next_connection()
+        connection = gbr._connection
+        first = asyncio.ensure_future(connection.control(wire.Directory()))
+        assert isinstance(await asyncio.wait_for(node.received.get(), 5), wire.Directory)
+        if given_up == "cancelled":
+            first.cancel()
+        with pytest.raises(asyncio.CancelledError if given_up == "cancelled"
+                           else RequestTimeout):
+            await first
+        second = asyncio.ensure_future(connection.control(wire.Directory()))
+        assert isinstance(await asyncio.wait_for(node.received.get(), 5), wire.Directory)
+        await node.send(wire.Directory(certs=[]))  # the first one's answer, late
+        await node.send(wire.Error(code="internal", reason="the second one's answer"))
+        with pytest.raises(RequestRejected, match="the second one's answer"):
+            await second
+        # The late answer was dropped: nothing more is owed.
+        assert not connection._abandoned
 
 
 async def test_subscriptions_are_sent_again_after_a_reconnect_and_unsubscribed_ones_not(

@@ -3,6 +3,8 @@ exposition parsed, differences over a run, quantiles as bucket bounds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from broker.bench.scrape import Snapshot, between
 from broker.metrics import Metrics
 
@@ -28,8 +30,8 @@ def test_a_run_is_the_difference_of_two_snapshots() -> None:
     before = Snapshot.parse(_exposition([(0.5, 1000)], [0.2] * 10))
     after = Snapshot.parse(_exposition([(0.5, 1000), (0.010, 300), (0.030, 600)],
                                        [0.2] * 10 + [0.0004] * 98 + [0.015, 0.3]))
-    run = between(before, after, elapsed_s=0.2)
-    assert run["commits"] == 2 and run["entries_per_commit"] == 450
+    run = between(dataclasses.replace(before, at=10.0), dataclasses.replace(after, at=10.2))
+    assert run["commits"] == 2 and run["entries"] == 900 and run["entries_per_commit"] == 450
     assert run["commit_ms_mean"] == 20 and run["commit_busy_share"] == 0.2
     # 100 samples in the run (the 10 before are not): 98 within 1 ms, then 20 and 500 ms.
     assert run["loop_lag_samples"] == 100
@@ -39,10 +41,10 @@ def test_a_run_is_the_difference_of_two_snapshots() -> None:
 
 def test_nothing_measured_is_none_not_zero() -> None:
     empty = Snapshot.parse(_exposition([], []))
-    run = between(empty, empty, elapsed_s=0)
+    run = between(empty, empty)
     assert run["commits"] == 0 and run["loop_lag_samples"] == 0
     assert run["entries_per_commit"] is run["commit_ms_mean"] is run["commit_busy_share"] is None
     assert run["loop_lag_p99_le_ms"] is None
     beyond = Snapshot.parse(_exposition([], [2.0, 3.0]))
-    assert between(empty, beyond, 1.0)["loop_lag_p99_le_ms"] is None  # past the 1 s bucket
+    assert between(empty, beyond)["loop_lag_p99_le_ms"] is None  # past the 1 s bucket
     assert Snapshot.parse("") == Snapshot()

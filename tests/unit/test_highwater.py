@@ -158,15 +158,27 @@ def test_marks_name_the_bundles_they_cover(made: CoalitionDocuments) -> None:
 
 def test_marks_of_a_newer_broker_say_so(made: CoalitionDocuments) -> None:
     value = msgpack.unpackb(HighWater.of([made.bundle()]).to_bytes())
-    value["format"] = 2
-    with pytest.raises(ValueError, match="format 2, written by a newer broker"):
+    value["format"] = 3
+    with pytest.raises(ValueError, match="format 3, written by a newer broker"):
         HighWater.from_bytes(msgpack.packb(value))
+
+
+def test_marks_of_format_1_are_read_as_covering_no_bundle(made: CoalitionDocuments) -> None:
+    """Format 1 (no ``bundles``) was stored for a few commits: a start then folds in every
+    stored bundle once, as for a store without marks."""
+    marks = HighWater.of([made.bundle()])
+    value = msgpack.unpackb(marks.to_bytes())
+    del value["bundles"]
+    value["format"] = 1
+    old = HighWater.from_bytes(msgpack.packb(value))
+    assert old == dataclasses.replace(marks, bundles=frozenset())
 
 
 @pytest.mark.parametrize("damage", [
     b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"format": 1}),
     "format", "format true", "extra key", "node name", "node twice", "version true", "texts",
-    "revocation key", "revoked at true", "root", "bundle hash", "bundle twice",
+    "revocation key", "revoked at true", "root", "bundle hash", "bundle hash short",
+    "bundle twice", "format 1 with bundles",
 ])
 def test_anything_but_stored_marks_is_refused(made: CoalitionDocuments,
                                               damage: bytes | str) -> None:
@@ -186,6 +198,10 @@ def test_anything_but_stored_marks_is_refused(made: CoalitionDocuments,
             value["revocations"] = [["USA", "USA-GW2", b"k" * 32, "lost", True]]
         elif damage == "bundle hash":
             value["bundles"] = ["not bytes"]
+        elif damage == "bundle hash short":
+            value["bundles"] = [b"\x00" * 31]
+        elif damage == "format 1 with bundles":
+            value["format"] = 1
         elif damage == "bundle twice":
             value["bundles"] = value["bundles"] * 2
         elif damage == "extra key":
