@@ -29,7 +29,6 @@ import structlog
 
 from broker import router, wire
 from broker.audit.leaves import (
-    AdminEntry,
     DeliverEntry,
     Entry,
     PolicyEntry,
@@ -46,6 +45,7 @@ from broker.errors import BrokerError, ProtocolError, StorageError, Verification
 from broker.expiry import Expiry
 from broker.limits import EnvelopeLimits, check_envelope_limits, check_route_limits
 from broker.metrics import Metrics
+from broker.node_status import NodeStatuses
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
 from broker.session import error_frame
@@ -120,7 +120,6 @@ class Hub:
         self._subscribers: dict[str, frozenset[str]] = {}
         self.queues: dict[str, RecipientQueue] = {}
         self.peers: dict[str, Peer] = {}
-        self.inactive: set[str] = set()
         self._window = window
         self._first_seq = 1
         self._max_envelope = max_envelope
@@ -131,8 +130,6 @@ class Hub:
             node, seqs), self._pump)
         self.capacity = capacity
         self.decisions = DecisionCache()
-        #: Nodes an operator suspended or revoked (also in ``inactive``; durable).
-        self.statuses: dict[str, str] = {}
         #: The bundle last activated, here or (after :meth:`restore`) in the previous run:
         #: the one a new bundle must succeed.
         self._in_force: Bundle | None = None
@@ -144,8 +141,20 @@ class Hub:
         self.metrics = metrics or Metrics()
         #: Copies past their TTL, and the notices owed to their senders.
         self.expiry = Expiry(audit, self.metrics, self.peers)
+        #: Nodes an operator suspended, resumed or revoked.
+        self.node_status = NodeStatuses(audit, clock_ms, self.peers)
         self.metrics.watch(self, clock_ms)
         audit.commit_observers.append(self.metrics.committed)
+
+    @property
+    def statuses(self) -> dict[str, str]:
+        """Nodes an operator suspended or revoked (also in :attr:`inactive`; durable)."""
+        return self.node_status.statuses
+
+    @property
+    def inactive(self) -> set[str]:
+        """Nodes no copy may go to or come from now (suspended or revoked by an operator)."""
+        return self.node_status.inactive
 
     # --- state --------------------------------------------------------------------------
 
@@ -165,8 +174,7 @@ class Hub:
             self._queue(row.recipient).push(
                 message_id=row.id, sender=row.sender, envelope=None, size=row.size,
                 prec=row.prec, expires_ms=row.expires_ms, seq=row.seq, queued_ms=row.queued_ms)
-        self.statuses = self.audit.store.node_statuses()
-        self.inactive |= set(self.statuses)
+        self.node_status.restore(self.audit.store.node_statuses())
         self.expiry.restore(self.audit.store.notices())
         self._in_force = in_force
         self.high_water = stored_high_water(self.audit.store, in_force)
@@ -427,40 +435,9 @@ class Hub:
     # --- operator actions ---------------------------------------------------------------
 
     def set_status(self, node: str, status: str, *, operator: str) -> asyncio.Future[int]:
-        """Suspend (``suspended``), resume (``active``) or revoke (``revoked``) ``node``: in
-        force at once (a suspended node is disconnected and denied as a recipient), recorded
-        as an ``admin`` entry appended in the same tick, so every decision logged after the
-        entry was taken under the new status. The caller checks the transition is allowed."""
-        action = _ACTIONS[status]
-        entry = AdminEntry(ts=self.clock_ms(), operator=operator, action=action, target=node,
-                           outcome="ok")
-        future = self.audit.append(entry, node_status=[(node, status)])
-        if status == "active":
-            previous = self.statuses.pop(node, "suspended")
-            self.inactive.discard(node)
-            # At once, like every status change, so the decisions logged after the entry are
-            # the ones its replay expects; undone if the entry does not become durable (the
-            # store and the log still say suspended).
-            future.add_done_callback(functools.partial(self._undo_resume, node=node,
-                                                       previous=previous))
-        else:
-            self.inactive.add(node)
-            self.statuses[node] = status
-            peer = self.peers.get(node)
-            if peer is not None:
-                peer.close("node_inactive", f"{status} by an operator")
-        log.warning("node_status_changed", node=node, status=status, operator=operator)
-        return future
-
-    def _undo_resume(self, done: asyncio.Future[int], *, node: str, previous: str) -> None:
-        if not done.cancelled() and done.exception() is None:
-            return
-        self.inactive.add(node)
-        self.statuses[node] = previous
-        peer = self.peers.get(node)
-        if peer is not None:
-            peer.close("node_inactive", "the resume was not recorded")
-        log.error("node_resume_undone", node=node, reason="its admin entry is not durable")
+        """Suspend (``suspended``), resume (``active``) or revoke (``revoked``) ``node``
+        (:meth:`broker.node_status.NodeStatuses.change`)."""
+        return self.node_status.change(node, status, operator=operator)
 
     # --- expiry -------------------------------------------------------------------------
 
@@ -576,5 +553,3 @@ class Hub:
             # else: unsent back in pending, or missing from the store (logged; it stays in
             # flight, one window slot, and is tried again after a reconnect; damage only).
 
-
-_ACTIONS = {"suspended": "suspend", "active": "resume", "revoked": "revoke"}
