@@ -39,8 +39,7 @@ class NodeStatuses:
         self._peers = peers
         #: ``suspended`` or ``revoked``, by node (durable).
         self.statuses: dict[str, str] = {}
-        #: Nodes no copy may go to or come from now: those of ``statuses``, and any the hub
-        #: adds.
+        #: Nodes no copy may go to or come from now: those of ``statuses``.
         self.inactive: set[str] = set()
 
     def restore(self, statuses: Mapping[str, str]) -> None:

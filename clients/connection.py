@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from ssl import SSLContext
 
 import aiohttp
@@ -253,6 +253,9 @@ class Connection:
         #: request would take one for its own. ``True``: the request ended with a ping (an
         #: ``error`` for its frame may come first): drop through the pong.
         self._abandoned: collections.deque[bool] = collections.deque()
+        #: Control pongs received (not dropped as late answers): how ``confirmed`` tells
+        #: whether its pong came with its error.
+        self._pongs = 0
         self._control = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -323,9 +326,15 @@ class Connection:
                 # No await between taking the link and registering: if it drops from now on,
                 # _fail_waiters fails the future.
                 self._waiters[key] = future
-                for frame in frames:
-                    sent_on = link  # from the first write on, the broker may answer
-                    await link.send(frame)
+                if frames:
+                    # All of them or none: given up halfway (a sub written, its ping not),
+                    # nobody could tell which answers are still to come. The broker may
+                    # answer from the first write on.
+                    sending = asyncio.ensure_future(self._send_all(link, frames))
+                    self._background.add(sending)
+                    sending.add_done_callback(self._background_done)
+                    sent_on = link
+                    await asyncio.shield(sending)
                 answer = await future
         except TimeoutError as exc:
             raise RequestTimeout(f"no answer within {self.endpoint.timeout} s") from exc
@@ -336,10 +345,29 @@ class Connection:
             if answered:
                 future.exception()  # retrieved: failing a waiter nobody awaits is not an error
             elif key is None and sent_on is not None and sent_on is self.link:
-                self._abandoned.append(isinstance(frames[-1], wire.Ping))
+                self._abandon(sent_on, through_pong=isinstance(frames[-1], wire.Ping))
         if isinstance(answer, wire.Error):
             raise RequestRejected(answer.reason, code=answer.code, ref=answer.ref)
         return answer
+
+    @staticmethod
+    async def _send_all(link: Link, frames: Sequence[wire.Frame]) -> None:
+        for frame in frames:
+            await link.send(frame)
+
+    def _abandon(self, link: Link, *, through_pong: bool) -> None:
+        """A control request on ``link`` was given up after it was sent: its answer, still to
+        come, is dropped when it does. If an earlier one's is still owed too, the broker is
+        not answering in the time allowed, or an answer the count expected will not come
+        (an unsolicited ``error``): the count cannot be trusted, and a new link starts clean
+        (what was in flight on this one is sent again by the broker)."""
+        if self._abandoned:
+            self._abandoned.clear()
+            task = asyncio.ensure_future(self.recycle("control answers out of step"))
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
+            return
+        self._abandoned.append(through_pong)
 
     async def control(self, *frames: wire.Frame) -> wire.Frame:
         """A control request: its answer carries no id and answers come in request order, so
@@ -350,13 +378,16 @@ class Connection:
     async def confirmed(self, frame: wire.Frame) -> None:
         """Send a frame that has no answer, then a ping: the pong confirms it was processed."""
         async with self._control:
+            pongs = self._pongs
             try:
                 answer = await self.request(frame, wire.Ping())
             except RequestRejected:
-                # The broker still answers the ping: take that pong here, or the next control
-                # request would take it for its own answer.
-                with contextlib.suppress(GatewayError):
-                    await self.request()
+                # The broker still answers the ping. Come already (with the error, and thrown
+                # away by _resolve), or still to come: then dropped when it does, or the next
+                # control request would take it for its own answer. (Waiting for it here
+                # waited out the whole timeout when it had come with the error.)
+                if self._pongs == pongs:
+                    self._abandoned.append(True)
                 raise
         if not isinstance(answer, wire.Pong):
             raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
@@ -391,8 +422,11 @@ class Connection:
     def _received(self, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Receipt):
             self._resolve(frame.id, frame)
-        elif isinstance(frame, wire.Error) and frame.ref is not None and frame.ref in self._waiters:
-            self._resolve(frame.ref, frame)
+        elif isinstance(frame, wire.Error) and frame.ref is not None:
+            if frame.ref in self._waiters:
+                self._resolve(frame.ref, frame)
+            else:  # for a publish given up (timed out): never a control answer
+                log.info("late_error_dropped", code=frame.code, ref=frame.ref.hex())
         elif isinstance(frame, (wire.Routes, wire.Directory, wire.Proof, wire.Pong, wire.Error)):
             if self._abandoned:  # the late answer of a request given up
                 if not self._abandoned[0] or isinstance(frame, wire.Pong):
@@ -401,6 +435,7 @@ class Connection:
                 return
             if isinstance(frame, wire.Error) and None not in self._waiters:
                 log.error("broker_error", code=frame.code, reason=frame.reason)
+            self._pongs += isinstance(frame, wire.Pong)
             self._resolve(None, frame)
         else:
             self._on_frame(frame)

@@ -369,6 +369,8 @@ class FakeBroker:
         self.name = name
         self.refuse: str | None = None
         self.autoping = True
+        #: Answer a node's ``ping`` frames with ``pong`` (off: the test answers).
+        self.answer_pings = True
         self.connections: asyncio.Queue[FakeConnection] = asyncio.Queue()
         self._open: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
@@ -416,7 +418,7 @@ class FakeBroker:
             async for msg in ws:
                 if msg.type is WSMsgType.BINARY:
                     frame = wire.decode_frame(msg.data)
-                    if isinstance(frame, wire.Ping):
+                    if isinstance(frame, wire.Ping) and self.answer_pings:
                         await connection.send(wire.Pong())
                     connection.received.put_nowait(frame)
         finally:
@@ -455,6 +457,77 @@ async def test_a_late_answer_to_a_request_given_up_is_not_taken_by_the_next_one(
             await second
         # The late answer was dropped: nothing more is owed.
         assert not connection._abandoned
+
+
+async def test_a_subscribe_given_up_drops_its_pong_and_a_late_publish_error_is_no_answer(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """``subscribe`` sends ``sub`` and ``ping`` (all or nothing) and waits for the pong: given
+    up, its pong is dropped when it comes. An ``error`` naming a publish given up (``ref``) is
+    never taken for a control answer."""
+    fake.answer_pings = False
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        node = await fake.next_connection()
+        asking = asyncio.ensure_future(gbr.subscribe("maritime.>"))
+        assert isinstance(await asyncio.wait_for(node.received.get(), 5), wire.Sub)
+        assert isinstance(await asyncio.wait_for(node.received.get(), 5), wire.Ping)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        connection = gbr._connection
+        second = asyncio.ensure_future(connection.control(wire.Directory()))
+        assert isinstance(await asyncio.wait_for(node.received.get(), 5), wire.Directory)
+        await node.send(wire.Pong())  # the subscribe's, late
+        await node.send(wire.Error(code="unavailable", reason="late", ref=b"\x01" * 16))
+        await node.send(wire.Error(code="internal", reason="the directory's answer"))
+        with pytest.raises(RequestRejected, match="the directory's answer"):
+            await second
+        assert gbr.reconnections == 0
+
+
+@pytest.mark.parametrize("pong", ["with the error", "later"])
+async def test_a_refused_subscribe_fails_at_once_and_its_pong_is_nobodys_answer(
+        fake: FakeBroker, coalition: Coalition, pong: str) -> None:
+    """The broker refuses a ``sub`` with an ``error`` and still answers its ``ping``: the
+    refusal is raised at once (it waited out the whole timeout when the pong came with the
+    error), and the pong, whenever it comes, is not the next control request's answer."""
+    fake.answer_pings = False
+    async with client(fake.url, coalition, "GBR-GW1", timeout=60) as gbr:
+        node = await fake.next_connection()
+        asking = asyncio.ensure_future(gbr.subscribe("maritime.>"))
+        await node.until(wire.Ping)
+        await node.send(wire.Error(code="bad_frame", reason="refused"))
+        if pong == "with the error":
+            await node.send(wire.Pong())
+        with pytest.raises(RequestRejected, match="refused"):
+            await asyncio.wait_for(asking, 10)  # not after the client's 60 s timeout
+        second = asyncio.ensure_future(gbr._connection.control(wire.Directory()))
+        await node.until(wire.Directory)
+        if pong == "later":
+            await node.send(wire.Pong())
+        await node.send(wire.Error(code="internal", reason="the directory's answer"))
+        with pytest.raises(RequestRejected, match="the directory's answer"):
+            await second
+
+
+async def test_answers_owed_to_two_requests_given_up_start_a_new_link(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """Two control requests given up in a row (the broker does not answer in time): the count
+    of answers still owed cannot be trusted, so the client takes a new link, where answers are
+    in step again (rather than dropping, forever, answers that are not the late ones)."""
+    async with client(fake.url, coalition, "GBR-GW1", timeout=0.3) as gbr:
+        first = await fake.next_connection()
+        for _ in range(2):
+            with pytest.raises(RequestTimeout):
+                await gbr._connection.control(wire.Directory())
+        second = await fake.next_connection()
+        await until(lambda: gbr.reconnections == 1)
+        asking = asyncio.ensure_future(gbr._connection.control(wire.Directory()))
+        while not isinstance(await asyncio.wait_for(second.received.get(), 5), wire.Directory):
+            pass  # the subscriptions re-sent first, if any
+        await second.send(wire.Error(code="internal", reason="on the new link"))
+        with pytest.raises(RequestRejected, match="on the new link"):
+            await asking
+        assert first is not second
 
 
 async def test_subscriptions_are_sent_again_after_a_reconnect_and_unsubscribed_ones_not(
