@@ -30,12 +30,14 @@ from clients.replay_workers import default_workers
 from policies.bundle import Bundle, bundle_content
 
 
-def _entries(bundle: Bundle, count: int, now: int) -> list[RouteEntry | DeliverEntry]:
-    """Realistic traffic: a route entry (3 candidates) then a deliver entry, alternating."""
+def _entries(bundle: Bundle, count: int, now: int,
+             delivers: int = 1) -> list[RouteEntry | DeliverEntry]:
+    """Realistic traffic: a route entry (3 candidates) then ``delivers`` deliver entries, in
+    turn, ``count`` entries in all (rounded down to whole messages)."""
     lab = label("NATO", "SECRET", "USA", ["GBR"])
     sender = bundle.nodes["USA-GW1"]
     out: list[RouteEntry | DeliverEntry] = []
-    for i in range(count // 2):
+    for i in range(count // (1 + delivers)):
         message = hashlib.sha256(i.to_bytes(8, "big")).digest()[:16]
         decisions = {node: decide_recipient(lab, sender, node, "reports.daily", now + i, bundle,
                                             sealed_for=("GBR-GW1",))
@@ -43,26 +45,57 @@ def _entries(bundle: Bundle, count: int, now: int) -> list[RouteEntry | DeliverE
         out.append(RouteEntry(ts=now + i, id=message, env=message * 2, sender="USA-GW1",
                               topic="reports.daily", label=lab, prec=0, ttl=3600,
                               bundle=bundle.hash, sealed=("GBR-GW1",), decisions=decisions))
-        out.append(DeliverEntry(ts=now + i, id=message, to="GBR-GW1", seq=i + 1))
+        out.extend(DeliverEntry(ts=now + i, id=message, to="GBR-GW1", seq=(1 + delivers) * i + k)
+                   for k in range(1, 1 + delivers))
     return out
 
 
-async def _fill(data: Path, signer: Signer, bundle: Bundle, count: int, now: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class _Filled:
+    entries: int
+    #: Wall seconds, and CPU seconds of this process (every thread: the commit runs in one).
+    wall_s: float
+    cpu_s: float
+
+
+async def _fill(data: Path, signer: Signer, bundle: Bundle, entries: list[RouteEntry | DeliverEntry],
+                now: int) -> _Filled:
     audit = AuditLog(SqliteStore(data / "broker.sqlite"), signer,
                      policy=CommitPolicy(max_batch=1024, max_delay_s=0.002))
     await audit.start()
     await audit.append(PolicyEntry(ts=now, bundle=bundle.hash),
                        bundles=[(bundle.hash, bundle_content(bundle))])
-    entries = _entries(bundle, count, now)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     # Many publishers at once, as on a busy broker: each append waits for its commit.
     window = 4096
     for first in range(0, len(entries), window):
         await asyncio.gather(*(audit.append(e) for e in entries[first:first + window]))
-    elapsed = time.perf_counter() - start
+    filled = _Filled(len(entries), time.perf_counter() - start, time.process_time() - cpu)
     await audit.stop()
     audit.store.close()
-    return len(entries) / elapsed
+    return filled
+
+
+def _coalition(base: Path, now: int) -> tuple[Bundle, Signer, str]:
+    nodes = [NodeSpec("USA-GW1", "USA"), NodeSpec("USA-GW2", "USA"),
+             NodeSpec("GBR-GW1", "GBR"), NodeSpec("FRA-GW1", "FRA")]
+    coalition = build_coalition(base / "coalition", nations=["FRA", "GBR", "USA"], nodes=nodes,
+                                now_ms=now - DAY_MS)
+    signer = Signer.from_seed(coalition.broker_name, bytes(coalition.broker_key.signing_key))
+    return coalition.bundle(), signer, coalition.root_sha256
+
+
+def audit_cpu_per_message(base: Path, messages: int, delivers: int = 2) -> float:
+    """CPU microseconds the production audit log spends per message whose route entry (three
+    candidates) is followed by ``delivers`` deliver entries (two in the throughput plan):
+    entry encoding, Merkle hashing, the SQLite rows and the durable commits, all threads of
+    this process, written in large batches (the cheapest way the log commits). The queue and
+    message rows a broker also writes are not in it."""
+    now = time.time_ns() // 1_000_000
+    bundle, signer, _ = _coalition(base, now)
+    entries = _entries(bundle, messages * (1 + delivers), now, delivers)
+    filled = asyncio.run(_fill(base / "data", signer, bundle, entries, now))
+    return filled.cpu_s / (len(entries) // (1 + delivers)) * 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,21 +131,18 @@ def measure(base: Path, entries: int) -> AuditFigures:
     """Write ``entries`` entries through the group commit under ``base``, export the store and
     verify the export (offline, pinning the trust root, as ``coalition audit verify`` does)."""
     now = time.time_ns() // 1_000_000
-    nodes = [NodeSpec("USA-GW1", "USA"), NodeSpec("USA-GW2", "USA"),
-             NodeSpec("GBR-GW1", "GBR"), NodeSpec("FRA-GW1", "FRA")]
-    coalition = build_coalition(base / "coalition", nations=["FRA", "GBR", "USA"], nodes=nodes,
-                                now_ms=now - DAY_MS)
-    bundle = coalition.bundle()
-    signer = Signer.from_seed(coalition.broker_name, bytes(coalition.broker_key.signing_key))
-    rate = asyncio.run(_fill(base / "data", signer, bundle, entries, now))
+    bundle, signer, root_sha256 = _coalition(base, now)
+    filled = asyncio.run(_fill(base / "data", signer, bundle, _entries(bundle, entries, now),
+                               now))
+    rate = filled.entries / filled.wall_s
     store = SqliteStore(base / "data" / "broker.sqlite")
-    export_store(store, coalition.broker_name, base / "export")
+    export_store(store, signer.name, base / "export")
     store.close()
     workers = default_workers(entries)
     timed = {}
     for count in sorted({0, workers}):
         start = time.perf_counter()
-        report = verify_export(base / "export", pins=[coalition.root_sha256], quorum=0,
+        report = verify_export(base / "export", pins=[root_sha256], quorum=0,
                                workers=count)
         timed[count] = time.perf_counter() - start, report
     elapsed, report = timed[workers]

@@ -2,7 +2,9 @@
 measured`` (its scenario did not run, failed, or ran too small to say), with the figure it was
 judged on. Pure: results in, verdicts out.
 
-- throughput ≥ 0.8 × the single-core verify rate (``throughput`` ÷ the ``limits``' verify);
+- throughput ≥ 0.8 × the single-core verify rate (``throughput`` ÷ the ``limits``' verify;
+  the machine's budget, :mod:`broker.bench.budget`, is shown beside it: the highest ratio any
+  broker doing the same parts could reach here);
 - p99 ≤ 5 ms at 25 % of the maximum rate (``latency``; the floor measured beside it is shown,
   not judged: the goal is the broker's);
 - broker CPU per message flat (±10 %) from 3 nations / 2 agreements to 100 / 300 (``policy``);
@@ -47,8 +49,11 @@ def _throughput(results: Results) -> dict[str, Any]:
     ratio = (result.get("ratios") or {}).get("vs_verify") if result else None
     if ratio is None:
         return _verdict(goal, None, None, "needs the throughput scenario and the limits")
-    return _verdict(goal, ratio, ratio >= VERIFY_RATIO,
-                    f"{result['messages_per_s']:,.0f} msg/s" if result else "")
+    note = f"{result['messages_per_s']:,.0f} msg/s" if result else ""
+    bound = ((_ok(results, "limits") or {}).get("budget") or {}).get("bound_vs_verify")
+    if bound is not None:
+        note += f"; the machine's budget allows ≤ {bound:.2f}"
+    return _verdict(goal, ratio, ratio >= VERIFY_RATIO, note)
 
 
 def _latency(results: Results) -> dict[str, Any]:

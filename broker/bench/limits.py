@@ -10,9 +10,14 @@
   message rate, one process each side, both on uvloop);
 - **relay**: the throughput plan (the same load generators, frames and message count) through
   :mod:`broker.bench.relay`, a server that only relays: the message rate with frame I/O and
-  routing the only costs (``relay_per_s``).
+  routing the only costs (``relay_per_s``), the relay's CPU and the load generators' CPU per
+  message;
+- **durable audit**: the production audit log's CPU per message of the plan's entries
+  (:func:`broker.bench_audit.audit_cpu_per_message`).
 
-The first three are counted for ``limit_seconds`` of wall time, as operations per second.
+The first three are counted for ``limit_seconds`` of wall time, as operations per second. The
+CPU figures make the machine's budget (:mod:`broker.bench.budget`): the highest rate a broker
+doing those parts could reach on this machine's cores.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ import aiohttp
 import nacl.signing
 from aiohttp import web
 
-from broker import crypto
+from broker import bench_audit, crypto
 from broker.audit.leaves import envelope_digest
 from broker.bench import throughput
+from broker.bench.budget import budget
 from broker.bench.childserver import ChildServer
 from broker.bench.context import Run
 from broker.bench.load import LoadResult, run_load
@@ -41,6 +47,8 @@ from clients.gateway import label
 from clients.identity import KeyFile
 
 ECHO_WINDOW = 64
+#: Messages whose audit entries are written to measure the audit log's CPU per message.
+AUDIT_MESSAGES = 4000
 
 
 def _rate(body: Callable[[], object], seconds: float) -> tuple[float, int]:
@@ -166,10 +174,14 @@ def run(bench: Run) -> dict[str, Any]:
     unpack, unpacked = unpack_verify_hash_rate(raw, public, seconds)
     echo, echoed, echo_cpu = ws_echo_rate(size, seconds)
     relay = relay_rate(bench)
+    audit_base = bench.workdir / "limits-audit"
+    audit_base.mkdir()
+    audit_us = bench_audit.audit_cpu_per_message(
+        audit_base, min(AUDIT_MESSAGES, max(bench.options.messages, 100)))
     if relay.errors or relay.copies != relay.expected_copies:
         raise RuntimeError(f"the relay lost messages: {relay.copies} of "
                            f"{relay.expected_copies} copies, errors {relay.errors}")
-    return {
+    result = {
         "status": "ok", "count": verified + unpacked + echoed + relay.messages,
         "envelope_bytes": len(raw), "seconds_each": seconds,
         "ed25519_verify_per_s": round(verify, 1),
@@ -179,4 +191,8 @@ def run(bench: Run) -> dict[str, Any]:
         "relay_per_s": round(relay.messages_per_s, 1), "relay_messages": relay.messages,
         "relay_cpu_us_per_message": round(relay.cpu_us_per(relay.messages), 1),
         "relay_cpu_share": round(relay.broker_cpu_share, 3),
+        "relay_load_cpu_us_per_message": round(relay.load_cpu_us_per_message, 1),
+        "audit_cpu_us_per_message": round(audit_us, 1),
     }
+    result["budget"] = budget(result, os.cpu_count() or 1)
+    return result

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from broker.bench.harness import machine_ticks, steal_share
+from broker.bench.harness import machine_ticks, process_cpu_seconds, steal_share
 from broker.bench.scrape import Snapshot, between
 from broker.bench.workers import (
     PublisherResult,
@@ -86,6 +86,9 @@ class LoadResult:
     #: The broker's own account of the run (:func:`broker.bench.scrape.between`): its commits
     #: and its event loop's lag; ``None`` for a server without ``/metrics``.
     broker_metrics: dict[str, Any] | None = None
+    #: CPU seconds of the worker processes (publishers and subscribers together) over the
+    #: same span as ``broker_cpu_s``: what the load generators cost the machine.
+    load_cpu_s: float = 0.0
 
     @property
     def messages_per_s(self) -> float:
@@ -103,6 +106,11 @@ class LoadResult:
     def cpu_us_per(self, count: int) -> float:
         return self.broker_cpu_s / count * 1e6 if count else 0.0
 
+    @property
+    def load_cpu_us_per_message(self) -> float:
+        """The load generators' CPU per message (µs)."""
+        return self.load_cpu_s / self.messages * 1e6 if self.messages else 0.0
+
     def latencies_ns(self) -> list[int]:
         """publish→deliver of every delivered copy whose send time was recorded."""
         sent = {message_id: ns for p in self.publishers for message_id, ns in p.sends}
@@ -119,6 +127,7 @@ class LoadResult:
             "broker_cpu_s": round(self.broker_cpu_s, 3),
             "broker_cpu_share": round(self.broker_cpu_share, 3),
             "broker_cpu_us_per_message": round(self.cpu_us_per(self.messages), 1),
+            "load_cpu_us_per_message": round(self.load_cpu_us_per_message, 1),
             "broker_rss_before": self.rss_before, "broker_rss_after": self.rss_after,
             "envelope_bytes": self.envelope_bytes, "build_s": round(self.build_s, 2),
             "statuses": self.statuses, "errors": self.errors, "duplicates": self.duplicates,
@@ -187,6 +196,14 @@ class _Workers:
             with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(command)
 
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU seconds so far of each worker process still running, by pid."""
+        out: dict[int, float] = {}
+        for process in self.processes:
+            with contextlib.suppress(OSError, ValueError):
+                out[process.pid] = process_cpu_seconds(process.pid)
+        return out
+
     def close(self) -> None:
         self.tell(self.conns, "exit")
         for process in self.processes:
@@ -216,9 +233,10 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
     ticks = machine_ticks()
     scrape: Callable[[], Snapshot | None] = getattr(broker, "metrics_snapshot", lambda: None)
     metrics_before = scrape()
+    load_before = workers.cpu_seconds()
     if pubs:
         rss_before, cpu_before = broker.rss_bytes(), broker.cpu_seconds()
-        ticks = machine_ticks()
+        ticks, load_before = machine_ticks(), workers.cpu_seconds()
         workers.tell(pubs, "go")
     published: list[PublisherResult] = [
         r for rs in workers.expect(pubs, "done", plan.timeout) for r in rs]
@@ -231,6 +249,7 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
         received = [r for rs in workers.expect(subs, "done", 30) for r in rs]
     stolen = steal_share(ticks, machine_ticks())
     cpu_after, rss_after = broker.cpu_seconds(), broker.rss_bytes()
+    load_after = workers.cpu_seconds()
     metrics_after = scrape()
     statuses: collections.Counter[str] = collections.Counter()
     errors: collections.Counter[str] = collections.Counter()
@@ -248,5 +267,7 @@ def _run(plan: LoadPlan, broker: Measured, workers: _Workers) -> LoadResult:
         envelope_bytes=max((p.envelope_bytes for p in published), default=0), build_s=build_s,
         broker_cpu_s=cpu_after - cpu_before, rss_before=rss_before, rss_after=rss_after,
         publishers=published, subscribers=received, steal_share=stolen,
+        load_cpu_s=sum(load_after[pid] - load_before[pid] for pid in load_after
+                       if pid in load_before),
         broker_metrics=(between(metrics_before, metrics_after)
                         if metrics_before is not None and metrics_after is not None else None))

@@ -134,6 +134,22 @@ def _limits(r: Result, out: TextIO) -> None:
          r["ws_echo_per_s"]],
         ["relay: the throughput plan, no checks, no disk (msg/s)", r["relay_per_s"]],
     ], out)
+    b = r.get("budget")
+    if b is None:
+        print("\nthe machine's budget: not measured (a part's CPU was below the clock's tick)",
+              file=out)
+        return
+    parts = b["parts_us_per_message"]
+    table(f"the machine's budget ({b['cores']} cores; CPU µs per message of the throughput plan)",
+          ["part", "µs"], [
+              ["Ed25519 verify", parts["verify"]],
+              ["durable audit log: route + 2 deliver entries", parts["audit"]],
+              ["frames and routing (the relay's CPU)", parts["frames"]],
+              ["load generators (during the relay run)", parts["load"]],
+              ["sum", b["total_us_per_message"]],
+              ["bound: msg/s with every core busy and nothing else done", b["bound_messages_per_s"]],
+              ["bound ÷verify", b["bound_vs_verify"]],
+          ], out)
 
 
 def _throughput(r: Result, out: TextIO) -> None:

@@ -36,6 +36,12 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
                 "relay_per_s"):
         assert limits[key] > 0
     assert limits["relay_messages"] == 60  # the throughput plan's count, every copy relayed
+    # The machine's budget: the audit log's CPU is timed precisely; the relay's and the load
+    # generators' come from /proc in clock ticks and may be nothing in a run this small.
+    assert limits["audit_cpu_us_per_message"] > 0
+    assert limits["relay_load_cpu_us_per_message"] >= 0
+    if limits["budget"] is not None:
+        assert limits["budget"]["bound_messages_per_s"] > 0
 
     throughput = scenarios["throughput"]
     assert throughput["messages"] == 60 and throughput["errors"] == {}

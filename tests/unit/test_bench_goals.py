@@ -52,3 +52,12 @@ def test_what_did_not_run_or_was_too_small_is_not_measured() -> None:
     out = io.StringIO()
     goals.print_goals(verdicts, out)
     assert "the goals of issue 7 (this run)" in out.getvalue() and "not measured" in out.getvalue()
+
+
+def test_the_throughput_verdict_shows_the_machines_budget_beside_it() -> None:
+    limits = {"status": "ok", "budget": {"bound_vs_verify": 0.6123}}
+    verdict = goals.check(_results(limits=limits))[0]
+    assert verdict["status"] == "not met"  # judged on the ratio, not on the budget
+    assert verdict["note"] == "3,057 msg/s; the machine's budget allows ≤ 0.61"
+    failed = goals.check(_results(limits={"status": "failed", "budget": {"bound_vs_verify": 1}}))
+    assert failed[0]["note"] == "3,057 msg/s"
