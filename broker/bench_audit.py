@@ -58,8 +58,8 @@ class _Filled:
     cpu_s: float
 
 
-async def _fill(data: Path, signer: Signer, bundle: Bundle, entries: list[RouteEntry | DeliverEntry],
-                now: int) -> _Filled:
+async def _fill(data: Path, signer: Signer, bundle: Bundle,
+                entries: list[RouteEntry | DeliverEntry], now: int) -> _Filled:
     audit = AuditLog(SqliteStore(data / "broker.sqlite"), signer,
                      policy=CommitPolicy(max_batch=1024, max_delay_s=0.002))
     await audit.start()
@@ -76,7 +76,7 @@ async def _fill(data: Path, signer: Signer, bundle: Bundle, entries: list[RouteE
     return filled
 
 
-def _coalition(base: Path, now: int) -> tuple[Bundle, Signer, str]:
+def _coalition(base: Path, now: int) -> tuple[Bundle, Signer, bytes]:
     nodes = [NodeSpec("USA-GW1", "USA"), NodeSpec("USA-GW2", "USA"),
              NodeSpec("GBR-GW1", "GBR"), NodeSpec("FRA-GW1", "FRA")]
     coalition = build_coalition(base / "coalition", nations=["FRA", "GBR", "USA"], nodes=nodes,

@@ -147,7 +147,8 @@ def _limits(r: Result, out: TextIO) -> None:
               ["frames and routing (the relay's CPU)", parts["frames"]],
               ["load generators (during the relay run)", parts["load"]],
               ["sum", b["total_us_per_message"]],
-              ["bound: msg/s with every core busy and nothing else done", b["bound_messages_per_s"]],
+              ["bound: msg/s with every core busy and nothing else done",
+               b["bound_messages_per_s"]],
               ["bound ÷verify", b["bound_vs_verify"]],
           ], out)
 
