@@ -10,9 +10,11 @@ before any delivery, both WebSocket hops and the load generators' own scheduling
 are nearest-rank over every delivered copy (two per message).
 
 Beside each point, the same load at the same rate through :mod:`broker.bench.relay`
-(``floor``), right before or right after it in turn: what the machine gives a server that only
-relays, in the same minute. The
-broker's latency above the floor is its own; the floor is the machine's. Beside each, the
+(``floor``) and through the durable relay (``durable_floor``: the same, with the envelopes of
+each turn written and ``fdatasync``-ed before their frames leave, the one cost the design puts
+before every delivery), the three in turn (each first in one point): what the machine gives
+a server that only relays, and one that only relays durably, in the same minute. The broker's
+latency above the durable floor is its own; the floors are the machine's. Beside each, the
 share of the machine's CPU time the hypervisor took meanwhile (``steal_share``, from
 ``/proc/stat``): on a shared virtual machine, stolen time is a tail no program can avoid.
 """
@@ -42,21 +44,22 @@ def run(bench: Run) -> dict[str, Any]:
         max_rate = throughput.measure(bench, max(60, options.messages // 10),
                                       "latency-probe").messages_per_s
     points = []
-    with bench.broker("latency") as broker, Relay() as relay:
+    journal = bench.workdir / "latency-relay.journal"  # on the disk of the broker's store
+    with bench.broker("latency") as broker, Relay() as relay, Relay(journal) as durable:
         if not options.quick:  # connections, caches and the store warmed up
             run_load(throughput.plan(bench, broker.url, WARMUP_MESSAGES), broker)
+        servers: list[Relay | BrokerProcess] = [broker, relay, durable]
         for index, fraction in enumerate(options.latency_fractions):
             rate = max(1.0, fraction * max_rate)
             count = max(30, min(options.latency_messages, int(rate * MAX_POINT_SECONDS)))
-            # The floor at the same rate, the machine in the same state: right before or right
-            # after, in turn, so that neither always runs on the heels of the other.
-            if index % 2 == 0:
-                result = _paced(bench, broker, count, rate)
-                floor = _paced(bench, relay, count, rate)
-            else:
-                floor = _paced(bench, relay, count, rate)
-                result = _paced(bench, broker, count, rate)
+            # The floors at the same rate, the machine in the same state: the three in turn,
+            # so that none always runs on the heels of another.
+            turn = index % len(servers)
+            runs = {id(server): _paced(bench, server, count, rate)
+                    for server in servers[turn:] + servers[:turn]}
+            result, floor, durable_floor = (runs[id(s)] for s in servers)
             latencies, floor_ns = result.latencies_ns(), floor.latencies_ns()
+            durable_ns = durable_floor.latencies_ns()
             points.append({
                 "fraction": fraction, "target_rate": round(rate, 1),
                 "achieved_rate": round(result.messages_per_s, 1), "messages": result.messages,
@@ -67,6 +70,9 @@ def run(bench: Run) -> dict[str, Any]:
                 "broker": result.broker_metrics,
                 "floor": {"copies": len(floor_ns), "errors": floor.errors,
                           "steal_share": floor.steal_share, **_percentiles(floor_ns)},
+                "durable_floor": {"copies": len(durable_ns), "errors": durable_floor.errors,
+                                  "steal_share": durable_floor.steal_share,
+                                  **_percentiles(durable_ns)},
             })
     return {"status": "ok", "count": sum(p["copies"] for p in points),
             "max_rate": round(max_rate, 1), "max_rate_probed": probed, "points": points}

@@ -10,11 +10,19 @@ broker would say). A connection's frames of one turn of the loop leave in one wr
 broker's do. No canonical check, no signature, no policy, no audit log, no disk, no delivery
 window (``ack`` frames are read and dropped, so a subscriber's acks never hold a copy back).
 
+The **durable relay** (``Relay(journal=PATH)``) adds the one cost the design's contract puts
+before every delivery (DESIGN: no message is delivered before its ``route`` entry is durable):
+the envelopes a turn of the loop received are written to a journal and ``fdatasync``-ed once,
+on the loop (as the broker commits at light load), before any frame they caused leaves. The
+cheapest durable write there is: a preallocated file overwritten in a ring (as SQLite reuses
+its WAL), so that a sync carries data, not the file's size; no index, no checksum, no entry.
+
 What it measures, in the same run and on the same machine as the broker: the message rate of
 the throughput plan when frame I/O and routing in one Python process are the only costs
 (``relay_per_s``, a limit), and the publish→deliver latency of the same plan at the latency
 scenario's rates (the **floor**: the load generators, two WebSocket hops and the processes
-taking turns on the machine's cores). The broker's latency above the floor is what everything
+taking turns on the machine's cores; the **durable floor**: the same with the disk's sync
+before each delivery). The broker's latency above the floor is what everything
 it does beyond relaying adds, and its exposure to the machine's pauses (it is busier: a pause
 delays more work); the floor alone is what the machine gives a server that only relays.
 
@@ -26,9 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -59,6 +69,14 @@ class RelayCore:
         self._links: dict[int, _Link] = {}
         #: Subscribed connections per topic, in subscription order (a dict: each once).
         self._topics: dict[str, dict[int, None]] = {}
+        #: Envelopes relayed since :meth:`take_relayed` last took them (the durable relay
+        #: writes them before the frames they caused leave).
+        self._relayed: list[bytes] = []
+
+    def take_relayed(self) -> list[bytes]:
+        """The envelopes relayed since the last call, in order."""
+        relayed, self._relayed = self._relayed, []
+        return relayed
 
     def connected(self, conn: int) -> list[bytes]:
         self._links[conn] = _Link()
@@ -96,6 +114,7 @@ class RelayCore:
     def _publish(self, sender: int, env: bytes) -> Iterator[tuple[int, bytes]]:
         body = msgpack.unpackb(msgpack.unpackb(env, raw=False)[0], raw=False)
         audience, message_id = set(body["label"]["rel"]), bytes(body["id"])
+        self._relayed.append(env)
         statuses: dict[str, str] = {}
         for conn in self._topics.get(body["topic"], ()):
             link = self._links[conn]
@@ -110,11 +129,13 @@ class RelayCore:
                                                      recipients=statuses))
 
 
-def relay_app() -> web.Application:
-    """The relay as an aiohttp application (one node endpoint, :data:`NODE_PATH`)."""
+def relay_app(journal: Path | None = None) -> web.Application:
+    """The relay as an aiohttp application (one node endpoint, :data:`NODE_PATH`); with a
+    ``journal``, the durable relay (module docstring)."""
     core = RelayCore()
     outputs: dict[int, _Output] = {}
     numbers = itertools.count(1)
+    durable = _Journal(journal, outputs) if journal is not None else None
 
     async def node(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=8 << 20, compress=False)
@@ -126,7 +147,12 @@ def relay_app() -> web.Application:
                 output.put(frame)
             async for msg in ws:
                 if msg.type is aiohttp.WSMsgType.BINARY:
-                    for to, frame in core.received(conn, msg.data):
+                    frames = core.received(conn, msg.data)
+                    relayed = core.take_relayed()
+                    if durable is not None and relayed:
+                        durable.hold(relayed, frames)
+                        continue
+                    for to, frame in frames:
                         target = outputs.get(to)
                         if target is not None:
                             target.put(frame)
@@ -138,7 +164,54 @@ def relay_app() -> web.Application:
 
     app = web.Application()
     app.router.add_get(NODE_PATH, node)
+    if durable is not None:
+        async def close_journal(_: web.Application) -> None:
+            durable.close()
+
+        app.on_cleanup.append(close_journal)
     return app
+
+
+class _Journal:
+    """The durable relay's write: a turn's envelopes in one ``pwrite`` and one ``fdatasync``
+    on the loop, then the frames they caused are put out."""
+
+    #: The ring's size: written out (and synced) once at the start.
+    SIZE = 64 << 20
+
+    def __init__(self, path: Path, outputs: dict[int, _Output]) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        zeros = bytes(1 << 20)
+        for _ in range(self.SIZE // len(zeros)):
+            os.write(self._fd, zeros)
+        os.fsync(self._fd)
+        self._offset = 0
+        self._outputs = outputs
+        self._envelopes: list[bytes] = []
+        self._frames: list[tuple[int, bytes]] = []
+
+    def hold(self, envelopes: list[bytes], frames: list[tuple[int, bytes]]) -> None:
+        if not self._envelopes:
+            asyncio.get_running_loop().call_soon(self._commit)
+        self._envelopes.extend(envelopes)
+        self._frames.extend(frames)
+
+    def _commit(self) -> None:
+        data, frames = b"".join(self._envelopes), self._frames
+        self._envelopes, self._frames = [], []
+        data = data[:self.SIZE]  # a turn larger than the ring: its head stands for it
+        if self._offset + len(data) > self.SIZE:
+            self._offset = 0
+        os.pwrite(self._fd, data, self._offset)
+        self._offset += len(data)
+        os.fdatasync(self._fd)
+        for to, frame in frames:
+            target = self._outputs.get(to)
+            if target is not None:
+                target.put(frame)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class _Output:
@@ -164,10 +237,12 @@ class _Output:
 
 
 class Relay(ChildServer):
-    """``with Relay() as relay``: the relay in a child process (``relay.url``)."""
+    """``with Relay() as relay``: the relay in a child process (``relay.url``); with a
+    ``journal`` (a file path), the durable relay."""
 
-    def __init__(self) -> None:
-        super().__init__(relay_app)
+    def __init__(self, journal: Path | None = None) -> None:
+        super().__init__(functools.partial(relay_app, journal) if journal is not None
+                         else relay_app)
 
     @property
     def url(self) -> str:

@@ -184,17 +184,24 @@ def _latency(r: Result, out: TextIO) -> None:
     table(f"latency publish→deliver (max rate {r['max_rate']:,.0f} msg/s"
           f"{', probed' if r['max_rate_probed'] else ''})",
           ["rate", "target/s", "achieved/s", "copies", "p50 ms", "p99 ms", "p99.9 ms",
-           "max ms", "steal %", "loop lag p99≤", "floor p50", "floor p99", "floor p99.9",
-           "floor steal %"],
+           "max ms", "steal %", "loop lag p99≤", "floor p50", "floor p99", "durable p50",
+           "durable p99", "floors' steal %"],
           [[f"{p['fraction']:.0%}", p["target_rate"], p["achieved_rate"], p["copies"],
             p["p50_ms"], p["p99_ms"], p["p99.9_ms"], p["max_ms"], _percent(p["steal_share"]),
             (p.get("broker") or {}).get("loop_lag_p99_le_ms"),
-            p["floor"]["p50_ms"], p["floor"]["p99_ms"], p["floor"]["p99.9_ms"],
-            _percent(p["floor"]["steal_share"])] for p in r["points"]], out)
-    print("floor: the same load at the same rate through a server that only relays "
-          "(no checks, no disk), right after each point; steal %: the machine's CPU time the "
-          "hypervisor took meanwhile; loop lag: how late the broker's event loop ran a timer "
-          "(ms, a histogram bucket's bound)", file=out)
+            p["floor"]["p50_ms"], p["floor"]["p99_ms"], *_durable(p.get("durable_floor")),
+            " / ".join(_percent(f["steal_share"]) for f in (p["floor"], p.get("durable_floor"))
+                       if f is not None)] for p in r["points"]], out)
+    print("floor: the same load at the same rate through a server that only relays (no "
+          "checks, no disk); durable: the same with a turn's envelopes written and fdatasync-ed "
+          "before their frames leave (the design's one cost before any delivery); the three "
+          "run in turn at each point; steal %: the machine's CPU time the hypervisor took "
+          "meanwhile; loop lag: how late the broker's event loop ran a timer (ms, a histogram "
+          "bucket's bound)", file=out)
+
+
+def _durable(floor: Result | None) -> list[object]:
+    return [None, None] if floor is None else [floor["p50_ms"], floor["p99_ms"]]
 
 
 def _percent(share: float) -> str:

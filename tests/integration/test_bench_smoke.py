@@ -59,8 +59,10 @@ def test_quick_bench_runs_every_scenario_and_writes_the_json(
 
     latency = scenarios["latency"]["points"]
     assert latency and all(p["copies"] > 0 and "p99.9_ms" in p for p in latency)
-    for point in latency:  # the floor: the same load through the relay, every copy arrived
-        assert point["floor"]["copies"] == point["copies"] and point["floor"]["errors"] == {}
+    for point in latency:  # the floors: the same load through the relays, every copy arrived
+        for floor in (point["floor"], point["durable_floor"]):
+            assert floor["copies"] == point["copies"] and floor["errors"] == {}
+            assert 0 <= floor["steal_share"] <= 1
         assert 0 <= point["steal_share"] <= 1 and 0 <= point["floor"]["steal_share"] <= 1
     assert [p["recipients"] for p in scenarios["fanout"]["points"]] == [1, 4, 16]
     for point in scenarios["fanout"]["points"]:

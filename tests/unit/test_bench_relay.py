@@ -4,7 +4,12 @@ copy to each subscriber in the label's audience, a deny for the others, then the
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
+
 import msgpack
+import pytest
 
 from broker import wire
 from broker.bench.limits import sample_envelope
@@ -80,3 +85,53 @@ def test_steal_share_is_the_stolen_part_of_the_time_that_passed() -> None:
     assert parse_machine_ticks("cpu  100 2 30 800\n") == (0, 932)  # an old kernel: no steal
     assert parse_machine_ticks("intr 1 2 3\n") == (0, 0)
     assert parse_machine_ticks("cpu  1 x 3\n") == (0, 0)
+
+
+def test_the_core_hands_over_what_it_relayed_once() -> None:
+    core = _relay()
+    env, _ = sample_envelope(1024)
+    core.received(PUBLISHER, _frame(wire.Pub(env=env)))
+    core.received(GBR, _frame(wire.Ping()))
+    assert core.take_relayed() == [env]
+    assert core.take_relayed() == []
+    core.received(9, _frame(wire.Pub(env=env)))  # not relayed: nothing to write either
+    assert core.take_relayed() == []
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def put(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+async def test_the_durable_relay_writes_a_turns_envelopes_before_their_frames_leave(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.bench import relay
+
+    synced: list[tuple[int, bytes]] = []
+    journal_path = tmp_path / "journal"
+    real_sync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real_sync(fd)
+        synced.append((len(sink.frames), journal_path.read_bytes()[:8]))
+
+    sink = _Sink()
+    journal = relay._Journal(journal_path, {GBR: sink, PUBLISHER: sink})  # type: ignore[dict-item]
+    try:
+        assert journal_path.stat().st_size == relay._Journal.SIZE  # the ring, written out
+        monkeypatch.setattr(relay.os, "fdatasync", fdatasync)
+        journal.hold([b"envelope1"], [(GBR, b"deliver1")])
+        journal.hold([b"envelope2"], [(GBR, b"deliver2"), (PUBLISHER, b"receipt"),
+                                      (77, b"to a connection gone")])
+        assert sink.frames == []  # nothing leaves in the turn that received it
+        await asyncio.sleep(0)
+        # One sync for the turn, before any frame was put out; the envelopes in the file.
+        assert synced == [(0, b"envelope")]
+        assert sink.frames == [b"deliver1", b"deliver2", b"receipt"]
+        with journal_path.open("rb") as f:
+            assert f.read(18) == b"envelope1envelope2"
+    finally:
+        journal.close()
