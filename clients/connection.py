@@ -1,216 +1,44 @@
 """The transport under a gateway client: one authenticated WebSocket at a time, re-established
 with backoff when it drops for a reason a new connection can cure.
 
-:func:`authenticate` opens a WebSocket and runs the handshake (challenge, signed hello,
-welcome). :class:`Connection` keeps one :class:`Link` up: it matches answers to requests, hands
-every other frame to its owner and, when the link ends, fails the requests in flight, then either
-reconnects with :class:`Backoff` or ends for good. It ends for good after :meth:`Connection.close`,
-when the broker closes with a reason in :data:`FINAL_CLOSE_REASONS`, when a reconnection is
-refused for a reason not in :data:`RETRYABLE_REFUSALS`, when the owner's frame handler fails, or
-at the first drop if reconnection is off.
+:func:`clients.link.authenticate` opens a WebSocket and runs the handshake (challenge, signed
+hello, welcome). :class:`Connection` keeps one :class:`~clients.link.Link` up: it matches
+answers to requests (:mod:`clients.control`), hands every other frame to its owner and, when
+the link ends, fails the requests in flight, then either reconnects with
+:class:`~clients.link.Backoff` or ends for good. It ends for good after
+:meth:`Connection.close`, when the broker closes with a reason in
+:data:`~clients.link.FINAL_CLOSE_REASONS`, when a reconnection is refused for a reason not in
+:data:`~clients.link.RETRYABLE_REFUSALS`, when the owner's frame handler fails, when control
+answers are out of step without reconnection, or at the first drop if reconnection is off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import dataclasses
-import itertools
 import random
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from ssl import SSLContext
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 import structlog
 
 from broker import wire
-from broker.errors import BrokerError, ProtocolError
-from broker.session import make_hello
-from clients.identity import KeyFile
+from clients.control import CONTROL_ANSWERS, AnswerOrder
+from clients.link import (
+    FINAL_CLOSE_REASONS,
+    RETRYABLE_REFUSALS,
+    AuthenticationError,
+    Backoff,
+    ConnectionClosed,
+    Endpoint,
+    GatewayError,
+    Link,
+    RequestRejected,
+    RequestTimeout,
+    authenticate,
+)
 
 log = structlog.get_logger("clients.connection")
-
-#: Handshake refusals a later attempt can overcome: the broker is busy or shutting down, or our
-#: hello arrived after its deadline. Every other refusal (``bad_signature``, ``unknown_node``,
-#: ``node_inactive``, ``handshake_failed`` — the hello is outside the clock skew —,
-#: ``unsupported_version``, and the client's own ``wrong_broker``) needs a person to act;
-#: retrying would only fill the broker's audit log with failed handshakes.
-RETRYABLE_REFUSALS = frozenset({"unavailable", "rate_limited", "not_authenticated", "internal"})
-
-#: Close reasons after which the client must not reconnect: a newer connection of the same node
-#: took over (reconnecting would take it back, and the two would evict each other forever).
-FINAL_CLOSE_REASONS = frozenset({"replaced"})
-
-
-class GatewayError(BrokerError):
-    """Base of the client library's errors."""
-
-    code = "gateway"
-
-
-class AuthenticationError(GatewayError):
-    """The broker refused the handshake (``code`` says why), or is not the expected broker."""
-
-
-class RequestRejected(GatewayError):
-    """The broker answered a request with an ``error`` frame."""
-
-
-class ConnectionClosed(GatewayError):
-    """The connection ended while a request was waiting, or the client ended for good
-    (``code``: ``closed``, ``replaced``, or the refusal code of a failed reconnection)."""
-
-    code = "closed"
-
-
-class RequestTimeout(GatewayError):
-    """No answer (or no connection to ask on) within the client's ``timeout``."""
-
-    code = "timeout"
-
-
-@dataclasses.dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnection attempts: exponential from ``initial`` by ``factor`` up to
-    ``maximum`` seconds, with full jitter (each delay uniform in ``[0, ceiling]``) so that the
-    gateways a broker restart cut off do not all come back in the same instant."""
-
-    initial: float = 0.1
-    factor: float = 2.0
-    maximum: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not (0 < self.initial <= self.maximum) or self.factor < 1:
-            raise ValueError("backoff needs 0 < initial <= maximum and factor >= 1")
-
-    def ceiling(self, attempt: int) -> float:
-        """The longest delay before attempt ``attempt`` (0 for the first)."""
-        try:
-            return min(self.maximum, self.initial * self.factor ** attempt)
-        except OverflowError:
-            return self.maximum
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """A jittered delay before attempt ``attempt``."""
-        return rng.uniform(0.0, self.ceiling(attempt))
-
-    def delays(self, rng: random.Random) -> Iterator[float]:
-        """The delays before attempts 0, 1, 2, … (endless)."""
-        return (self.delay(attempt, rng) for attempt in itertools.count())
-
-
-#: The default reconnection backoff: 0.1 s doubling up to 10 s, with full jitter.
-DEFAULT_BACKOFF = Backoff()
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """Where and as whom to connect."""
-
-    url: str
-    identity: KeyFile
-    broker_name: str
-    timeout: float
-    max_frame: int
-    #: Seconds between WebSocket pings; a missing pong ends the link (a silent dead network).
-    heartbeat: float | None
-    #: TLS for ``wss://`` URLs (:func:`broker.tls.client_context`: the coalition's CA, and a
-    #: client certificate for mutual TLS); ``None``: the system's CAs.
-    ssl: SSLContext | None = None
-
-
-class Link:
-    """One authenticated WebSocket."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, welcome: wire.Welcome,
-                 max_frame: int) -> None:
-        self.ws = ws
-        self.welcome = welcome
-        self._max_frame = max_frame
-        #: The reason the broker gave in its WebSocket close message (e.g. ``replaced``).
-        self.close_reason = ""
-
-    async def send(self, frame: wire.Frame) -> None:
-        """Send one frame; :class:`ConnectionClosed` if the connection is gone."""
-        try:
-            await self.ws.send_bytes(wire.encode_frame(frame))
-        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
-            raise ConnectionClosed(f"connection lost while sending: {exc}") from exc
-
-    async def pump(self, on_frame: Callable[[wire.Frame], None]) -> None:
-        """Hand every frame received to ``on_frame`` until the connection ends."""
-        while True:
-            msg = await self.ws.receive()
-            if msg.type is aiohttp.WSMsgType.BINARY:
-                try:
-                    frame = wire.decode_frame(msg.data, max_bytes=2 * self._max_frame)
-                except ProtocolError as exc:
-                    log.error("bad_frame_from_broker", code=exc.code, reason=exc.reason)
-                    continue
-                on_frame(frame)
-            elif msg.type is aiohttp.WSMsgType.CLOSE:
-                self.close_reason = str(msg.extra or "")
-                return
-            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
-                              aiohttp.WSMsgType.ERROR):
-                return
-
-    def describe(self) -> str:
-        """Why the link ended, for errors and logs."""
-        return (f"connection closed by broker (code {self.ws.close_code}"
-                f"{', ' + self.close_reason if self.close_reason else ''})")
-
-
-async def authenticate(http: aiohttp.ClientSession, endpoint: Endpoint) -> Link:
-    """Connect and run the handshake within one ``timeout``. Raises
-    :class:`AuthenticationError` if the broker refuses (or is not ``broker_name``),
-    :class:`ConnectionClosed` if the connection ends during the handshake, and the network's
-    own errors (``OSError``, ``aiohttp.ClientError``, ``TimeoutError``)."""
-    async with asyncio.timeout(endpoint.timeout):
-        ws = await http.ws_connect(endpoint.url, max_msg_size=2 * endpoint.max_frame,
-                                   autoping=True, heartbeat=endpoint.heartbeat,
-                                   ssl=endpoint.ssl if endpoint.ssl is not None else True)
-        try:
-            welcome = await _handshake(ws, endpoint)
-        except BaseException:
-            await ws.close()
-            raise
-    return Link(ws, welcome, endpoint.max_frame)
-
-
-async def _handshake(ws: aiohttp.ClientWebSocketResponse, endpoint: Endpoint) -> wire.Welcome:
-    node = endpoint.identity.name
-    challenge = await _handshake_frame(ws, endpoint.max_frame)
-    if not isinstance(challenge, wire.Challenge):
-        raise AuthenticationError(f"expected challenge, got '{challenge.T}'",
-                                  code="handshake_failed")
-    if challenge.broker != endpoint.broker_name:
-        raise AuthenticationError(f"broker is {challenge.broker!r}, expected "
-                                  f"{endpoint.broker_name!r}", code="wrong_broker")
-    hello = make_hello(challenge, node, endpoint.identity.signing_key, time.time_ns() // 10**6)
-    await ws.send_bytes(wire.encode_frame(hello))
-    answer = await _handshake_frame(ws, endpoint.max_frame)
-    if isinstance(answer, wire.Error):
-        raise AuthenticationError(answer.reason, code=answer.code)
-    if not isinstance(answer, wire.Welcome) or answer.node != node:
-        raise AuthenticationError("broker did not welcome this node", code="handshake_failed")
-    return answer
-
-
-async def _handshake_frame(ws: aiohttp.ClientWebSocketResponse, max_frame: int) -> wire.Frame:
-    msg = await ws.receive()
-    if msg.type is aiohttp.WSMsgType.BINARY:
-        try:
-            return wire.decode_frame(msg.data, max_bytes=max_frame)
-        except ProtocolError as exc:
-            raise AuthenticationError(f"bad handshake frame: {exc.reason}",
-                                      code="handshake_failed") from exc
-    if msg.type is aiohttp.WSMsgType.TEXT:
-        raise AuthenticationError("text message during the handshake", code="handshake_failed")
-    raise ConnectionClosed(f"connection ended during the handshake ({msg.type.name})")
-
 
 class Connection:
     """Keeps one :class:`Link` up for its owner (see the module docstring) and matches the
@@ -248,15 +76,13 @@ class Connection:
         self.generation = 0
         # Who waits for an answer: a message id for a receipt, ``None`` for the control channel.
         self._waiters: dict[bytes | None, asyncio.Future[wire.Frame]] = {}
-        #: Control answers still owed to requests given up after they were sent on this link
-        #: (timed out, cancelled), oldest first: dropped as they come, or the next control
-        #: request would take one for its own. ``True``: the request ended with a ping (an
-        #: ``error`` for its frame may come first): drop through the pong.
-        self._abandoned: collections.deque[bool] = collections.deque()
-        #: Control pongs received (not dropped as late answers): how ``confirmed`` tells
-        #: whether its pong came with its error.
-        self._pongs = 0
+        #: Control answers owed on this link to nobody (requests given up after they were
+        #: sent, frames sent without waiting): dropped as they come (clients.control).
+        self._order = AnswerOrder()
         self._control = asyncio.Lock()
+        #: The frames of the last control request still going out: the next one's wait for
+        #: them, or its frames could overtake them and take their answers.
+        self._control_sending: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def open(self) -> Link:
@@ -330,9 +156,12 @@ class Connection:
                     # All of them or none: given up halfway (a sub written, its ping not),
                     # nobody could tell which answers are still to come. The broker may
                     # answer from the first write on.
-                    sending = asyncio.ensure_future(self._send_all(link, frames))
+                    after = self._control_sending if key is None else None
+                    sending = asyncio.ensure_future(self._send_all(link, frames, after))
                     self._background.add(sending)
                     sending.add_done_callback(self._background_done)
+                    if key is None:
+                        self._control_sending = sending
                     sent_on = link
                     await asyncio.shield(sending)
                 answer = await future
@@ -351,34 +180,73 @@ class Connection:
         return answer
 
     @staticmethod
-    async def _send_all(link: Link, frames: Sequence[wire.Frame]) -> None:
+    async def _send_all(link: Link, frames: Sequence[wire.Frame],
+                        after: asyncio.Future[None] | None) -> None:
+        if after is not None and not after.done():
+            await asyncio.wait([after])  # its failure is its own request's
         for frame in frames:
             await link.send(frame)
 
     def _abandon(self, link: Link, *, through_pong: bool) -> None:
         """A control request on ``link`` was given up after it was sent: its answer, still to
         come, is dropped when it does. If an earlier one's is still owed too, the broker is
-        not answering in the time allowed, or an answer the count expected will not come
-        (an unsolicited ``error``): the count cannot be trusted, and a new link starts clean
-        (what was in flight on this one is sent again by the broker)."""
-        if self._abandoned:
-            self._abandoned.clear()
-            task = asyncio.ensure_future(self.recycle("control answers out of step"))
-            self._background.add(task)
-            task.add_done_callback(self._background_done)
+        not answering in the time allowed, or an answer the count expected will not come:
+        the count cannot be trusted (:meth:`_out_of_step`)."""
+        if self._order.owed:
+            self._out_of_step("a second control request was given up while an answer to an "
+                              "earlier one is still owed")
             return
-        self._abandoned.append(through_pong)
+        self._order.owe(through_pong=through_pong)
 
-    async def control(self, *frames: wire.Frame) -> wire.Frame:
+    def _out_of_step(self, reason: str) -> None:
+        """Which control answer is whose cannot be told any more on the current link: a new
+        link starts in step (the broker sends again what it had in flight on this one).
+        Without reconnection the connection ends (``out_of_step``): no later answer on this
+        link could be trusted to be its request's own."""
+        link = self.link
+        if link is None:
+            return
+        log.warning("gateway_control_out_of_step", node=self.endpoint.identity.name,
+                    reason=reason)
+        self._order.clear()
+        if self.reconnect is None:
+            self._end(ConnectionClosed(f"control answers out of step: {reason}",
+                                       code="out_of_step"))
+        self._retire(link)
+        task = asyncio.ensure_future(self._close_link(link))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    @staticmethod
+    async def _close_link(link: Link) -> None:
+        await link.ws.close()
+
+    def _retire(self, link: Link) -> None:
+        """No request may use ``link`` from now on (it is being closed): :meth:`ready` waits
+        for the next one."""
+        if self.link is link:
+            self.link = None
+            if self.failure is None:
+                self._settled.clear()
+
+    async def control(self, *frames: wire.Frame,
+                      expect: type[wire.Frame] | None = None) -> wire.Frame:
         """A control request: its answer carries no id and answers come in request order, so
-        one at a time."""
+        one at a time. An answer that is not an ``expect`` frame means the order was lost (an
+        answer went to the wrong request): ``RequestRejected`` (``bad_frame``) and a new link
+        (:meth:`_out_of_step`)."""
         async with self._control:
-            return await self.request(*frames)
+            answer = await self.request(*frames)
+            if expect is not None and not isinstance(answer, expect):
+                self._out_of_step(f"'{answer.T}' answered '{frames[-1].T}'")
+                raise RequestRejected(f"unexpected answer '{answer.T}' to '{frames[-1].T}'",
+                                      code="bad_frame")
+        return answer
 
     async def confirmed(self, frame: wire.Frame) -> None:
         """Send a frame that has no answer, then a ping: the pong confirms it was processed."""
         async with self._control:
-            pongs = self._pongs
+            pongs = self._order.pongs
             try:
                 answer = await self.request(frame, wire.Ping())
             except RequestRejected:
@@ -386,19 +254,43 @@ class Connection:
                 # away by _resolve), or still to come: then dropped when it does, or the next
                 # control request would take it for its own answer. (Waiting for it here
                 # waited out the whole timeout when it had come with the error.)
-                if self._pongs == pongs:
-                    self._abandoned.append(True)
+                if self._order.pongs == pongs:
+                    self._order.owe(through_pong=True)
                 raise
-        if not isinstance(answer, wire.Pong):
-            raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
+            if not isinstance(answer, wire.Pong):
+                self._out_of_step(f"'{answer.T}' answered '{frame.T}' and 'ping'")
+                raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
+
+    def confirm_soon(self, frame: wire.Frame) -> None:
+        """:meth:`confirmed` in the background (from a frame handler, which must not block):
+        the broker's refusal is its answer, not the next request's. A refusal or failure is
+        logged."""
+        task = asyncio.ensure_future(self._confirm_logged(frame))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    async def _confirm_logged(self, frame: wire.Frame) -> None:
+        try:
+            await self.confirmed(frame)
+        except GatewayError as exc:
+            log.warning("background_request_failed", node=self.endpoint.identity.name,
+                        frame=frame.T, code=exc.code, reason=exc.reason)
+
+    def owe_through_pong(self) -> None:
+        """Frames without an answer, then a ``ping``, were sent on the link being set up
+        (:meth:`_on_link`, before any request): drop whatever answers them, through the
+        pong (a refusal is logged)."""
+        self._order.owe(through_pong=True)
 
     async def recycle(self, reason: str) -> None:
         """Drop the current link so that a new one is made (the broker takes back what it had
         in flight on it and sends it again); nothing happens without reconnection."""
-        if self.link is not None and self.reconnect is not None:
+        link = self.link
+        if link is not None and self.reconnect is not None:
             log.warning("gateway_recycling_link", node=self.endpoint.identity.name,
                         reason=reason)
-            await self.link.ws.close()
+            self._retire(link)
+            await link.ws.close()
 
     async def send_now(self, frame: wire.Frame) -> None:
         """Send on the current link, without waiting for a reconnection."""
@@ -406,13 +298,6 @@ class Connection:
             raise self.closed_error() if self.failure is not None \
                 else ConnectionClosed("not connected right now")
         await self.link.send(frame)
-
-    def send_soon(self, frame: wire.Frame) -> None:
-        """:meth:`send_now` in the background (from a frame handler, which must not block);
-        a failure is logged."""
-        task = asyncio.ensure_future(self.send_now(frame))
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
@@ -427,15 +312,15 @@ class Connection:
                 self._resolve(frame.ref, frame)
             else:  # for a publish given up (timed out): never a control answer
                 log.info("late_error_dropped", code=frame.code, ref=frame.ref.hex())
-        elif isinstance(frame, (wire.Routes, wire.Directory, wire.Proof, wire.Pong, wire.Error)):
-            if self._abandoned:  # the late answer of a request given up
-                if not self._abandoned[0] or isinstance(frame, wire.Pong):
-                    self._abandoned.popleft()
-                log.info("late_answer_dropped", frame=frame.T)
+        elif isinstance(frame, CONTROL_ANSWERS):
+            if self._order.arrived(frame):  # owed to nobody: a request given up, say
+                if isinstance(frame, wire.Error):
+                    log.warning("late_error_dropped", code=frame.code, reason=frame.reason)
+                else:
+                    log.info("late_answer_dropped", frame=frame.T)
                 return
             if isinstance(frame, wire.Error) and None not in self._waiters:
                 log.error("broker_error", code=frame.code, reason=frame.reason)
-            self._pongs += isinstance(frame, wire.Pong)
             self._resolve(None, frame)
         else:
             self._on_frame(frame)
@@ -454,7 +339,6 @@ class Connection:
 
     def _up(self, link: Link) -> None:
         self.link = link
-        self._abandoned.clear()  # owed on the link that ended: they will not come
         #: Which link frames came on: deliveries of an earlier link are stale (the broker
         #: took them back when it ended and sends them again on this one).
         self.generation += 1
@@ -462,6 +346,7 @@ class Connection:
 
     def _down(self, link: Link) -> None:
         self.link = None
+        self._order.clear()  # owed on the link that ended: they will not come
         if self.failure is None:
             self._settled.clear()
         log.info("gateway_disconnected", node=self.endpoint.identity.name,
@@ -535,6 +420,7 @@ class Connection:
             try:
                 await self._on_link(link)
             except GatewayError as exc:  # the link dropped while subscriptions were re-sent
+                self._order.clear()
                 log.warning("gateway_reconnect_failed", node=node, attempt=attempt,
                             reason=str(exc))
                 await link.ws.close()

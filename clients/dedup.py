@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 
 from broker.errors import StorageError
-from clients.connection import GatewayError
+from clients.link import GatewayError
 from clients.witness import write_atomically
 
 log = structlog.get_logger("clients.dedup")

@@ -32,11 +32,13 @@ from broker.audit.witness import Equivocation
 from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
 from broker.errors import BrokerError, PolicyDocumentError, ProtocolError, VerificationError
 from clients.certs import CertBook, CertFloorFile
-from clients.connection import (
+from clients.connection import Connection
+from clients.dedup import SeenIds, StateWriteFailed
+from clients.identity import KeyFile
+from clients.link import (
     DEFAULT_BACKOFF,
     AuthenticationError,
     Backoff,
-    Connection,
     ConnectionClosed,
     Endpoint,
     GatewayError,
@@ -44,8 +46,6 @@ from clients.connection import (
     RequestRejected,
     RequestTimeout,
 )
-from clients.dedup import SeenIds, StateWriteFailed
-from clients.identity import KeyFile
 from clients.statelock import StateInUse, StateLock
 from clients.values import Expired, Message, Receipt, RoutePlan, label
 from clients.witness import LogWitness, WitnessState
@@ -237,7 +237,7 @@ class GatewayClient:
         step back from the ones held (:class:`~clients.certs.CertBook`); return those held
         that are valid now. (The book may hold one that has expired since: kept over a
         refused rollback, it stays in the floor, but is not handed out.)"""
-        answer = await self._connection.control(wire.Directory())
+        answer = await self._connection.control(wire.Directory(), expect=wire.Directory)
         if not isinstance(answer, wire.Directory) or answer.certs is None:
             raise RequestRejected("unexpected answer to directory", code="bad_frame")
         certs: dict[str, NodeCert] = {}
@@ -272,7 +272,7 @@ class GatewayClient:
         frame = wire.Route(topic=topic, label=label.to_map(),
                            to=tuple(canonical.canonical_set(list(to))) or None,
                            catalogue=True if catalogue else None)
-        answer = await self._connection.control(frame)
+        answer = await self._connection.control(frame, expect=wire.Routes)
         if not isinstance(answer, wire.Routes):
             raise RequestRejected(f"unexpected answer '{answer.T}' to route", code="bad_frame")
         return RoutePlan(recipients=dict(answer.recipients), keys=dict(answer.keys),
@@ -318,7 +318,8 @@ class GatewayClient:
         """Prove that the broker logged this publish: fetch the inclusion proof of the
         receipt's audit entry and verify it against a checkpoint signed by the broker's key
         (and consistent with what this gateway cosigned). Returns that checkpoint."""
-        answer = await self._connection.control(wire.Prove(index=receipt.audit))
+        answer = await self._connection.control(wire.Prove(index=receipt.audit),
+                                                expect=wire.Proof)
         if not isinstance(answer, wire.Proof) or answer.index != receipt.audit:
             raise RequestRejected("unexpected answer to prove", code="bad_frame")
         return self.log_witness.verify_proof(answer, receipt.id)
@@ -507,8 +508,13 @@ class GatewayClient:
         self.welcome = link.welcome
         if link.welcome.checkpoint is not None:
             self.log_witness.check(link.welcome.checkpoint, None, 0, cosign=False)
-        for pattern in sorted(self.subscriptions):
-            await link.send(wire.Sub(topic=pattern))
+        if self.subscriptions:
+            for pattern in sorted(self.subscriptions):
+                await link.send(wire.Sub(topic=pattern))
+            # Nobody waits for their answers (a refusal, an error without a ref): the ping's
+            # pong ends them, and they are dropped, not taken by the first request.
+            await link.send(wire.Ping())
+            self._connection.owe_through_pong()
 
     def _dispatch(self, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Deliver):
@@ -530,7 +536,9 @@ class GatewayClient:
                 log.exception("on_expired_failed")
 
     def _send_cosignature(self, line: str) -> None:
-        self._connection.send_soon(wire.Cosign(line=line))
+        # Confirmed, not sent blind: a refusal (an error without a ref) is the cosign's answer,
+        # where it was taken by whichever control request waited next.
+        self._connection.confirm_soon(wire.Cosign(line=line))
 
     def _on_end(self, failure: GatewayError) -> None:
         self._deliveries.put_nowait(None)  # messages() raises ConnectionClosed

@@ -20,8 +20,8 @@ import os
 import weakref
 from pathlib import Path
 
-from clients.connection import GatewayError
 from clients.dedup import StateWriteFailed
+from clients.link import GatewayError
 
 try:
     import fcntl

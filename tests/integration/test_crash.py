@@ -15,9 +15,9 @@ from broker.audit.leaves import RouteEntry, entry_from_bytes
 from broker.coalition import Coalition
 from broker.store.sqlite import SqliteStore
 from clients.auditor import verify_export
-from clients.connection import Backoff
 from clients.export import Export, export_store
 from clients.gateway import GatewayClient, GatewayError, Receipt, label
+from clients.link import Backoff
 from tests.integration.process import free_port, running_broker, write_broker_config
 
 LABEL = label("NATO", "SECRET", "USA", ["GBR"])

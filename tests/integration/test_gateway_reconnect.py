@@ -20,7 +20,6 @@ from broker import wire
 from broker.audit.leaves import DeliverEntry, entry_from_bytes
 from broker.coalition import Coalition
 from broker.server import BrokerServer, Limits
-from clients.connection import Backoff
 from clients.dedup import SeenIds
 from clients.gateway import (
     AuthenticationError,
@@ -32,6 +31,7 @@ from clients.gateway import (
     RequestTimeout,
     label,
 )
+from clients.link import Backoff, Link
 from tests.integration.conftest import FAST_COMMIT
 from tests.integration.process import free_port
 
@@ -456,7 +456,7 @@ async def test_a_late_answer_to_a_request_given_up_is_not_taken_by_the_next_one(
         with pytest.raises(RequestRejected, match="the second one's answer"):
             await second
         # The late answer was dropped: nothing more is owed.
-        assert not connection._abandoned
+        assert connection._order.owed == 0
 
 
 async def test_a_subscribe_given_up_drops_its_pong_and_a_late_publish_error_is_no_answer(
@@ -541,10 +541,11 @@ async def test_subscriptions_are_sent_again_after_a_reconnect_and_unsubscribed_o
         await first.close(b"unavailable")  # the broker goes away: not a final reason
         second = await fake.next_connection()
         await gbr.subscribe("reports.>")
-        sent, _ = await second.until(wire.Ping)
-        # The old subscriptions first, before any new request.
-        assert sent == [wire.Sub(topic="logistics.>"), wire.Sub(topic="maritime.>"),
-                        wire.Sub(topic="reports.>")]
+        resent, _ = await second.until(wire.Ping)
+        # The old subscriptions first, before any new request, and a ping whose pong ends
+        # their answers (nobody waits for them); then the new request's.
+        assert resent == [wire.Sub(topic="logistics.>"), wire.Sub(topic="maritime.>")]
+        assert await second.until(wire.Ping) == ([wire.Sub(topic="reports.>")], wire.Ping())
 
 
 async def test_request_in_flight_when_the_connection_drops_fails_and_the_client_reconnects(
@@ -695,3 +696,134 @@ async def test_a_failing_handler_on_reconnect_ends_the_client_instead_of_hanging
     finally:
         await gbr.close()
         await server.stop()
+
+
+# --- control answers in step (a review of the control channel, session 18) ---------------
+
+
+async def test_without_reconnect_answers_out_of_step_end_the_connection(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """Two control requests given up in a row and no reconnection to start clean: the
+    connection ends (``out_of_step``) rather than hand the first one's late answer to the
+    next request."""
+    async with client(fake.url, coalition, "GBR-GW1", timeout=0.3, reconnect=None) as gbr:
+        node = await fake.next_connection()
+        connection = gbr._connection
+        for _ in range(2):
+            with pytest.raises(RequestTimeout):
+                await connection.control(wire.Directory())
+        assert gbr.failure is not None and gbr.failure.code == "out_of_step"
+        await node.send(wire.Error(code="internal", reason="the first one's answer, late"))
+        with pytest.raises(ConnectionClosed) as caught:
+            await connection.control(wire.Directory())
+        assert caught.value.code == "out_of_step"
+
+
+async def test_a_request_waits_for_the_frames_of_one_given_up_while_they_were_sent(
+        fake: FakeBroker, coalition: Coalition, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscribe given up while its frames were still going out (the transport paused: its
+    ping written after the timeout): the next control request's frames go out after them, so
+    the broker answers in the order the client counts."""
+    real_send = Link.send
+    stalled: list[wire.Frame] = []
+
+    async def send(self: Link, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.Ping) and not stalled:
+            stalled.append(frame)
+            await asyncio.sleep(0.6)  # past the request's timeout
+        await real_send(self, frame)
+
+    async with client(fake.url, coalition, "GBR-GW1", timeout=0.4) as gbr:
+        node = await fake.next_connection()
+        monkeypatch.setattr(Link, "send", send)
+        with pytest.raises(RequestTimeout):
+            await gbr.subscribe("maritime.>")
+        asking = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
+                                                               expect=wire.Directory))
+        before, _ = await node.until(wire.Directory)
+        assert before == [wire.Sub(topic="maritime.>"), wire.Ping()]  # not overtaken
+        await node.send(wire.Directory(certs=()))  # after the subscribe's pong (the fake's)
+        assert await asyncio.wait_for(asking, 5) == wire.Directory(certs=())
+        assert gbr.reconnections == 0
+
+
+async def test_a_refused_cosignature_is_the_cosigns_answer_not_the_next_requests(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """A cosignature is confirmed (``cosign`` + ``ping``), not sent blind: the broker's
+    refusal (an ``error`` without ``ref``) answers it, and the next control request still
+    gets its own answer."""
+    fake.answer_pings = False
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        node = await fake.next_connection()
+        with capture_logs() as logs:
+            gbr._send_cosignature("— broker.example abcd")
+            await node.until(wire.Ping)
+            await node.send(wire.Error(code="bad_signature", reason="cosignature refused"))
+            await node.send(wire.Pong())
+            asking = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
+                                                                   expect=wire.Directory))
+            await node.until(wire.Directory)
+            await node.send(wire.Directory(certs=()))
+            assert await asyncio.wait_for(asking, 5) == wire.Directory(certs=())
+        refused = [e for e in logs if e["event"] == "background_request_failed"]
+        assert [(e["frame"], e["code"]) for e in refused] == [("cosign", "bad_signature")]
+
+
+async def test_refusals_of_subscriptions_sent_again_are_nobodys_answer(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """After a reconnect the subscriptions go out again with nobody waiting: the broker's
+    refusal of one is dropped (and logged) through the pong that follows them, not taken by
+    the first request on the new link."""
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        first = await fake.next_connection()
+        await gbr.subscribe("maritime.>")
+        fake.answer_pings = False
+        await first.close(b"unavailable")
+        second = await fake.next_connection()
+        with capture_logs() as logs:
+            await second.until(wire.Ping)
+            asking = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
+                                                                   expect=wire.Directory))
+            await second.send(wire.Error(code="rate_limited", reason="too many subscriptions"))
+            await second.send(wire.Pong())
+            await second.until(wire.Directory)
+            await second.send(wire.Directory(certs=()))
+            assert await asyncio.wait_for(asking, 5) == wire.Directory(certs=())
+        assert [(e["event"], e.get("code")) for e in logs
+                if e["event"].startswith("late_")] == [("late_error_dropped", "rate_limited"),
+                                                       ("late_answer_dropped", None)]
+
+
+async def test_an_answer_of_the_wrong_kind_starts_a_new_link(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """An answer that is not what the request asks for (a ``directory`` for a ``route``)
+    means the order was lost: refused as ``bad_frame``, and the client takes a new link where
+    answers are in step again."""
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        first = await fake.next_connection()
+        asking = asyncio.ensure_future(gbr.route("maritime.tracks", TO_GBR))
+        await first.until(wire.Route)
+        await first.send(wire.Directory(certs=()))
+        with pytest.raises(RequestRejected) as caught:
+            await asyncio.wait_for(asking, 5)
+        assert caught.value.code == "bad_frame"
+        assert await fake.next_connection() is not first
+        await until(lambda: gbr.reconnections == 1)
+
+
+async def test_a_request_right_after_a_new_link_was_asked_for_waits_for_it(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """The second request given up starts a new link; a request made at that moment waits
+    for the new link instead of going out on the old one and failing as it closes."""
+    async with client(fake.url, coalition, "GBR-GW1", timeout=0.3) as gbr:
+        await fake.next_connection()
+        connection = gbr._connection
+        with pytest.raises(RequestTimeout):
+            await connection.control(wire.Directory())
+        given_up = asyncio.ensure_future(connection.control(wire.Directory()))
+        following = asyncio.ensure_future(connection.confirmed(wire.Sub(topic="maritime.>")))
+        with pytest.raises(RequestTimeout):
+            await given_up
+        second = await fake.next_connection()
+        await second.until(wire.Sub)
+        await asyncio.wait_for(following, 5)  # answered on the new link (the fake's pong)

@@ -28,8 +28,8 @@ from broker.config import load_config
 from broker.errors import ConfigError
 from broker.server import BrokerServer, Limits
 from broker.tls import client_context, make_self_signed, server_context
-from clients.connection import Backoff
 from clients.gateway import GatewayClient, label
+from clients.link import Backoff
 from tests.integration.conftest import FAST_COMMIT
 from tests.integration.process import free_port, running_broker, write_broker_config
 

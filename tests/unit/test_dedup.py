@@ -1,5 +1,5 @@
 """A gateway's seen message ids survive restarts and crashes (clients.dedup), and the reconnection
-backoff stays within its bounds (clients.connection.Backoff)."""
+backoff stays within its bounds (clients.link.Backoff)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.connection import Backoff
 from clients.dedup import ID_BYTES, SEEN_FILE, SeenIds, StateReadFailed, StateWriteFailed
+from clients.link import Backoff
 
 
 def ids(n: int, start: int = 0) -> list[bytes]:
