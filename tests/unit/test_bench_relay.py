@@ -106,7 +106,7 @@ class _Sink:
         self.frames.append(frame)
 
 
-async def test_the_durable_relay_writes_a_turns_envelopes_before_their_frames_leave(
+async def test_the_durable_relay_writes_the_envelopes_before_their_frames_leave(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from broker.bench import relay
 
@@ -116,7 +116,7 @@ async def test_the_durable_relay_writes_a_turns_envelopes_before_their_frames_le
 
     def fdatasync(fd: int) -> None:
         real_sync(fd)
-        synced.append((len(sink.frames), journal_path.read_bytes()[:8]))
+        synced.append((len(sink.frames), journal_path.read_bytes()[:18]))
 
     sink = _Sink()
     journal = relay._Journal(journal_path, {GBR: sink, PUBLISHER: sink})  # type: ignore[dict-item]
@@ -127,11 +127,22 @@ async def test_the_durable_relay_writes_a_turns_envelopes_before_their_frames_le
         journal.hold([b"envelope2"], [(GBR, b"deliver2"), (PUBLISHER, b"receipt"),
                                       (77, b"to a connection gone")])
         assert sink.frames == []  # nothing leaves in the turn that received it
-        await asyncio.sleep(0)
-        # One sync for the turn, before any frame was put out; the envelopes in the file.
-        assert synced == [(0, b"envelope")]
+        for _ in range(500):
+            if sink.frames:
+                break
+            await asyncio.sleep(0.01)
+        # One sync for both, before any frame was put out; the envelopes in the file.
+        assert synced == [(0, b"envelope1envelope2")]
         assert sink.frames == [b"deliver1", b"deliver2", b"receipt"]
+        # Held while a sync is in flight: the next sync, then out.
+        journal.hold([b"envelope3"], [(GBR, b"deliver3")])
+        for _ in range(500):
+            if len(sink.frames) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert synced[1] == (3, b"envelope1envelope2")  # written after the first two
+        assert sink.frames[3] == b"deliver3"
         with journal_path.open("rb") as f:
-            assert f.read(18) == b"envelope1envelope2"
+            assert f.read(27) == b"envelope1envelope2envelope3"
     finally:
         journal.close()
