@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.audit import merkle
 from broker.audit.leaves import RouteEntry, entry_from_bytes
@@ -18,9 +18,9 @@ from broker.audit.note import parse_note
 from broker.config import load_config
 from broker.errors import ConfigError, VerificationError
 from broker.logs import configure
-from broker.store.sqlite import SqliteStore
-from clients.auditor import Report, load_bundles, log_verifiers, verified_checkpoint, verify_export
-from clients.export import Export, export_store
+
+if TYPE_CHECKING:
+    from clients.auditor import Report
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -70,6 +70,9 @@ def _pins(values: list[str]) -> list[bytes]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from broker.store.sqlite import SqliteStore  # here, as below: a faster CLI start
+    from clients.export import export_store
+
     if args.config is not None:
         config = load_config(args.config)
         data_dir, origin = config.broker.data_dir, config.broker.name
@@ -112,6 +115,8 @@ def _workers(text: str) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from clients.auditor import verify_export
+
     configure(level="warning", json=args.json)  # to stderr: stdout is the report
     progress = _progress if sys.stderr.isatty() and not args.json else None
     report = verify_export(args.export, pins=_pins(args.pin), saved=args.checkpoint,
@@ -152,6 +157,9 @@ def print_report(report: Report, out: Any = None) -> None:
 
 
 def _prove(args: argparse.Namespace) -> int:
+    from clients.auditor import Report, load_bundles, log_verifiers, verified_checkpoint
+    from clients.export import Export
+
     try:
         wanted = bytes.fromhex(args.id)
     except ValueError as exc:
