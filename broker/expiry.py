@@ -24,7 +24,7 @@ from broker.metrics import Metrics
 from broker.store.base import Batch, Notice
 
 if TYPE_CHECKING:
-    from broker.hub import Peer
+    from broker.publish import Peer
 
 log = structlog.get_logger("broker.hub")
 

@@ -6,9 +6,9 @@ guard and the registry of live connections. It speaks frames, not sockets: conne
 slow recipient cannot slow a publisher or another recipient.
 
 Every publish is decided synchronously, in the order frames arrive, then written to the audit log
-together with its queue rows. The receipt and the deliveries are released by the log's commit
-callback: nothing leaves before its ``route`` entry is durable, and the connection's read loop
-never waits for a disk.
+together with its queue rows (:mod:`broker.publish`). The receipt and the deliveries are
+released by the log's commit callback: nothing leaves before its ``route`` entry is durable,
+and the connection's read loop never waits for a disk.
 
 A publish the broker may not be able to keep is refused (``unavailable``, with the reason)
 before anything is written: a permitted recipient's queue over its byte limit, or the store over
@@ -20,10 +20,7 @@ notice is stored with the entry).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 from collections.abc import Callable, Collection
-from typing import Protocol
 
 import structlog
 
@@ -32,24 +29,20 @@ from broker.audit.leaves import (
     DeliverEntry,
     Entry,
     PolicyEntry,
-    RouteEntry,
-    envelope_digest,
 )
 from broker.audit.log import AuditLog, log_failure
 from broker.capacity import StoreCapacity
 from broker.coldreads import ColdReads
-from broker.crypto import DOMAIN_ENVELOPE, bad_signature_reason, check_signature
 from broker.delivery import RecipientQueue
-from broker.envelope import Envelope
-from broker.errors import BrokerError, ProtocolError, StorageError, VerificationError
+from broker.errors import ProtocolError, StorageError
 from broker.expiry import Expiry
-from broker.limits import EnvelopeLimits, check_envelope_limits, check_route_limits
+from broker.limits import EnvelopeLimits, check_route_limits
 from broker.metrics import Metrics
 from broker.node_status import NodeStatuses
+from broker.publish import Peer, Publisher
 from broker.release import decide_recipient
 from broker.replay import ReplayGuard
-from broker.session import error_frame
-from broker.store.base import Batch, QueueRow
+from broker.store.base import Batch
 from broker.stored_bundle import stored_high_water
 from broker.verifier import VerifyPool
 from policies.bundle import (
@@ -63,32 +56,6 @@ from policies.highwater import HighWater
 from policies.model import Label, NodeCert
 
 log = structlog.get_logger("broker.hub")
-
-Reply = Callable[[wire.Frame], None]
-
-#: What an envelope whose signature does not verify is refused with (``bad_signature``).
-BAD_SIGNATURE = bad_signature_reason("envelope")
-
-
-class Peer(Protocol):
-    """A live, authenticated connection as the hub sees it."""
-
-    node: str
-    #: Set once the connection is being closed: frames sent now are dropped.
-    closing: bool
-
-    def send(self, frame: wire.Frame) -> None: ...
-
-    def close(self, code: str, reason: str) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class _Publish:
-    env: Envelope
-    decisions: dict[str, Decision]
-    rows: list[QueueRow]
-    reply: Reply
-
 
 class Hub:
     """Routing state and logic, shared by every connection of one broker."""
@@ -122,12 +89,12 @@ class Hub:
         self.peers: dict[str, Peer] = {}
         self._window = window
         self._first_seq = 1
-        self._max_envelope = max_envelope
+        self.max_envelope = max_envelope
         self.max_queued_bytes = max_queued_bytes
         self._queue_memory = queue_memory_bytes
         #: Envelopes of copies queued beyond the memory budget, read from the store.
         self.cold_reads = ColdReads(lambda node, seqs: self.audit.store.queued_envelopes(
-            node, seqs), self._pump)
+            node, seqs), self.pump)
         self.capacity = capacity
         self.decisions = DecisionCache()
         #: The bundle last activated, here or (after :meth:`restore`) in the previous run:
@@ -143,6 +110,8 @@ class Hub:
         self.expiry = Expiry(audit, self.metrics, self.peers)
         #: Nodes an operator suspended, resumed or revoked.
         self.node_status = NodeStatuses(audit, clock_ms, self.peers)
+        #: Each publish, from the frame to its receipt.
+        self.publisher = Publisher(self)
         self.metrics.watch(self, clock_ms)
         audit.commit_observers.append(self.metrics.committed)
 
@@ -171,7 +140,7 @@ class Hub:
         queued = 0
         for row in self.audit.store.queue_records():
             queued += 1
-            self._queue(row.recipient).push(
+            self.queue_of(row.recipient).push(
                 message_id=row.id, sender=row.sender, envelope=None, size=row.size,
                 prec=row.prec, expires_ms=row.expires_ms, seq=row.seq, queued_ms=row.queued_ms)
         self.node_status.restore(self.audit.store.node_statuses())
@@ -249,17 +218,17 @@ class Hub:
         old = self.peers.get(peer.node)
         if old is not None and old is not peer:
             old.close("replaced", "a newer connection of this node authenticated")
-            self._queue(peer.node).requeue_in_flight()
+            self.queue_of(peer.node).requeue_in_flight()
         self.peers[peer.node] = peer
         log.info("node_connected", node=peer.node)
-        self._pump(peer.node)
+        self.pump(peer.node)
         self.expiry.send_notices(peer.node)
 
     def detach(self, peer: Peer) -> None:
         """A connection ended: un-acked deliveries go back to pending."""
         if self.peers.get(peer.node) is peer:
             del self.peers[peer.node]
-            self._queue(peer.node).requeue_in_flight()
+            self.queue_of(peer.node).requeue_in_flight()
             log.info("node_disconnected", node=peer.node)
 
     # --- requests -----------------------------------------------------------------------
@@ -292,7 +261,7 @@ class Hub:
         check_route_limits(frame, self.envelope_limits)
         topic = router.validate_topic(frame.topic)
         to = frame.to or ()
-        candidates = self._candidates(sender.node, topic, to)
+        candidates = self.candidates(sender.node, topic, to)
         try:
             label: Label | None = Label.from_map(dict(frame.label))
         except ProtocolError:
@@ -302,7 +271,7 @@ class Hub:
         keys: dict[str, bytes] = {}
         for node in candidates:
             decision = (Decision.deny("invalid_label") if label is None else
-                        self._decide(label, sender, node, topic, now, sealed_for=None))
+                        self.decide(label, sender, node, topic, now, sealed_for=None))
             recipients[node] = decision.status()
             if decision.permit:
                 keys[node] = self.bundle.nodes[node].enc_key
@@ -318,106 +287,13 @@ class Hub:
         return self.audit.size
 
     def publish(self, sender: NodeCert, env_bytes: bytes, origin: Peer) -> None:
-        """Verify and decide (now, or when a signature worker answers); ``origin``, the
-        connection that sent it, gets the receipt once the route entry is durable.
-
-        Raises ``BrokerError`` on a bad envelope (nothing of it is routed or logged) and
-        ``StorageError`` when the audit log no longer accepts entries or has no room; what is
-        found after a worker's verdict is sent to ``origin`` as an error frame instead.
-        """
-        try:
-            self._publish(sender, env_bytes, origin)
-        except BrokerError as exc:
-            self.metrics.refused(exc.code)
-            raise
-
-    def _publish(self, sender: NodeCert, env_bytes: bytes, origin: Peer) -> None:
-        env = Envelope.from_bytes(env_bytes, max_bytes=self._max_envelope)
-        check_envelope_limits(env, self.envelope_limits)
-        if env.sender != sender.node or env.label.orig != sender.nation:
-            raise ProtocolError("envelope 'from'/label.orig do not match the authenticated node",
-                                code="sender_mismatch", ref=env.id)
-        self._check_in_force(sender, env.id)
-        if self.verifier is None:
-            if not check_signature(sender.sign_key, DOMAIN_ENVELOPE, env.body, env.sig):
-                raise VerificationError(BAD_SIGNATURE, code="bad_signature", ref=env.id)
-            self._route(env, sender, origin.send)
-        else:
-            self.verifier.submit(sender.sign_key, env.body, env.sig,
-                                 functools.partial(self._verified, env, sender, origin))
-
-    def _verified(self, env: Envelope, sender: NodeCert, origin: Peer, ok: bool) -> None:
-        """The rest of a publish whose signature a worker checked. What may have changed while
-        it waited is checked again: the connection (closed meanwhile: replaced, suspended,
-        revoked, or gone; the envelope is not accepted, as it could not be acknowledged, and
-        its sender sends it again), the certificate in force, the replay guard, the policy
-        (decided now, under the bundle in force)."""
-        if origin.closing:
-            log.info("publish_abandoned", node=sender.node, id=env.id.hex(),
-                     reason="its connection closed before its signature was checked")
-            return
-        try:
-            if not ok:
-                raise VerificationError(BAD_SIGNATURE, code="bad_signature", ref=env.id)
-            self._check_in_force(sender, env.id)
-            if self.is_inactive(sender.node):
-                raise ProtocolError("the node was suspended or revoked", code="node_inactive",
-                                    ref=env.id)
-            self._route(env, sender, origin.send)
-        except BrokerError as exc:
-            # As the connection's own handler does for a request refused at once.
-            self.metrics.refused(exc.code)
-            log.info("request_rejected", frame="pub", node=sender.node, code=exc.code,
-                     reason=exc.reason)
-            origin.send(error_frame(exc.code, exc.reason, env.id))
-        except Exception:
-            log.exception("request_failed", frame="pub", node=sender.node)
-            reason = "the broker failed on this request"
-            origin.send(error_frame("internal", reason, env.id))
-            origin.close("internal", reason)
-
-    def _check_in_force(self, sender: NodeCert, ref: bytes) -> None:
-        current = self.bundle.nodes.get(sender.node)
-        if current is not sender and current != sender:  # identity first: the usual case
-            # The connection predates a bundle that replaced or revoked its certificate (it is
-            # being closed): nothing more is accepted under the old key.
-            raise ProtocolError("the certificate this connection authenticated with is no "
-                                "longer in force", code="node_inactive", ref=ref)
-
-    def _route(self, env: Envelope, sender: NodeCert, reply: Reply) -> None:
-        """Decide for every candidate and log the route entry; its commit completes the
-        publish (:meth:`_published`). The envelope's signature is verified."""
-        now = self.clock_ms()
-        ref = env.id
-        # Only after the signature: a forger must not be able to burn ids in the replay cache.
-        stale = self.replay.check(env.id, env.ts, now)
-        if stale is not None:
-            raise ProtocolError(stale, code="replay", ref=ref)
-        candidates = self._candidates(sender.node, env.topic, env.to)
-        decisions = {node: self._decide(env.label, sender, node, env.topic, now,
-                                        sealed_for=env.keys) for node in candidates}
-        permitted = [node for node, decision in decisions.items() if decision.permit]
-        self._check_room(permitted, len(env.raw), ref)
-        rows = [QueueRow(node, self._queue(node).reserve_seq(len(env.raw)), env.prec, env.id,
-                         env.sender, env.raw, now + env.ttl * 1000, now)
-                for node in permitted]
-        entry = RouteEntry(
-            ts=now, id=env.id, env=envelope_digest(env.raw), sender=env.sender, topic=env.topic,
-            label=env.label, prec=env.prec, ttl=env.ttl, bundle=self.bundle.hash,
-            sealed=tuple(sorted(env.keys)), decisions=decisions)
-        try:
-            future = self.audit.append(entry, enqueue=rows)
-        except StorageError as exc:
-            self._cancel(rows)
-            raise StorageError(exc.reason, ref=ref) from None
-        self.replay.record(env.id, now)
-        pending = _Publish(env, decisions, rows, reply)
-        future.add_done_callback(lambda done: self._published(done, pending))
+        """:meth:`broker.publish.Publisher.publish`."""
+        self.publisher.publish(sender, env_bytes, origin)
 
     def ack(self, node: str, seqs: tuple[int, ...]) -> None:
         """Acknowledged deliveries leave the queue (durably, with a ``deliver`` entry)."""
         now = self.clock_ms()
-        acked = self._queue(node).ack(seqs)
+        acked = self.queue_of(node).ack(seqs)
         if acked:
             self.metrics.deliveries.inc(len(acked))
             # One request for the frame's acks: their entries are consecutive and durable
@@ -430,7 +306,7 @@ class Hub:
                                       lazy=True).add_done_callback(log_failure)
             except StorageError as exc:
                 log.error("audit_append_refused", kind="deliver", reason=exc.reason)
-        self._pump(node)
+        self.pump(node)
 
     # --- operator actions ---------------------------------------------------------------
 
@@ -459,55 +335,9 @@ class Hub:
             await asyncio.sleep(interval_s)
             self.expire_due()
 
-    # --- internals ----------------------------------------------------------------------
+    # --- shared with the publish path (broker.publish) ------------------------------------
 
-    def _check_room(self, recipients: list[str], size: int, ref: bytes) -> None:
-        """Refuse (``unavailable``) a publish the store or a recipient's queue has no room
-        for: nothing is written, so the publisher may send the same envelope again later."""
-        full = self.capacity.check() if self.capacity is not None else None
-        for node in recipients:
-            if full is not None:
-                break
-            owed = self._queue(node).committed_bytes
-            if owed + size > self.max_queued_bytes:
-                full = (f"the queue of {node} is full: {owed} bytes owed, limit "
-                        f"{self.max_queued_bytes} (limits.max_queued_bytes_per_node)")
-        if full is not None:
-            log.warning("publish_refused_no_room", id=ref.hex(), reason=full)
-            raise StorageError(full, code="unavailable", ref=ref)
-
-    def _cancel(self, rows: list[QueueRow]) -> None:
-        for row in rows:
-            self._queue(row.recipient).cancel(row.seq)
-
-    def _published(self, done: asyncio.Future[int], pending: _Publish) -> None:
-        env = pending.env
-        if done.cancelled() or done.exception() is not None:
-            reason = "the broker stopped" if done.cancelled() else str(done.exception())
-            log.error("publish_not_durable", id=env.id.hex(), reason=reason)
-            self.metrics.refused("unavailable")
-            self._cancel(pending.rows)
-            pending.reply(wire.Error(code="unavailable", reason="not stored: " + reason,
-                                     ref=env.id))
-            return
-        index = done.result()
-        statuses = {node: "denied:" + ",".join(d.reasons)
-                    for node, d in pending.decisions.items() if not d.permit}
-        for row in pending.rows:
-            queue = self._queue(row.recipient)
-            queue.push(message_id=row.id, sender=row.sender, envelope=row.envelope,
-                       prec=row.prec, expires_ms=row.expires_ms, seq=row.seq,
-                       queued_ms=row.queued_ms)
-            self._pump(row.recipient)
-            statuses[row.recipient] = "delivered" if queue.is_in_flight(row.seq) else "queued"
-        # Debug: one line per message costs ~5 % of the broker at load, and the audit log
-        # already records every decision (docs/performance.md).
-        log.debug("published", id=env.id.hex(), sender=env.sender, topic=env.topic,
-                  prec=env.prec, audit=index, recipients=statuses)
-        self.metrics.published(pending.decisions)
-        pending.reply(wire.Receipt(id=env.id, audit=index, recipients=statuses))
-
-    def _candidates(self, sender: str, topic: str, to: Collection[str]) -> list[str]:
+    def candidates(self, sender: str, topic: str, to: Collection[str]) -> list[str]:
         """:func:`router.candidate_recipients`, with the subscribers of a topic memoised: the
         scan of every node's patterns is done once per topic until a subscription changes."""
         subscribed = self._subscribers.get(topic)
@@ -518,24 +348,27 @@ class Hub:
                                                                        self.subscriptions)
         return router.recipients_of(sender, subscribed, to)
 
-    def _decide(self, label: Label, sender: NodeCert, node: str, topic: str, now: int, *,
-                sealed_for: Collection[str] | None) -> Decision:
+    def decide(self, label: Label, sender: NodeCert, node: str, topic: str, now: int, *,
+               sealed_for: Collection[str] | None) -> Decision:
+        """The decision for one candidate recipient under the bundle in force (cached)."""
         return decide_recipient(label, sender, node, topic, now, self.bundle,
                                 sealed_for=sealed_for, inactive_nodes=self.inactive,
                                 cache=self.decisions)
 
-    def _queue(self, node: str) -> RecipientQueue:
+    def queue_of(self, node: str) -> RecipientQueue:
+        """The node's queue (made empty on first use)."""
         queue = self.queues.get(node)
         if queue is None:
             queue = self.queues[node] = RecipientQueue(self._window, first_seq=self._first_seq,
                                                        memory_bytes=self._queue_memory)
         return queue
 
-    def _pump(self, node: str) -> None:
+    def pump(self, node: str) -> None:
+        """Send the node what its delivery window allows, if it is connected."""
         peer = self.peers.get(node)
         if peer is None or self.cold_reads.waiting(node):
             return
-        queue, now = self._queue(node), self.clock_ms()
+        queue, now = self.queue_of(node), self.clock_ms()
         expired = queue.take_expired(now)
         if expired:
             self.expiry.expire(node, expired, now)

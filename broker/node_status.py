@@ -20,7 +20,7 @@ from broker.audit.leaves import AdminEntry
 from broker.audit.log import AuditLog
 
 if TYPE_CHECKING:
-    from broker.hub import Peer
+    from broker.publish import Peer
 
 log = structlog.get_logger("broker.hub")
 

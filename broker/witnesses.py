@@ -26,7 +26,8 @@ from broker.audit.note import (
     verify_cosignature,
 )
 from broker.errors import ProtocolError, VerificationError
-from broker.hub import Hub, Peer
+from broker.hub import Hub
+from broker.publish import Peer
 from broker.store.base import StoredCheckpoint
 from policies.model import NodeCert
 

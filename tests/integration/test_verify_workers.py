@@ -407,7 +407,7 @@ async def test_a_verdict_for_a_sender_without_standing_is_refused_even_on_an_ope
     (env,) = envelopes(coalition, 1, forged_at=set())
     await lose_standing(server, coalition, change)
     origin = Origin()
-    server.hub._verified(Envelope.from_bytes(env), sender, origin, True)
+    server.hub.publisher._verified(Envelope.from_bytes(env), sender, origin, True)
     assert [(f.code, f.ref) for f in origin.frames if isinstance(f, wire.Error)] == [
         ("node_inactive", Envelope.from_bytes(env).id)]
     assert len(origin.frames) == 1 and not origin.closing
