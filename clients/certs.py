@@ -25,11 +25,12 @@ from pathlib import Path
 import structlog
 
 from broker import canonical
-from broker.errors import BrokerError, StorageError
+from broker.errors import BrokerError, PolicyDocumentError, StorageError
 from clients.dedup import StateReadFailed, StateWriteFailed
+from clients.values import RoutePlan
 from clients.witness import write_atomically
 from policies.documents import SignedDocument, verify_node_cert
-from policies.model import NodeCert, TrustRoot
+from policies.model import Label, NodeCert, TrustRoot
 from policies.revocations import cert_step_back
 
 log = structlog.get_logger("clients.certs")
@@ -150,3 +151,50 @@ class CertFloorFile:
         A save that failed is tried again on the next call."""
         if {node: cert.signed for node, cert in floor.items()} != self._saved:
             self.save(floor)
+
+
+def certs_from_directory(raws: Iterable[bytes], trust_root: TrustRoot,
+                         now_ms: int) -> dict[str, NodeCert]:
+    """The certificates of a broker's ``directory`` answer that verify against the trust root
+    and are valid at ``now_ms``, by node; the others are logged and left out, and so are both
+    of two different certificates for one node id (say, one nation certifying a name another
+    nation uses): trust neither rather than guess."""
+    certs: dict[str, NodeCert] = {}
+    duplicated: set[str] = set()
+    for raw in raws:
+        try:
+            cert = verify_node_cert(SignedDocument.from_bytes(raw), trust_root)
+        except PolicyDocumentError as exc:
+            log.error("directory_cert_rejected", reason=exc.reason)
+            continue
+        if not cert.is_valid_at(now_ms):
+            continue
+        if cert.node in certs and certs[cert.node] != cert:
+            duplicated.add(cert.node)
+        certs[cert.node] = cert
+    for node in duplicated:
+        log.error("directory_conflicting_certs", node=node)
+        del certs[node]
+    return certs
+
+
+def recipient_keys(plan: RoutePlan, label: Label, book: CertBook, trust_root: TrustRoot,
+                   now_ms: int) -> dict[str, bytes]:
+    """Encryption keys for the recipients the broker permitted, from verified certificates
+    only (valid now), and only for nations in the label's own audience, whatever the broker's
+    answer says; a key the broker gave that differs from the certificate's is logged, and the
+    certificate's used."""
+    audience = trust_root.expand_audience(label.rel) | {label.orig}
+    keys = {}
+    for node in plan.permitted:
+        cert = book.get(node)
+        if cert is None or not cert.is_valid_at(now_ms):  # kept over a rollback, expired since
+            log.warning("recipient_without_certificate", node=node)
+            continue
+        if cert.nation not in audience:
+            log.error("broker_permitted_outside_audience", node=node, nation=cert.nation)
+            continue
+        if plan.keys.get(node) != cert.enc_key:
+            log.error("broker_key_mismatch", node=node)
+        keys[node] = cert.enc_key
+    return keys

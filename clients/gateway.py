@@ -30,8 +30,8 @@ from broker import canonical, crypto, wire
 from broker.audit.note import Checkpoint
 from broker.audit.witness import Equivocation
 from broker.envelope import PRECEDENCE_BY_NAME, Envelope, build_envelope
-from broker.errors import BrokerError, PolicyDocumentError, ProtocolError, VerificationError
-from clients.certs import CertBook, CertFloorFile
+from broker.errors import BrokerError, ProtocolError, VerificationError
+from clients.certs import CertBook, CertFloorFile, certs_from_directory, recipient_keys
 from clients.connection import Connection
 from clients.dedup import SeenIds, StateWriteFailed
 from clients.identity import KeyFile
@@ -49,7 +49,6 @@ from clients.link import (
 from clients.statelock import StateInUse, StateLock
 from clients.values import Expired, Message, Receipt, RoutePlan, label
 from clients.witness import LogWitness, WitnessState
-from policies.documents import SignedDocument, verify_node_cert
 from policies.model import Label, NodeCert, TrustRoot
 
 __all__ = [
@@ -240,25 +239,8 @@ class GatewayClient:
         answer = await self._connection.control(wire.Directory(), expect=wire.Directory)
         if not isinstance(answer, wire.Directory) or answer.certs is None:
             raise RequestRejected("unexpected answer to directory", code="bad_frame")
-        certs: dict[str, NodeCert] = {}
-        duplicated: set[str] = set()
         now = _now_ms()
-        for raw in answer.certs:
-            try:
-                cert = verify_node_cert(SignedDocument.from_bytes(raw), self.trust_root)
-            except PolicyDocumentError as exc:
-                log.error("directory_cert_rejected", reason=exc.reason)
-                continue
-            if not cert.is_valid_at(now):
-                continue
-            if cert.node in certs and certs[cert.node] != cert:
-                duplicated.add(cert.node)
-            certs[cert.node] = cert
-        for node in duplicated:
-            # Two different certificates for one node id (say, one nation certifying a name
-            # another nation uses): trust neither rather than guess.
-            log.error("directory_conflicting_certs", node=node)
-            del certs[node]
+        certs = certs_from_directory(answer.certs, self.trust_root, now)
         for problem in self.certs.update(certs):
             log.error("directory_rollback_refused", reason=problem)
         if self._cert_floor is not None:
@@ -486,21 +468,7 @@ class GatewayClient:
 
         if any(map(stale, plan.permitted)):  # unknown, or another key: maybe rotated since
             await self.directory()
-        audience = self.trust_root.expand_audience(label.rel) | {label.orig}
-        now = _now_ms()
-        keys = {}
-        for node in plan.permitted:
-            cert = self.certs.get(node)
-            if cert is None or not cert.is_valid_at(now):  # kept over a rollback, expired since
-                log.warning("recipient_without_certificate", node=node)
-                continue
-            if cert.nation not in audience:
-                log.error("broker_permitted_outside_audience", node=node, nation=cert.nation)
-                continue
-            if plan.keys.get(node) != cert.enc_key:
-                log.error("broker_key_mismatch", node=node)
-            keys[node] = cert.enc_key
-        return keys
+        return recipient_keys(plan, label, self.certs, self.trust_root, _now_ms())
 
     async def _on_link(self, link: Link) -> None:
         """A new authenticated connection: check the welcome's checkpoint and re-send the
