@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -23,7 +25,7 @@ import aiohttp
 import structlog
 
 from broker import wire
-from clients.control import CONTROL_ANSWERS, AnswerOrder
+from clients.control import CONTROL_ANSWERS
 from clients.link import (
     FINAL_CLOSE_REASONS,
     RETRYABLE_REFUSALS,
@@ -76,14 +78,13 @@ class Connection:
         self.generation = 0
         # Who waits for an answer: a message id for a receipt, ``None`` for the control channel.
         self._waiters: dict[bytes | None, asyncio.Future[wire.Frame]] = {}
-        #: Control answers owed on this link to nobody (requests given up after they were
-        #: sent, frames sent without waiting): dropped as they come (clients.control).
-        self._order = AnswerOrder()
+        #: One control request at a time (answers come in order, without an id); taken
+        #: within the request's deadline.
         self._control = asyncio.Lock()
-        #: The frames of the last control request still going out: the next one's wait for
-        #: them, or its frames could overtake them and take their answers.
-        self._control_sending: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        #: The frame :meth:`confirm_soon` will send next (the latest replaces one not sent).
+        self._soon: wire.Frame | None = None
+        self._soon_task: asyncio.Task[None] | None = None
 
     async def open(self) -> Link:
         """The first connection; its errors propagate (it is not retried)."""
@@ -132,6 +133,11 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        # Sends and confirmations still going, on a link now closed: nothing left to do.
+        background = list(self._background)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -140,28 +146,40 @@ class Connection:
 
     async def request(self, *frames: wire.Frame, key: bytes | None = None) -> wire.Frame:
         """Send ``frames`` on one link and await the answer for ``key`` (a message id for a
-        receipt, ``None`` for a control answer). One deadline, the endpoint's ``timeout``,
-        covers waiting for a (re)connection, sending and the answer: :class:`RequestTimeout`.
-        :class:`ConnectionClosed` if the link drops meanwhile (the request was in flight),
-        :class:`RequestRejected` for an ``error`` answer."""
+        receipt, ``None`` for a control answer: see :meth:`control`). One deadline, the
+        endpoint's ``timeout``, covers waiting for a (re)connection, sending and the answer:
+        :class:`RequestTimeout`. :class:`ConnectionClosed` if the link drops meanwhile (the
+        request was in flight), :class:`RequestRejected` for an ``error`` answer."""
+        return _answer(await self._ask(frames, key))
+
+    async def _ask(self, frames: Sequence[wire.Frame], key: bytes | None) -> _Asked:
+        """:meth:`request`, returning the ``error`` answer too, with the link it came on. A
+        control request (``key`` ``None``) takes the control lock first, within its
+        deadline, and holds it until its answer is settled."""
         future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
         sent_on: Link | None = None
+        locked = False
+        pongs = 0
         try:
             async with asyncio.timeout(self.endpoint.timeout):
+                if key is None:
+                    await self._control.acquire()
+                    locked = True
                 link = await self.ready()
                 # No await between taking the link and registering: if it drops from now on,
                 # _fail_waiters fails the future.
                 self._waiters[key] = future
+                pongs = link.answers.pongs
                 if frames:
                     # All of them or none: given up halfway (a sub written, its ping not),
                     # nobody could tell which answers are still to come. The broker may
                     # answer from the first write on.
-                    after = self._control_sending if key is None else None
+                    after = link.control_sending if key is None else None
                     sending = asyncio.ensure_future(self._send_all(link, frames, after))
                     self._background.add(sending)
                     sending.add_done_callback(self._background_done)
                     if key is None:
-                        self._control_sending = sending
+                        link.control_sending = sending
                     sent_on = link
                     await asyncio.shield(sending)
                 answer = await future
@@ -175,9 +193,9 @@ class Connection:
                 future.exception()  # retrieved: failing a waiter nobody awaits is not an error
             elif key is None and sent_on is not None and sent_on is self.link:
                 self._abandon(sent_on, through_pong=isinstance(frames[-1], wire.Ping))
-        if isinstance(answer, wire.Error):
-            raise RequestRejected(answer.reason, code=answer.code, ref=answer.ref)
-        return answer
+            if locked:
+                self._control.release()
+        return _Asked(link, answer, pongs)
 
     @staticmethod
     async def _send_all(link: Link, frames: Sequence[wire.Frame],
@@ -189,26 +207,26 @@ class Connection:
 
     def _abandon(self, link: Link, *, through_pong: bool) -> None:
         """A control request on ``link`` was given up after it was sent: its answer, still to
-        come, is dropped when it does. If an earlier one's is still owed too, the broker is
-        not answering in the time allowed, or an answer the count expected will not come:
-        the count cannot be trusted (:meth:`_out_of_step`)."""
-        if self._order.owed:
-            self._out_of_step("a second control request was given up while an answer to an "
-                              "earlier one is still owed")
+        come, is dropped when it does. If an earlier given-up one's is still owed too, the
+        broker is not answering in the time allowed, or an answer the count expected will
+        not come: the count cannot be trusted (:meth:`_out_of_step`)."""
+        if link.answers.given_up:
+            self._out_of_step(link, "a second control request was given up while an answer "
+                                    "to an earlier one is still owed")
             return
-        self._order.owe(through_pong=through_pong)
+        link.answers.owe(through_pong=through_pong, given_up=True)
 
-    def _out_of_step(self, reason: str) -> None:
-        """Which control answer is whose cannot be told any more on the current link: a new
-        link starts in step (the broker sends again what it had in flight on this one).
-        Without reconnection the connection ends (``out_of_step``): no later answer on this
-        link could be trusted to be its request's own."""
-        link = self.link
-        if link is None:
+    def _out_of_step(self, link: Link, reason: str) -> None:
+        """Which control answer is whose cannot be told any more on ``link``: a new link
+        starts in step (the broker sends again what it had in flight on this one). Without
+        reconnection the connection ends (``out_of_step``): no later answer on this link
+        could be trusted to be its request's own. Nothing to do once ``link`` is not the
+        current one."""
+        if link is not self.link:
             return
         log.warning("gateway_control_out_of_step", node=self.endpoint.identity.name,
                     reason=reason)
-        self._order.clear()
+        link.answers.clear()
         if self.reconnect is None:
             self._end(ConnectionClosed(f"control answers out of step: {reason}",
                                        code="out_of_step"))
@@ -235,52 +253,52 @@ class Connection:
         one at a time. An answer that is not an ``expect`` frame means the order was lost (an
         answer went to the wrong request): ``RequestRejected`` (``bad_frame``) and a new link
         (:meth:`_out_of_step`)."""
-        async with self._control:
-            answer = await self.request(*frames)
-            if expect is not None and not isinstance(answer, expect):
-                self._out_of_step(f"'{answer.T}' answered '{frames[-1].T}'")
-                raise RequestRejected(f"unexpected answer '{answer.T}' to '{frames[-1].T}'",
-                                      code="bad_frame")
+        asked = await self._ask(frames, None)
+        answer = _answer(asked)
+        if expect is not None and not isinstance(answer, expect):
+            self._out_of_step(asked.link, f"'{answer.T}' answered '{frames[-1].T}'")
+            raise RequestRejected(f"unexpected answer '{answer.T}' to '{frames[-1].T}'",
+                                  code="bad_frame")
         return answer
 
     async def confirmed(self, frame: wire.Frame) -> None:
         """Send a frame that has no answer, then a ping: the pong confirms it was processed."""
-        async with self._control:
-            pongs = self._order.pongs
-            try:
-                answer = await self.request(frame, wire.Ping())
-            except RequestRejected:
-                # The broker still answers the ping. Come already (with the error, and thrown
-                # away by _resolve), or still to come: then dropped when it does, or the next
-                # control request would take it for its own answer. (Waiting for it here
-                # waited out the whole timeout when it had come with the error.)
-                if self._order.pongs == pongs:
-                    self._order.owe(through_pong=True)
-                raise
-            if not isinstance(answer, wire.Pong):
-                self._out_of_step(f"'{answer.T}' answered '{frame.T}' and 'ping'")
-                raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
+        asked = await self._ask((frame, wire.Ping()), None)
+        if isinstance(asked.answer, wire.Error) and asked.link.answers.pongs == asked.pongs:
+            # The broker still answers the ping: come already (with the error, and thrown away
+            # by _resolve), or still to come on that link — then dropped when it does, or the
+            # next control request would take it for its own. (Waiting for it here waited out
+            # the whole timeout when it had come with the error.)
+            asked.link.answers.owe(through_pong=True)
+        answer = _answer(asked)
+        if not isinstance(answer, wire.Pong):
+            self._out_of_step(asked.link, f"'{answer.T}' answered '{frame.T}' and 'ping'")
+            raise RequestRejected(f"unexpected answer '{answer.T}'", code="bad_frame")
 
     def confirm_soon(self, frame: wire.Frame) -> None:
         """:meth:`confirmed` in the background (from a frame handler, which must not block):
-        the broker's refusal is its answer, not the next request's. A refusal or failure is
-        logged."""
-        task = asyncio.ensure_future(self._confirm_logged(frame))
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
+        the broker's refusal is its answer, not the next request's; a refusal or failure is
+        logged. One at a time, and only the latest waits (it replaces one not yet sent: for
+        a cosignature, the latest checkpoint is the one that counts); nothing while no link
+        is up (the broker offers its latest checkpoint to every new link)."""
+        if self.link is None:
+            log.info("background_request_dropped", node=self.endpoint.identity.name,
+                     frame=frame.T, reason="not connected")
+            return
+        self._soon = frame
+        if self._soon_task is None or self._soon_task.done():
+            self._soon_task = asyncio.ensure_future(self._confirm_latest())
+            self._background.add(self._soon_task)
+            self._soon_task.add_done_callback(self._background_done)
 
-    async def _confirm_logged(self, frame: wire.Frame) -> None:
-        try:
-            await self.confirmed(frame)
-        except GatewayError as exc:
-            log.warning("background_request_failed", node=self.endpoint.identity.name,
-                        frame=frame.T, code=exc.code, reason=exc.reason)
-
-    def owe_through_pong(self) -> None:
-        """Frames without an answer, then a ``ping``, were sent on the link being set up
-        (:meth:`_on_link`, before any request): drop whatever answers them, through the
-        pong (a refusal is logged)."""
-        self._order.owe(through_pong=True)
+    async def _confirm_latest(self) -> None:
+        while self._soon is not None:
+            frame, self._soon = self._soon, None
+            try:
+                await self.confirmed(frame)
+            except GatewayError as exc:
+                log.warning("background_request_failed", node=self.endpoint.identity.name,
+                            frame=frame.T, code=exc.code, reason=exc.reason)
 
     async def recycle(self, reason: str) -> None:
         """Drop the current link so that a new one is made (the broker takes back what it had
@@ -304,7 +322,7 @@ class Connection:
         if not task.cancelled() and task.exception() is not None:
             log.warning("background_send_failed", reason=str(task.exception()))
 
-    def _received(self, frame: wire.Frame) -> None:
+    def _received(self, link: Link, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Receipt):
             self._resolve(frame.id, frame)
         elif isinstance(frame, wire.Error) and frame.ref is not None:
@@ -313,7 +331,7 @@ class Connection:
             else:  # for a publish given up (timed out): never a control answer
                 log.info("late_error_dropped", code=frame.code, ref=frame.ref.hex())
         elif isinstance(frame, CONTROL_ANSWERS):
-            if self._order.arrived(frame):  # owed to nobody: a request given up, say
+            if link.answers.arrived(frame):  # owed to nobody: a request given up, say
                 if isinstance(frame, wire.Error):
                     log.warning("late_error_dropped", code=frame.code, reason=frame.reason)
                 else:
@@ -346,7 +364,6 @@ class Connection:
 
     def _down(self, link: Link) -> None:
         self.link = None
-        self._order.clear()  # owed on the link that ended: they will not come
         if self.failure is None:
             self._settled.clear()
         log.info("gateway_disconnected", node=self.endpoint.identity.name,
@@ -365,7 +382,7 @@ class Connection:
         link: Link | None = first
         while link is not None:
             try:
-                await link.pump(self._received)
+                await link.pump(functools.partial(self._received, link))
             except Exception as exc:
                 # A failure in the owner's handler (say, its witness state cannot be written):
                 # stop rather than go on half-working.
@@ -420,7 +437,6 @@ class Connection:
             try:
                 await self._on_link(link)
             except GatewayError as exc:  # the link dropped while subscriptions were re-sent
-                self._order.clear()
                 log.warning("gateway_reconnect_failed", node=node, attempt=attempt,
                             reason=str(exc))
                 await link.ws.close()
@@ -436,3 +452,20 @@ class Connection:
             log.info("gateway_reconnected", node=node, attempt=attempt)
             return link
         raise AssertionError("unreachable: the backoff is endless")  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class _Asked:
+    """A request's answer, the link it came on, and that link's count of pongs taken as
+    answers when the request was sent."""
+
+    link: Link
+    answer: wire.Frame
+    pongs: int
+
+
+def _answer(asked: _Asked) -> wire.Frame:
+    """The answer, or :class:`RequestRejected` for an ``error``."""
+    if isinstance(asked.answer, wire.Error):
+        raise RequestRejected(asked.answer.reason, code=asked.answer.code, ref=asked.answer.ref)
+    return asked.answer

@@ -482,7 +482,7 @@ class GatewayClient:
             # Nobody waits for their answers (a refusal, an error without a ref): the ping's
             # pong ends them, and they are dropped, not taken by the first request.
             await link.send(wire.Ping())
-            self._connection.owe_through_pong()
+            link.answers.owe(through_pong=True)
 
     def _dispatch(self, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Deliver):

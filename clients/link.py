@@ -20,6 +20,7 @@ import structlog
 from broker import wire
 from broker.errors import BrokerError, ProtocolError
 from broker.session import make_hello
+from clients.control import AnswerOrder
 from clients.identity import KeyFile
 
 log = structlog.get_logger("clients.link")
@@ -123,6 +124,11 @@ class Link:
         self._max_frame = max_frame
         #: The reason the broker gave in its WebSocket close message (e.g. ``replaced``).
         self.close_reason = ""
+        #: Control answers owed on this link to nobody (:mod:`clients.control`).
+        self.answers = AnswerOrder()
+        #: The frames of the last control request sent on this link, while they go out: the
+        #: next one's wait for them, or could overtake them and take their answers.
+        self.control_sending: asyncio.Future[None] | None = None
 
     async def send(self, frame: wire.Frame) -> None:
         """Send one frame; :class:`ConnectionClosed` if the connection is gone."""

@@ -456,7 +456,7 @@ async def test_a_late_answer_to_a_request_given_up_is_not_taken_by_the_next_one(
         with pytest.raises(RequestRejected, match="the second one's answer"):
             await second
         # The late answer was dropped: nothing more is owed.
-        assert connection._order.owed == 0
+        assert connection.link is not None and connection.link.answers.owed == 0
 
 
 async def test_a_subscribe_given_up_drops_its_pong_and_a_late_publish_error_is_no_answer(
@@ -815,15 +815,124 @@ async def test_a_request_right_after_a_new_link_was_asked_for_waits_for_it(
         fake: FakeBroker, coalition: Coalition) -> None:
     """The second request given up starts a new link; a request made at that moment waits
     for the new link instead of going out on the old one and failing as it closes."""
-    async with client(fake.url, coalition, "GBR-GW1", timeout=0.3) as gbr:
-        await fake.next_connection()
+    async with client(fake.url, coalition, "GBR-GW1", timeout=1.0) as gbr:
+        first = await fake.next_connection()
         connection = gbr._connection
         with pytest.raises(RequestTimeout):
             await connection.control(wire.Directory())
         given_up = asyncio.ensure_future(connection.control(wire.Directory()))
-        following = asyncio.ensure_future(connection.confirmed(wire.Sub(topic="maritime.>")))
+        await first.until(wire.Directory)
+        await first.until(wire.Directory)
         with pytest.raises(RequestTimeout):
             await given_up
+        assert connection.link is None  # retired at once: nothing more goes out on it
+        following = asyncio.ensure_future(connection.confirmed(wire.Sub(topic="maritime.>")))
         second = await fake.next_connection()
         await second.until(wire.Sub)
         await asyncio.wait_for(following, 5)  # answered on the new link (the fake's pong)
+
+
+# --- control answers in step: a second review (session 18) -------------------------------
+
+
+async def test_a_pong_owed_on_a_link_that_ended_is_not_dropped_on_the_next(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """The broker refuses a ``sub`` and closes the link before its pong (as it does after an
+    internal failure): the pong owed on that link never comes, and the first answer on the
+    new link is its request's, not dropped as late."""
+    fake.answer_pings = False
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        first = await fake.next_connection()
+        asking = asyncio.ensure_future(gbr.subscribe("maritime.>"))
+        await first.until(wire.Ping)
+        await first.send(wire.Error(code="internal", reason="failed"))
+        await first.close(b"internal")
+        with pytest.raises((RequestRejected, ConnectionClosed)):
+            await asyncio.wait_for(asking, 5)
+        second = await fake.next_connection()
+        await until(lambda: gbr.reconnections == 1)
+        directory = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
+                                                                  expect=wire.Directory))
+        await second.until(wire.Directory)
+        await second.send(wire.Directory(certs=()))
+        assert await asyncio.wait_for(directory, 5) == wire.Directory(certs=())
+
+
+async def test_a_send_stuck_on_a_link_that_ended_does_not_hold_up_the_next_link(
+        fake: FakeBroker, coalition: Coalition, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A control request's frames stuck on the old link (a transport that never drains)
+    do not delay the control requests of the new link: each waits only for its own link's."""
+    real_send = Link.send
+    stuck = asyncio.Event()
+
+    async def send(self: Link, frame: wire.Frame) -> None:
+        if isinstance(frame, wire.Directory) and not stuck.is_set():
+            stuck.set()
+            await asyncio.Event().wait()  # never drains
+        await real_send(self, frame)
+
+    async with client(fake.url, coalition, "GBR-GW1", timeout=0.5) as gbr:
+        first = await fake.next_connection()
+        monkeypatch.setattr(Link, "send", send)
+        with pytest.raises(RequestTimeout):
+            await gbr._connection.control(wire.Directory())
+        await first.close(b"unavailable")
+        second = await fake.next_connection()
+        await until(lambda: gbr.reconnections == 1)
+        asking = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
+                                                               expect=wire.Directory))
+        await second.until(wire.Directory)
+        await second.send(wire.Directory(certs=()))
+        assert await asyncio.wait_for(asking, 5) == wire.Directory(certs=())
+
+
+async def test_confirmations_in_the_background_keep_only_the_latest_and_none_offline(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """Cosignatures come once a second: while one waits for its pong, a newer one replaces
+    any not yet sent (the latest checkpoint is the one that counts), so they never pile up
+    in front of the application's requests; none is queued while no link is up."""
+    fake.answer_pings = False
+    async with client(fake.url, coalition, "GBR-GW1") as gbr:
+        node = await fake.next_connection()
+        connection = gbr._connection
+        connection.confirm_soon(wire.Cosign(line="one"))
+        assert await node.until(wire.Ping) == ([wire.Cosign(line="one")], wire.Ping())
+        for line in ("two", "three"):  # while "one" waits for its pong
+            connection.confirm_soon(wire.Cosign(line=line))
+        await node.send(wire.Pong())
+        assert await node.until(wire.Ping) == ([wire.Cosign(line="three")], wire.Ping())
+        await node.send(wire.Pong())
+        fake.answer_pings = True
+        asking = asyncio.ensure_future(connection.confirmed(wire.Sub(topic="x.>")))
+        assert await node.until(wire.Ping) == ([wire.Sub(topic="x.>")], wire.Ping())
+        await asyncio.wait_for(asking, 5)  # "two" was never sent
+        await connection.recycle("test: offline")
+        with capture_logs() as logs:
+            connection.confirm_soon(wire.Cosign(line="offline"))
+        assert [e["event"] for e in logs] == ["background_request_dropped"]
+
+
+async def test_subscriptions_sent_again_do_not_count_as_a_request_given_up(
+        fake: FakeBroker, coalition: Coalition) -> None:
+    """After a reconnect the re-sent subscriptions' pong is owed to nobody; a request that
+    then times out is the first given up, not the second: the link is kept."""
+    async with client(fake.url, coalition, "GBR-GW1", timeout=0.3) as gbr:
+        first = await fake.next_connection()
+        await gbr.subscribe("maritime.>")
+        fake.answer_pings = False
+        await first.close(b"unavailable")
+        second = await fake.next_connection()
+        await until(lambda: gbr.reconnections == 1)
+        await second.until(wire.Ping)  # the re-sent subscription's; not answered yet
+        with pytest.raises(RequestTimeout):
+            await gbr._connection.control(wire.Directory())
+        await asyncio.sleep(0.2)
+        assert gbr.reconnections == 1 and fake.connections.empty()
+        await second.send(wire.Pong())  # the subscriptions'
+        await second.send(wire.Directory(certs=()))  # the directory's, late: dropped
+        asking = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
+                                                               expect=wire.Directory))
+        await second.until(wire.Directory)
+        await second.send(wire.Error(code="internal", reason="its own answer"))
+        with pytest.raises(RequestRejected, match="its own answer"):
+            await asyncio.wait_for(asking, 5)
