@@ -698,6 +698,15 @@ async def test_a_failing_handler_on_reconnect_ends_the_client_instead_of_hanging
         await server.stop()
 
 
+async def _answered_in_step(gbr: GatewayClient, node: FakeConnection) -> None:
+    """A ``directory`` request on ``node``'s link gets the answer sent for it."""
+    asking = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
+                                                           expect=wire.Directory))
+    await node.until(wire.Directory)
+    await node.send(wire.Directory(certs=()))
+    assert await asyncio.wait_for(asking, 5) == wire.Directory(certs=())
+
+
 # --- control answers in step (a review of the control channel, session 18) ---------------
 
 
@@ -851,11 +860,7 @@ async def test_a_pong_owed_on_a_link_that_ended_is_not_dropped_on_the_next(
             await asyncio.wait_for(asking, 5)
         second = await fake.next_connection()
         await until(lambda: gbr.reconnections == 1)
-        directory = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
-                                                                  expect=wire.Directory))
-        await second.until(wire.Directory)
-        await second.send(wire.Directory(certs=()))
-        assert await asyncio.wait_for(directory, 5) == wire.Directory(certs=())
+        await _answered_in_step(gbr, second)
 
 
 async def test_a_send_stuck_on_a_link_that_ended_does_not_hold_up_the_next_link(
@@ -879,11 +884,7 @@ async def test_a_send_stuck_on_a_link_that_ended_does_not_hold_up_the_next_link(
         await first.close(b"unavailable")
         second = await fake.next_connection()
         await until(lambda: gbr.reconnections == 1)
-        asking = asyncio.ensure_future(gbr._connection.control(wire.Directory(),
-                                                               expect=wire.Directory))
-        await second.until(wire.Directory)
-        await second.send(wire.Directory(certs=()))
-        assert await asyncio.wait_for(asking, 5) == wire.Directory(certs=())
+        await _answered_in_step(gbr, second)
 
 
 async def test_confirmations_in_the_background_keep_only_the_latest_and_none_offline(
