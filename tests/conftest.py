@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import settings
 
 from broker.coalition import DAY_MS, Coalition, NodeSpec, build_coalition
 
 NATIONS = ("FRA", "GBR", "USA")
+
+# No per-example deadline anywhere: Hypothesis's default (200 ms) is a timing assertion, and
+# on a loaded two-core machine an example of a fast test once took 223 ms (session 18). Speed
+# is measured by `coalition bench`, never by a test.
+settings.register_profile("coalition", deadline=None)
+settings.load_profile("coalition")
 
 
 def now_ms() -> int:
