@@ -10,9 +10,9 @@ before any delivery, both WebSocket hops and the load generators' own scheduling
 are nearest-rank over every delivered copy (two per message).
 
 Beside each point, the same load at the same rate through :mod:`broker.bench.relay`
-(``floor``) and through the durable relay (``durable_floor``: the same, with the envelopes of
-each turn written and ``fdatasync``-ed before their frames leave, the one cost the design puts
-before every delivery), the three in turn (each first in one point): what the machine gives
+(``floor``) and through the durable relay (``durable_floor``: the same, with the envelopes
+written and ``fdatasync``-ed, grouped, before their frames leave, the one cost the design
+puts before every delivery), the three in turn (each first in one point): what the machine gives
 a server that only relays, and one that only relays durably, in the same minute. The broker's
 latency above the durable floor is its own; the floors are the machine's. Beside each, the
 share of the machine's CPU time the hypervisor took meanwhile (``steal_share``, from

@@ -154,10 +154,7 @@ def relay_app(journal: Path | None = None) -> web.Application:
                     if durable is not None and relayed:
                         durable.hold(relayed, frames)
                         continue
-                    for to, frame in frames:
-                        target = outputs.get(to)
-                        if target is not None:
-                            target.put(frame)
+                    put_all(outputs, frames)
         finally:
             core.disconnected(conn)
             del outputs[conn]
@@ -217,7 +214,7 @@ class _Journal:
 
     def _synced(self, frames: list[tuple[int, bytes]]) -> None:
         self._syncing = False
-        self._release(frames)
+        put_all(self._outputs, frames)
         self._commit()
 
     def _write(self, data: bytes) -> None:
@@ -228,15 +225,18 @@ class _Journal:
         self._offset += len(data)
         os.fdatasync(self._fd)
 
-    def _release(self, frames: list[tuple[int, bytes]]) -> None:
-        for to, frame in frames:
-            target = self._outputs.get(to)
-            if target is not None:
-                target.put(frame)
 
     def close(self) -> None:
         self._executor.shutdown()
         os.close(self._fd)
+
+
+def put_all(outputs: dict[int, _Output], frames: list[tuple[int, bytes]]) -> None:
+    """Each ``(connection, frame)`` to its connection's output (a connection gone: dropped)."""
+    for to, frame in frames:
+        target = outputs.get(to)
+        if target is not None:
+            target.put(frame)
 
 
 class _Output:

@@ -193,11 +193,11 @@ def _latency(r: Result, out: TextIO) -> None:
             " / ".join(_percent(f["steal_share"]) for f in (p["floor"], p.get("durable_floor"))
                        if f is not None)] for p in r["points"]], out)
     print("floor: the same load at the same rate through a server that only relays (no "
-          "checks, no disk); durable: the same with a turn's envelopes written and fdatasync-ed "
-          "before their frames leave (the design's one cost before any delivery); the three "
-          "run in turn at each point; steal %: the machine's CPU time the hypervisor took "
-          "meanwhile; loop lag: how late the broker's event loop ran a timer (ms, a histogram "
-          "bucket's bound)", file=out)
+          "checks, no disk); durable: the same with the envelopes written and fdatasync-ed "
+          "(grouped) before their frames leave (the design's one cost before any delivery); "
+          "the three run in turn at each point; steal %: the machine's CPU time the "
+          "hypervisor took meanwhile; loop lag: how late the broker's event loop ran a timer "
+          "(ms, a histogram bucket's bound)", file=out)
 
 
 def _durable(floor: Result | None) -> list[object]:
