@@ -210,9 +210,14 @@ class _Journal:
         self._envelopes, self._frames = [], []
         self._syncing = True
         done = asyncio.get_running_loop().run_in_executor(self._executor, self._write, data)
-        done.add_done_callback(lambda _: self._synced(frames))
+        done.add_done_callback(lambda written: self._synced(written, frames))
 
-    def _synced(self, frames: list[tuple[int, bytes]]) -> None:
+    def _synced(self, written: asyncio.Future[None], frames: list[tuple[int, bytes]]) -> None:
+        if written.exception() is not None:
+            # Not durable: nothing it caused leaves, and nothing more is relayed (the load
+            # generators see the missing receipts and fail the run, naming the relay).
+            self._syncing = True
+            return
         self._syncing = False
         put_all(self._outputs, frames)
         self._commit()

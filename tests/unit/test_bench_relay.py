@@ -146,3 +146,25 @@ async def test_the_durable_relay_writes_the_envelopes_before_their_frames_leave(
             assert f.read(27) == b"envelope1envelope2envelope3"
     finally:
         journal.close()
+
+
+async def test_the_durable_relay_lets_nothing_out_that_a_failed_sync_did_not_keep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.bench import relay
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    sink = _Sink()
+    journal = relay._Journal(tmp_path / "journal", {GBR: sink})  # type: ignore[dict-item]
+    try:
+        monkeypatch.setattr(relay.os, "fdatasync", fdatasync)
+        journal.hold([b"envelope1"], [(GBR, b"deliver1")])
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        journal.hold([b"envelope2"], [(GBR, b"deliver2")])
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert sink.frames == []
+    finally:
+        journal.close()
